@@ -1,0 +1,230 @@
+"""Small helpers shared by the MSA Triton paths (never by the references): input checks, the
+packed-sequence tables the kernels walk, the key-block -> query reverse index, output allocation.
+
+Not a runnable module; `kernels/<op>/op.py` imports it. Its own tests: `pytest -q tests/kernels/test_common.py`.
+
+Every kernel works on a flat token axis: `[B, T, ...]` inputs are viewed as `[1, B*T, ...]` with
+`cu_seqlens = [0, T, 2T, ..., B*T]`, so batch rows and packed sequences are the same case.
+
+Shape legend (suffixes of tensor names):
+    B batch, T tokens per row, N = B*T flat tokens, S sequences (cu_seqlens has S+1 entries),
+    H KV heads = GQA groups = index heads, K top-k slots, P tiles of consecutive query tokens,
+    C key blocks over all sequences, U slots of a tile's union of selected blocks, E reverse-index entries.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+
+BACKENDS = ("triton", "reference")
+
+
+@triton.jit
+def _probe_kernel(x_ptr):
+    pass
+
+
+# The interpreter is chosen when `@triton.jit` runs, i.e. when `kernels` is imported; setting
+# TRITON_INTERPRET later changes nothing, so remember what the kernels were built as.
+INTERPRETED = type(_probe_kernel).__name__ == "InterpretedFunction"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output allocation (tests poison outputs with NaN so that an element a kernel forgot fails loudly)
+# ---------------------------------------------------------------------------------------------
+_POISON = os.environ.get("MSA_POISON_OUTPUTS", "0") == "1"
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True):
+    """Inside this context every buffer a kernel must fully write starts as NaN (ints as -2)."""
+    global _POISON
+    old, _POISON = _POISON, enabled
+    try:
+        yield
+    finally:
+        _POISON = old
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate a buffer that a kernel overwrites completely."""
+    if not _POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -2
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+def check_backend(backend: str, device: torch.device) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+    if backend != "triton":
+        return
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "backend='triton' got CPU tensors, but the Triton kernels were not built for the "
+            "interpreter: set TRITON_INTERPRET=1 before importing `kernels`, or pass backend='reference'"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"backend='triton' needs CUDA (or CPU with TRITON_INTERPRET=1) tensors, got {device}")
+
+
+def check_tensor(name: str, x, ndim: int, dtypes, device=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device} (like the other inputs)")
+
+
+def check_last_dim_contiguous(name: str, x: torch.Tensor) -> None:
+    # The kernels take strides for the token and head axes but assume unit stride along the
+    # feature axis (vectorised loads), and the flat token view needs B and T to merge.
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride {x.stride(-1)}); call .contiguous()")
+
+
+def check_block_size(block_size) -> None:
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+
+
+def check_head_dim(name: str, d: int) -> None:
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"{name} must be a power of two in [16, 256], got {d}")
+
+
+def check_cu_seqlens(cu_seqlens, B: int, T: int, device) -> None:
+    if cu_seqlens is None:
+        return
+    check_tensor("cu_seqlens", cu_seqlens, 1, (torch.int32,), device)
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (sequences packed along T), got batch {B}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must hold at least [0, T]")
+    # Value checks without a host sync: on CUDA a violation is a device-side assert.
+    cu = cu_seqlens
+    torch._assert_async(cu[0] == 0, "cu_seqlens[0] must be 0")
+    torch._assert_async(cu[-1] == T, "cu_seqlens[-1] must equal T")
+    torch._assert_async(torch.all(cu[1:] >= cu[:-1]), "cu_seqlens must be non-decreasing")
+
+
+def flat_cu_seqlens(B: int, T: int, cu_seqlens, device) -> torch.Tensor:
+    """cu_seqlens of the flat token axis: the given one, or one sequence per batch row."""
+    if cu_seqlens is not None:
+        return cu_seqlens
+    return torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables the kernels walk
+# ---------------------------------------------------------------------------------------------
+def tile_table(cu_S1: torch.Tensor, N: int, tile: int):
+    """Split every sequence into tiles of `tile` consecutive tokens, counted from its start.
+
+    Returns (start_P, seq_start_P, seq_end_P) int32 and P. P is an upper bound
+    (cdiv(N, tile) + S) so that no host sync is needed; unused tiles have start = seq_end = 0
+    and therefore no valid rows. With tile = block_size these are exactly the key blocks.
+    """
+    S = cu_S1.numel() - 1
+    P = triton.cdiv(N, tile) + S
+    cu = cu_S1.long()
+    n_tiles_S = (cu[1:] - cu[:-1] + tile - 1) // tile
+    end_S = torch.cumsum(n_tiles_S, 0)
+    tile_P = torch.arange(P, device=cu.device)
+    seq_P = torch.searchsorted(end_S, tile_P, right=True)
+    valid_P = seq_P < S
+    seq_P = seq_P.clamp(max=S - 1)
+    first_P = end_S[seq_P] - n_tiles_S[seq_P]
+    start_P = cu[seq_P] + (tile_P - first_P) * tile
+    zero = torch.zeros_like(start_P)
+    start_P = torch.where(valid_P, start_P, zero).to(torch.int32)
+    seq_start_P = torch.where(valid_P, cu[seq_P], zero).to(torch.int32)
+    seq_end_P = torch.where(valid_P, cu[seq_P + 1], zero).to(torch.int32)
+    return start_P, seq_start_P, seq_end_P, P
+
+
+def union_lists(block_idx_NHK: torch.Tensor, start_P, seq_start_P, seq_end_P, tokens_per_tile: int,
+                block_size: int):
+    """Per (tile, group): the sorted set of blocks selected by any token of the tile.
+
+    Returns union_PHU int32 (padded with -1) and count_PH int32. Duplicates inside one token's
+    list are removed too, so a repeated block is attended once (the selection is a set). Blocks
+    after the tile's local block hold only future keys and are dropped (this also keeps a bad
+    index from turning into an out-of-range address). Needs tokens_per_tile | block_size, so
+    that all tokens of a tile share their local block.
+    """
+    N, H, K = block_idx_NHK.shape
+    TM = tokens_per_tile
+    P = start_P.numel()
+    tok_PM = start_P.long()[:, None] + torch.arange(TM, device=start_P.device)
+    valid_PM = tok_PM < seq_end_P.long()[:, None]
+    tok_PM = torch.where(valid_PM, tok_PM, torch.zeros_like(tok_PM))
+    b_PMHK = block_idx_NHK[tok_PM].long()
+    big = torch.iinfo(torch.int32).max
+    local_P = (start_P.long() - seq_start_P.long()) // block_size
+    ok = valid_PM[:, :, None, None] & (b_PMHK >= 0) & (b_PMHK <= local_P[:, None, None, None])
+    b_PMHK = torch.where(ok, b_PMHK, big)
+    b_PHU = b_PMHK.permute(0, 2, 1, 3).reshape(P, H, TM * K)
+    b_PHU, _ = torch.sort(b_PHU, dim=-1)
+    dup = torch.zeros_like(b_PHU, dtype=torch.bool)
+    dup[..., 1:] = b_PHU[..., 1:] == b_PHU[..., :-1]
+    b_PHU = torch.where(dup, big, b_PHU)
+    b_PHU, _ = torch.sort(b_PHU, dim=-1)
+    count_PH = (b_PHU != big).sum(-1).to(torch.int32)
+    union_PHU = torch.where(b_PHU == big, -1, b_PHU).to(torch.int32).contiguous()
+    return union_PHU, count_PH.contiguous()
+
+
+def reverse_index(block_idx_NHK: torch.Tensor, cu_S1: torch.Tensor, block_size: int):
+    """Key block -> query tokens that selected it, for deterministic dK/dV-style backward passes.
+
+    Key blocks are numbered globally (c = first block of the token's sequence + local block), in
+    the order of `tile_table(cu, N, block_size)`. Returns
+        tokens_E int32: query tokens grouped by (group h, block c), ascending within a group;
+        offsets int32 [H*C + 1]: entries of (h, c) are tokens_E[offsets[h*C+c] : offsets[h*C+c+1]];
+        C (the block table's size).
+    A token's duplicate entries, entries of -1 and blocks after the token's own block (only
+    future keys) are dropped.
+    """
+    N, H, K = block_idx_NHK.shape
+    dev = block_idx_NHK.device
+    S = cu_S1.numel() - 1
+    C = triton.cdiv(N, block_size) + S
+    cu = cu_S1.long()
+    n_blocks_S = (cu[1:] - cu[:-1] + block_size - 1) // block_size
+    first_block_S = torch.cumsum(n_blocks_S, 0) - n_blocks_S
+    tok_N = torch.arange(N, device=dev)
+    seq_N = torch.searchsorted(cu[1:], tok_N, right=True).clamp(max=S - 1)
+
+    b_NHK, _ = torch.sort(block_idx_NHK.long(), dim=-1)
+    dup = torch.zeros_like(b_NHK, dtype=torch.bool)
+    dup[..., 1:] = b_NHK[..., 1:] == b_NHK[..., :-1]
+    local_N = (tok_N - cu[seq_N]) // block_size
+    valid = (b_NHK >= 0) & ~dup & (b_NHK <= local_N[:, None, None])
+    c_NHK = first_block_S[seq_N][:, None, None] + b_NHK
+    h_NHK = torch.arange(H, device=dev)[None, :, None]
+    key = torch.where(valid, h_NHK * C + c_NHK, H * C)  # invalid entries sort last
+    comp_E = (key * N + tok_N[:, None, None]).reshape(-1)
+    comp_E, _ = torch.sort(comp_E)
+    tokens_E = (comp_E % N).to(torch.int32)
+    bounds = torch.arange(H * C + 1, device=dev) * N
+    offsets = torch.searchsorted(comp_E, bounds).to(torch.int32)
+    return tokens_E, offsets, C
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise go through TF32 on the GPU (10-bit mantissa).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())

@@ -1,0 +1,197 @@
+"""Public MSA block-sparse attention: `msa_attention` validates its inputs and wires the Triton
+forward/backward kernels into autograd (or runs the fp32 reference with backend="reference").
+
+Tests: `pytest -q tests/kernels/test_attention.py`.
+
+Shape legend: B batch, T tokens, N = B*T, H heads (query heads for q/o/lse, KV heads for k/v and
+block_idx), D head dim, K top-k slots, P query tiles, U union slots, C key blocks, E reverse-index entries.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels import _common
+from kernels.attention.kernel import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
+from kernels.attention.reference import msa_attention_reference
+
+LOG2E = 1.4426950408889634
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+# Launch parameters on the GPU (the interpreter ignores warps and stages). Tuned in kernels/PERF.md;
+# `kernels.bench` overrides them to compare variants.
+GPU_CONFIG = {
+    "fwd": dict(BN=64, num_warps=4, num_stages=2),
+    "dq": dict(BN=64, num_warps=4, num_stages=2),
+    "dkdv": dict(BN=64, rows=64, num_warps=4, num_stages=2),
+}
+
+
+def check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, tokens_per_tile):
+    _common.check_tensor("q", q, 4, _FLOAT)
+    dev = q.device
+    _common.check_tensor("k", k, 4, _FLOAT, dev)
+    _common.check_tensor("v", v, 4, _FLOAT, dev)
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if k.shape != (B, T, Hkv, D) or v.shape != k.shape:
+        raise ValueError(f"k and v must have shape [B, T, Hkv, dh] with B, T, dh of q {tuple(q.shape)}; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    G = Hq // Hkv
+    if G & (G - 1):
+        raise ValueError(f"heads per group Hq/Hkv must be a power of two, got {G}")
+    _common.check_head_dim("dh (q.shape[-1])", D)
+    _common.check_block_size(block_size)
+    _common.check_tensor("block_idx", block_idx, 4, (torch.int32,), dev)
+    if block_idx.shape[:3] != (B, T, Hkv):
+        raise ValueError(f"block_idx must have shape [B, T, Hkv, topk] = [{B}, {T}, {Hkv}, topk], "
+                         f"got {tuple(block_idx.shape)}")
+    if block_idx.shape[3] < 1 or block_idx.shape[3] > 32:
+        raise ValueError(f"block_idx.shape[-1] (topk) must be in [1, 32], got {block_idx.shape[3]}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    if tokens_per_tile is not None:
+        tm = tokens_per_tile
+        if not isinstance(tm, int) or tm < 1 or tm & (tm - 1) or block_size % tm:
+            raise ValueError(f"tokens_per_tile must be a power of two dividing block_size={block_size}, got {tm!r}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("block_idx", block_idx)):
+        _common.check_last_dim_contiguous(name, x)
+    _common.check_cu_seqlens(cu_seqlens, B, T, dev)
+
+
+def _flat(x):
+    B, T = x.shape[:2]
+    return x.reshape(B * T, *x.shape[2:])
+
+
+class _MSAAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, tokens_per_tile):
+        B, T, Hq, D = q.shape
+        Hkv = k.shape[2]
+        G = Hq // Hkv
+        N = B * T
+        TOPK = block_idx.shape[3]
+        q_N, k_N, v_N, b_N = _flat(q), _flat(k), _flat(v), _flat(block_idx)
+        cu = _common.flat_cu_seqlens(B, T, cu_seqlens, q.device)
+        TM = tokens_per_tile
+        start_P, seq_start_P, seq_end_P, P = _common.tile_table(cu, N, TM)
+        union_PHU, count_PH = _common.union_lists(b_N, start_P, seq_start_P, seq_end_P, TM, block_size)
+        o_N = _common.empty((N, Hq, D), q.dtype, q.device)
+        lse_N = _common.empty((N, Hq), torch.float32, q.device)
+        R = max(16, _common.next_pow2(TM * G))
+        cfg = _launch_cfg("fwd", q, block_size)
+        attn_fwd_kernel[(P, Hkv)](
+            q_N, k_N, v_N, o_N, lse_N, b_N, union_PHU, count_PH,
+            start_P, seq_start_P, seq_end_P,
+            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
+            o_N.stride(0), o_N.stride(1), lse_N.stride(0), b_N.stride(0), b_N.stride(1),
+            union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0),
+            scale * LOG2E,
+            G=G, TM=TM, R=R, BS=block_size, D=D, TOPK=TOPK, KP=_common.next_pow2(TOPK),
+            DOT_PREC=_common.dot_precision(q.dtype), **cfg,
+        )
+        ctx.save_for_backward(q_N, k_N, v_N, o_N, lse_N, b_N, cu, union_PHU, count_PH, start_P, seq_start_P, seq_end_P)
+        ctx.meta = (B, T, Hq, Hkv, D, block_size, scale, TM)
+        ctx.set_materialize_grads(False)  # an unused o or lse arrives as None, not zeros
+        return o_N.view(B, T, Hq, D), lse_N.view(B, T, Hq)
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q_N, k_N, v_N, o_N, lse_N, b_N, cu, union_PHU, count_PH, start_P, seq_start_P, seq_end_P = ctx.saved_tensors
+        B, T, Hq, Hkv, D, block_size, scale, TM = ctx.meta
+        G = Hq // Hkv
+        N = B * T
+        TOPK = b_N.shape[2]
+        dev = q_N.device
+        if do is None:
+            do = torch.zeros((B, T, Hq, D), dtype=q_N.dtype, device=dev)
+        do_N = _flat(do)
+        if do_N.stride(-1) != 1:
+            do_N = do_N.contiguous()
+        # delta = rowsum(dO * O); a gradient on lse enters as -dlse (d lse / d s = p).
+        delta_N = (do_N.float() * o_N.float()).sum(-1)
+        if dlse is not None:
+            delta_N = delta_N - _flat(dlse).float()
+        delta_N = delta_N.contiguous()
+        dq_N = _common.empty((N, Hq, D), q_N.dtype, dev)
+        dk_N = _common.empty((N, Hkv, D), k_N.dtype, dev)
+        dv_N = _common.empty((N, Hkv, D), v_N.dtype, dev)
+        prec = _common.dot_precision(q_N.dtype)
+        P = start_P.numel()
+        R = max(16, _common.next_pow2(TM * G))
+        attn_bwd_dq_kernel[(P, Hkv)](
+            q_N, k_N, v_N, do_N, lse_N, delta_N, dq_N, b_N, union_PHU, count_PH,
+            start_P, seq_start_P, seq_end_P,
+            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
+            do_N.stride(0), do_N.stride(1), dq_N.stride(0), dq_N.stride(1), lse_N.stride(0),
+            b_N.stride(0), b_N.stride(1), union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0),
+            scale * LOG2E, scale,
+            G=G, TM=TM, R=R, BS=block_size, D=D, TOPK=TOPK, KP=_common.next_pow2(TOPK), DOT_PREC=prec,
+            **_launch_cfg("dq", q_N, block_size),
+        )
+        tokens_E, offsets, C = _common.reverse_index(b_N, cu, block_size)
+        blk_start_C, _, blk_seq_end_C, _ = _common.tile_table(cu, N, block_size)
+        cfg = _launch_cfg("dkdv", q_N, block_size)
+        rows = cfg.pop("rows")
+        TQ = max(1, rows // G)
+        Rq = max(16, _common.next_pow2(TQ * G))
+        attn_bwd_dkdv_kernel[(C * (block_size // cfg["BN"]), Hkv)](
+            q_N, k_N, v_N, do_N, lse_N, delta_N, dk_N, dv_N,
+            tokens_E, offsets, blk_start_C, blk_seq_end_C, C,
+            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
+            do_N.stride(0), do_N.stride(1), dk_N.stride(0), dk_N.stride(1), dv_N.stride(0), dv_N.stride(1),
+            lse_N.stride(0),
+            scale * LOG2E, scale,
+            G=G, TQ=TQ, R=Rq, BS=block_size, D=D, DOT_PREC=prec, **cfg,
+        )
+        return (dq_N.view(B, T, Hq, D), dk_N.view(B, T, Hkv, D), dv_N.view(B, T, Hkv, D),
+                None, None, None, None, None)
+
+
+def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int) -> dict:
+    if x.device.type == "cpu":
+        # Interpreter: whole blocks per step (fewer Python-level iterations); warps are ignored.
+        cfg = {"BN": block_size}
+        if kernel == "dkdv":
+            cfg["rows"] = 16
+        return cfg
+    cfg = dict(GPU_CONFIG[kernel])
+    cfg["BN"] = min(cfg["BN"], block_size)
+    return cfg
+
+
+def default_tokens_per_tile(G: int, block_size: int) -> int:
+    # A tile has at least 16 rows (the smallest tensor-core tile), so with G < 16 heads per group
+    # the rows of 16 // G tokens are free: the tile then walks the union of their blocks, which
+    # costs at most what the tokens would cost one by one and less when neighbours share blocks.
+    # With G >= 16 one token's heads fill the tile (NSA's group-centric loading); wider tiles pay
+    # off only when neighbouring tokens select the same blocks (see kernels/PERF.md).
+    return min(block_size, max(1, 16 // G))
+
+
+def msa_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, softmax_scale=None, *,
+                  backend: str = "triton", tokens_per_tile: int | None = None):
+    """Block-sparse GQA attention over the selected blocks, token-causal.
+
+    q [B, T, Hq, dh], k/v [B, T, Hkv, dh], block_idx int32 [B, T, Hkv, topk] (block numbers within
+    the token's sequence, -1 = unused). Returns o (dtype of q) [B, T, Hq, dh] and lse fp32
+    [B, T, Hq]. Differentiable in q, k, v (and through lse). `tokens_per_tile` (power of two
+    dividing block_size) sets how many consecutive tokens share one pass over their union of
+    blocks; default 1. See kernels/attention/README.md.
+    """
+    check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, tokens_per_tile)
+    _common.check_backend(backend, q.device)
+    D = q.shape[-1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if backend == "reference":
+        o, lse = msa_attention_reference(q, k, v, block_idx, block_size, cu_seqlens, scale)
+        return o.to(q.dtype), lse
+    G = q.shape[2] // k.shape[2]
+    tm = tokens_per_tile or default_tokens_per_tile(G, block_size)
+    return _MSAAttention.apply(q, k, v, block_idx, block_size, cu_seqlens, scale, tm)

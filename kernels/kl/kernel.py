@@ -1,0 +1,316 @@
+"""Triton kernels of the MSA KL alignment loss: forward (per-token KL and teacher mass), d(qi) per
+query tile, and d(ki) per key block through the key-block -> query reverse index (deterministic).
+
+Not runnable by itself; called by `kernels.kl.op`. Tests: `pytest -q tests/kernels/test_kl.py`.
+
+Shape legend: N flat tokens, H heads (query heads for q/lse, KV = index heads for k/qi/block_idx),
+D head dim, I index dim, K top-k slots; inside a kernel R rows (row r = token r // G, head r % G,
+as in the attention kernels), TP token slots of a program (TP = R // G), J keys of a sub-block,
+KP padded top-k slots.
+
+The teacher lives in row space (one row per query head: p = exp(q.k * scale - lse)) and is
+averaged over each token's G rows into token space, where the student (one index head per group)
+and the KL are computed. All logits are in base 2 (log2(e) folded into the scales); the KL itself
+is in nats. DENSE=True is the warm-up form: the support is every causally visible key.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _rows_to_tokens_sum(x_RJ, TP: tl.constexpr, G: tl.constexpr, J: tl.constexpr):
+    return tl.sum(tl.reshape(x_RJ, [TP, G, J]), 1)
+
+
+@triton.jit
+def _tokens_to_rows(x_TJ, TP: tl.constexpr, G: tl.constexpr, J: tl.constexpr):
+    return tl.reshape(tl.broadcast_to(x_TJ[:, None, :], [TP, G, J]), [TP * G, J])
+
+
+@triton.jit
+def kl_fwd_kernel(
+    q_ptr, k_ptr, qi_ptr, ki_ptr, lse_ptr, ilse_ptr, bidx_ptr, union_ptr, count_ptr,
+    start_ptr, seq_start_ptr, seq_end_ptr, n_tiles,
+    kl_ptr, psum_ptr,
+    stride_q_n, stride_q_h, stride_k_n, stride_k_h, stride_qi_n, stride_qi_h, stride_ki_n,
+    stride_l_n, stride_il_n, stride_b_n, stride_b_h, stride_u_p, stride_u_h, stride_c_p, stride_kl_n,
+    qk_scale_log2, iscale_log2,
+    G: tl.constexpr, TM: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, DI: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+    DENSE: tl.constexpr, HAS_LSE: tl.constexpr, HAS_ILSE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TP: tl.constexpr = R // G
+    # Dense tiles late in a sequence do the most work: start them first.
+    tile = (n_tiles - 1 - tl.program_id(0)) if DENSE else tl.program_id(0)
+    h = tl.program_id(1)
+    t0 = tl.load(start_ptr + tile)
+    s0 = tl.load(seq_start_ptr + tile)
+    e0 = tl.load(seq_end_ptr + tile)
+    last = tl.minimum(t0 + TM, e0) - 1
+
+    r = tl.arange(0, R)
+    tok_R = t0 + r // G
+    head_R = h * G + r % G
+    valid_R = (r < TM * G) & (tok_R < e0)
+    i = tl.arange(0, TP)
+    tok_T = t0 + i
+    valid_T = (i < TM) & (tok_T < e0)
+    d = tl.arange(0, D)
+    di = tl.arange(0, DI)
+    q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
+                mask=valid_R[:, None], other=0.0)
+    qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
+                 mask=valid_R[:, None], other=0.0)
+    slot = tl.arange(0, KP)
+    if DENSE:
+        n_blocks = (t0 - s0) // BS + 1
+        sel_RK = tl.full([R, KP], -1, tl.int32)
+        sel_TK = tl.full([TP, KP], -1, tl.int32)
+    else:
+        n_blocks = tl.load(count_ptr + tile * stride_c_p + h)
+        sel_RK = tl.load(bidx_ptr + tok_R[:, None] * stride_b_n + h * stride_b_h + slot[None, :],
+                         mask=valid_R[:, None] & (slot[None, :] < TOPK), other=-1)
+        sel_TK = tl.load(bidx_ptr + tok_T[:, None] * stride_b_n + h * stride_b_h + slot[None, :],
+                         mask=valid_T[:, None] & (slot[None, :] < TOPK), other=-1)
+    j = tl.arange(0, BN)
+
+    # Pass 1, only when the caller has no lse / index_lse: online log-sum-exp over the support.
+    if HAS_LSE:
+        lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
+    if HAS_ILSE:
+        ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E
+    if not (HAS_LSE and HAS_ILSE):
+        m_R = tl.full([R], -1.0e30, tl.float32)
+        l_R = tl.zeros([R], tl.float32)
+        mi_T = tl.full([TP], -1.0e30, tl.float32)
+        li_T = tl.zeros([TP], tl.float32)
+        for u in range(n_blocks):
+            if DENSE:
+                blk = u
+            else:
+                blk = tl.load(union_ptr + tile * stride_u_p + h * stride_u_h + u)
+            for sub in tl.static_range(BS // BN):
+                kpos = s0 + blk * BS + sub * BN + j
+                kload = kpos <= last
+                if DENSE:
+                    ok_R = (kpos[None, :] <= tok_R[:, None]) & valid_R[:, None]
+                    ok_T = (kpos[None, :] <= tok_T[:, None]) & valid_T[:, None]
+                else:
+                    ok_R = (tl.max(tl.where(sel_RK == blk, 1, 0), 1) > 0)[:, None] & (kpos[None, :] <= tok_R[:, None])
+                    ok_T = (tl.max(tl.where(sel_TK == blk, 1, 0), 1) > 0)[:, None] & (kpos[None, :] <= tok_T[:, None])
+                if not HAS_LSE:
+                    k = tl.load(k_ptr + kpos[:, None] * stride_k_n + h * stride_k_h + d[None, :], mask=kload[:, None], other=0.0)
+                    s_R = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2
+                    s_R = tl.where(ok_R, s_R, float("-inf"))
+                    m_new = tl.maximum(m_R, tl.max(s_R, 1))
+                    l_R = l_R * tl.exp2(m_R - m_new) + tl.sum(tl.exp2(s_R - m_new[:, None]), 1)
+                    m_R = m_new
+                if not HAS_ILSE:
+                    ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + di[None, :], mask=kload[:, None], other=0.0)
+                    z_R = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * iscale_log2
+                    z_T = tl.max(tl.reshape(z_R, [TP, G, BN]), 1)  # the G rows of a token are equal
+                    z_T = tl.where(ok_T, z_T, float("-inf"))
+                    mi_new = tl.maximum(mi_T, tl.max(z_T, 1))
+                    li_T = li_T * tl.exp2(mi_T - mi_new) + tl.sum(tl.exp2(z_T - mi_new[:, None]), 1)
+                    mi_T = mi_new
+        if not HAS_LSE:
+            lse2_R = m_R + tl.log2(tl.where(valid_R, l_R, 1.0))
+        if not HAS_ILSE:
+            ilse2_T = mi_T + tl.log2(tl.where(valid_T, li_T, 1.0))
+
+    # Pass 2: KL(p || pI) on the support, p averaged over the group's heads.
+    kl_T = tl.zeros([TP], tl.float32)
+    ps_T = tl.zeros([TP], tl.float32)
+    for u in range(n_blocks):
+        if DENSE:
+            blk = u
+        else:
+            blk = tl.load(union_ptr + tile * stride_u_p + h * stride_u_h + u)
+        for sub in tl.static_range(BS // BN):
+            kpos = s0 + blk * BS + sub * BN + j
+            kload = kpos <= last
+            if DENSE:
+                ok_R = (kpos[None, :] <= tok_R[:, None]) & valid_R[:, None]
+                ok_T = (kpos[None, :] <= tok_T[:, None]) & valid_T[:, None]
+            else:
+                ok_R = (tl.max(tl.where(sel_RK == blk, 1, 0), 1) > 0)[:, None] & (kpos[None, :] <= tok_R[:, None])
+                ok_T = (tl.max(tl.where(sel_TK == blk, 1, 0), 1) > 0)[:, None] & (kpos[None, :] <= tok_T[:, None])
+            k = tl.load(k_ptr + kpos[:, None] * stride_k_n + h * stride_k_h + d[None, :], mask=kload[:, None], other=0.0)
+            ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + di[None, :], mask=kload[:, None], other=0.0)
+            s_R = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2
+            p_R = tl.exp2(tl.where(ok_R, s_R - lse2_R[:, None], float("-inf")))
+            p_T = _rows_to_tokens_sum(p_R, TP, G, BN) * (1.0 / G)
+            z_R = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * iscale_log2
+            z_T = tl.max(tl.reshape(z_R, [TP, G, BN]), 1)
+            log_pi_T = (z_T - ilse2_T[:, None]) * LN2
+            pos = ok_T & (p_T > 0)
+            term = tl.where(pos, p_T * (tl.log(tl.where(pos, p_T, 1.0)) - log_pi_T), 0.0)
+            kl_T += tl.sum(term, 1)
+            ps_T += tl.sum(p_T, 1)
+
+    tl.store(kl_ptr + tok_T * stride_kl_n + h, kl_T, mask=valid_T)
+    tl.store(psum_ptr + tok_T * stride_kl_n + h, ps_T, mask=valid_T)
+    # The backward needs the lse it used; write what pass 1 computed.
+    if not HAS_LSE:
+        tl.store(lse_ptr + tok_R * stride_l_n + head_R, lse2_R * LN2, mask=valid_R)
+    if not HAS_ILSE:
+        tl.store(ilse_ptr + tok_T * stride_il_n + h, ilse2_T * LN2, mask=valid_T)
+
+
+@triton.jit
+def kl_bwd_dqi_kernel(
+    q_ptr, k_ptr, qi_ptr, ki_ptr, lse_ptr, ilse_ptr, psum_ptr, dqi_ptr, bidx_ptr, union_ptr, count_ptr,
+    start_ptr, seq_start_ptr, seq_end_ptr, n_tiles,
+    stride_q_n, stride_q_h, stride_k_n, stride_k_h, stride_qi_n, stride_qi_h, stride_ki_n,
+    stride_l_n, stride_il_n, stride_b_n, stride_b_h, stride_u_p, stride_u_h, stride_c_p,
+    stride_dqi_n, stride_dqi_h,
+    qk_scale_log2, iscale_log2, grad_ptr, grad_scale,
+    G: tl.constexpr, TM: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, DI: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+    DENSE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TP: tl.constexpr = R // G
+    tile = (n_tiles - 1 - tl.program_id(0)) if DENSE else tl.program_id(0)
+    h = tl.program_id(1)
+    t0 = tl.load(start_ptr + tile)
+    s0 = tl.load(seq_start_ptr + tile)
+    e0 = tl.load(seq_end_ptr + tile)
+    last = tl.minimum(t0 + TM, e0) - 1
+
+    r = tl.arange(0, R)
+    tok_R = t0 + r // G
+    head_R = h * G + r % G
+    valid_R = (r < TM * G) & (tok_R < e0)
+    i = tl.arange(0, TP)
+    tok_T = t0 + i
+    valid_T = (i < TM) & (tok_T < e0)
+    d = tl.arange(0, D)
+    di = tl.arange(0, DI)
+    q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
+                mask=valid_R[:, None], other=0.0)
+    qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
+                 mask=valid_R[:, None], other=0.0)
+    lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
+    ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E
+    ps_T = tl.load(psum_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0)
+    slot = tl.arange(0, KP)
+    if DENSE:
+        n_blocks = (t0 - s0) // BS + 1
+        sel_RK = tl.full([R, KP], -1, tl.int32)
+        sel_TK = tl.full([TP, KP], -1, tl.int32)
+    else:
+        n_blocks = tl.load(count_ptr + tile * stride_c_p + h)
+        sel_RK = tl.load(bidx_ptr + tok_R[:, None] * stride_b_n + h * stride_b_h + slot[None, :],
+                         mask=valid_R[:, None] & (slot[None, :] < TOPK), other=-1)
+        sel_TK = tl.load(bidx_ptr + tok_T[:, None] * stride_b_n + h * stride_b_h + slot[None, :],
+                         mask=valid_T[:, None] & (slot[None, :] < TOPK), other=-1)
+    j = tl.arange(0, BN)
+
+    dqi = tl.zeros([R, DI], tl.float32)
+    for u in range(n_blocks):
+        if DENSE:
+            blk = u
+        else:
+            blk = tl.load(union_ptr + tile * stride_u_p + h * stride_u_h + u)
+        for sub in tl.static_range(BS // BN):
+            kpos = s0 + blk * BS + sub * BN + j
+            kload = kpos <= last
+            if DENSE:
+                ok_R = (kpos[None, :] <= tok_R[:, None]) & valid_R[:, None]
+                ok_T = (kpos[None, :] <= tok_T[:, None]) & valid_T[:, None]
+            else:
+                ok_R = (tl.max(tl.where(sel_RK == blk, 1, 0), 1) > 0)[:, None] & (kpos[None, :] <= tok_R[:, None])
+                ok_T = (tl.max(tl.where(sel_TK == blk, 1, 0), 1) > 0)[:, None] & (kpos[None, :] <= tok_T[:, None])
+            k = tl.load(k_ptr + kpos[:, None] * stride_k_n + h * stride_k_h + d[None, :], mask=kload[:, None], other=0.0)
+            ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + di[None, :], mask=kload[:, None], other=0.0)
+            s_R = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2
+            p_R = tl.exp2(tl.where(ok_R, s_R - lse2_R[:, None], float("-inf")))
+            p_T = _rows_to_tokens_sum(p_R, TP, G, BN) * (1.0 / G)
+            z_R = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * iscale_log2
+            z_T = tl.max(tl.reshape(z_R, [TP, G, BN]), 1)
+            pi_T = tl.exp2(tl.where(ok_T, z_T - ilse2_T[:, None], float("-inf")))
+            # d KL / d z = pI * sum(p) - p (sum(p) = 1 up to rounding when lse matches the support).
+            dz_T = pi_T * ps_T[:, None] - p_T
+            # Every row of a token gets the token's gradient; only the first row is stored.
+            dz_R = _tokens_to_rows(dz_T, TP, G, BN)
+            dqi += tl.dot(dz_R.to(ki.dtype), ki, input_precision=DOT_PREC)
+
+    first_R = valid_R & (r % G == 0)
+    tl.store(dqi_ptr + tok_R[:, None] * stride_dqi_n + h * stride_dqi_h + di[None, :],
+             (dqi * (tl.load(grad_ptr) * grad_scale)).to(dqi_ptr.dtype.element_ty), mask=first_R[:, None])
+
+
+@triton.jit
+def kl_bwd_dki_kernel(
+    q_ptr, k_ptr, qi_ptr, ki_ptr, lse_ptr, ilse_ptr, psum_ptr, dki_ptr,
+    tokens_ptr, offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks,
+    stride_q_n, stride_q_h, stride_k_n, stride_k_h, stride_qi_n, stride_qi_h, stride_ki_n,
+    stride_l_n, stride_il_n, stride_dki_h, stride_dki_n,
+    qk_scale_log2, iscale_log2, grad_ptr, grad_scale,
+    G: tl.constexpr, TQ: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, DI: tl.constexpr, DENSE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    TP: tl.constexpr = R // G
+    NSUB: tl.constexpr = BS // BN
+    c = tl.program_id(0) // NSUB
+    sub = tl.program_id(0) % NSUB
+    h = tl.program_id(1)
+    b0 = tl.load(blk_start_ptr + c)
+    e0 = tl.load(blk_seq_end_ptr + c)
+    j = tl.arange(0, BN)
+    kpos = b0 + sub * BN + j
+    kvalid = kpos < e0
+    d = tl.arange(0, D)
+    di = tl.arange(0, DI)
+    k = tl.load(k_ptr + kpos[:, None] * stride_k_n + h * stride_k_h + d[None, :], mask=kvalid[:, None], other=0.0)
+    ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + di[None, :], mask=kvalid[:, None], other=0.0)
+
+    if DENSE:
+        # Warm-up: every token of the sequence from the block's first key on sees some of its keys.
+        lo = b0 + sub * BN
+        hi = e0
+    else:
+        lo = tl.load(offsets_ptr + h * n_blocks + c)
+        hi = tl.load(offsets_ptr + h * n_blocks + c + 1)
+    r = tl.arange(0, R)
+    g_R = r % G
+    i = tl.arange(0, TP)
+    dki = tl.zeros([BN, DI], tl.float32)
+    for e in range(lo, hi, TQ):
+        ent_R = e + r // G
+        valid_R = (r < TQ * G) & (ent_R < hi)
+        ent_T = e + i
+        valid_T = (i < TQ) & (ent_T < hi)
+        if DENSE:
+            tok_R = ent_R
+            tok_T = ent_T
+        else:
+            tok_R = tl.load(tokens_ptr + ent_R, mask=valid_R, other=0)
+            tok_T = tl.load(tokens_ptr + ent_T, mask=valid_T, other=0)
+        head_R = h * G + g_R
+        q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
+                    mask=valid_R[:, None], other=0.0)
+        qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
+                     mask=valid_R[:, None], other=0.0)
+        lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
+        ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E
+        ps_T = tl.load(psum_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0)
+        ok_R = valid_R[:, None] & kvalid[None, :] & (kpos[None, :] <= tok_R[:, None])
+        ok_T = valid_T[:, None] & kvalid[None, :] & (kpos[None, :] <= tok_T[:, None])
+        s_R = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2
+        p_R = tl.exp2(tl.where(ok_R, s_R - lse2_R[:, None], float("-inf")))
+        p_T = _rows_to_tokens_sum(p_R, TP, G, BN) * (1.0 / G)
+        z_R = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * iscale_log2
+        z_T = tl.max(tl.reshape(z_R, [TP, G, BN]), 1)
+        pi_T = tl.exp2(tl.where(ok_T, z_T - ilse2_T[:, None], float("-inf")))
+        dz_T = pi_T * ps_T[:, None] - p_T
+        # Spread to rows but keep it on each token's first row only: the dot sums over rows.
+        dz_R = tl.where((g_R == 0)[:, None], _tokens_to_rows(dz_T, TP, G, BN), 0.0)
+        dki += tl.dot(tl.trans(dz_R.to(qi.dtype)), qi, input_precision=DOT_PREC)
+
+    tl.store(dki_ptr + h * stride_dki_h + kpos[:, None] * stride_dki_n + di[None, :],
+             dki * (tl.load(grad_ptr) * grad_scale),
+             mask=kvalid[:, None])

@@ -1,0 +1,215 @@
+"""Public MSA KL alignment loss: `msa_kl_loss` validates its inputs and wires the Triton kernels
+into autograd (or runs the fp32 reference with backend="reference"). Gradients reach qi and ki only.
+
+Tests: `pytest -q tests/kernels/test_kl.py`.
+
+Shape legend: B batch, T tokens, N = B*T, H heads (query heads for q/lse, KV = index heads for
+k/qi/block_idx/index_lse), D head dim, I index dim, K top-k slots, P query tiles, U union slots,
+C key blocks, E reverse-index entries.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from kernels import _common
+from kernels.kl.kernel import kl_bwd_dki_kernel, kl_bwd_dqi_kernel, kl_fwd_kernel
+from kernels.kl.reference import msa_kl_loss_reference
+
+LOG2E = 1.4426950408889634
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+GPU_CONFIG = {
+    "fwd": dict(BN=64, num_warps=4, num_stages=2),
+    "dqi": dict(BN=64, num_warps=4, num_stages=2),
+    "dki": dict(BN=64, rows=64, num_warps=4, num_stages=2),
+}
+
+
+def _check(q, k, qi, ki, block_idx, block_size, cu_seqlens, lse, index_lse, softmax_scale, tokens_per_tile):
+    _common.check_tensor("q", q, 4, _FLOAT)
+    dev = q.device
+    _common.check_tensor("k", k, 4, _FLOAT, dev)
+    _common.check_tensor("qi", qi, 4, _FLOAT, dev)
+    _common.check_tensor("ki", ki, 3, _FLOAT, dev)
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if k.shape != (B, T, Hkv, D):
+        raise ValueError(f"k must have shape [B, T, Hkv, dh] with B, T, dh of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if Hkv < 1 or Hq % Hkv or (Hq // Hkv) & (Hq // Hkv - 1):
+        raise ValueError(f"q heads ({Hq}) must be a power-of-two multiple of k heads ({Hkv})")
+    I = qi.shape[-1]
+    if qi.shape != (B, T, Hkv, I):
+        raise ValueError(f"qi must have shape [B, T, Hkv, dI] = [{B}, {T}, {Hkv}, dI], got {tuple(qi.shape)}")
+    if ki.shape != (B, T, I):
+        raise ValueError(f"ki must have shape [B, T, dI] = {(B, T, I)}, got {tuple(ki.shape)}")
+    if ki.dtype != qi.dtype:
+        raise TypeError(f"qi and ki must share a dtype, got {qi.dtype} and {ki.dtype}")
+    _common.check_head_dim("dh (q.shape[-1])", D)
+    _common.check_head_dim("dI (qi.shape[-1])", I)
+    _common.check_block_size(block_size)
+    if block_idx is not None:
+        _common.check_tensor("block_idx", block_idx, 4, (torch.int32,), dev)
+        if block_idx.shape[:3] != (B, T, Hkv) or not 1 <= block_idx.shape[3] <= 32:
+            raise ValueError(f"block_idx must have shape [B, T, Hkv, topk] = [{B}, {T}, {Hkv}, topk<=32], "
+                             f"got {tuple(block_idx.shape)}")
+    if lse is not None:
+        _common.check_tensor("lse", lse, 3, (torch.float32,), dev)
+        if lse.shape != (B, T, Hq):
+            raise ValueError(f"lse must have shape [B, T, Hq] = {(B, T, Hq)}, got {tuple(lse.shape)}")
+    if index_lse is not None:
+        _common.check_tensor("index_lse", index_lse, 3, (torch.float32,), dev)
+        if index_lse.shape != (B, T, Hkv):
+            raise ValueError(f"index_lse must have shape [B, T, Hkv] = {(B, T, Hkv)}, got {tuple(index_lse.shape)}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive number or None, got {softmax_scale!r}")
+    if tokens_per_tile is not None:
+        tm = tokens_per_tile
+        if not isinstance(tm, int) or tm < 1 or tm & (tm - 1) or block_size % tm:
+            raise ValueError(f"tokens_per_tile must be a power of two dividing block_size={block_size}, got {tm!r}")
+    for name, x in (("q", q), ("k", k), ("qi", qi), ("ki", ki), ("block_idx", block_idx), ("lse", lse),
+                    ("index_lse", index_lse)):
+        if x is not None:
+            _common.check_last_dim_contiguous(name, x)
+    _common.check_cu_seqlens(cu_seqlens, B, T, dev)
+
+
+def _flat(x):
+    return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _cfg(kernel, x, block_size):
+    if x.device.type == "cpu":
+        cfg = {"BN": block_size}
+        if kernel == "dki":
+            cfg["rows"] = 16
+        return cfg
+    cfg = dict(GPU_CONFIG[kernel])
+    cfg["BN"] = min(cfg["BN"], block_size)
+    return cfg
+
+
+class _MSAKLLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qi, ki, q, k, block_idx, lse, index_lse, block_size, cu_seqlens, scale, TM):
+        B, T, Hq, D = q.shape
+        Hkv = k.shape[2]
+        I = qi.shape[-1]
+        G = Hq // Hkv
+        N = B * T
+        dev = q.device
+        dense = block_idx is None
+        q_N, k_N, qi_N, ki_N = _flat(q), _flat(k), _flat(qi), _flat(ki)
+        cu = _common.flat_cu_seqlens(B, T, cu_seqlens, dev)
+        start_P, seq_start_P, seq_end_P, P = _common.tile_table(cu, N, TM)
+        if dense:
+            b_N = torch.full((1, 1, 1), -1, dtype=torch.int32, device=dev)  # unused placeholder
+            union_PHU = count_PH = b_N
+            TOPK = 1
+        else:
+            b_N = _flat(block_idx)
+            TOPK = b_N.shape[2]
+            union_PHU, count_PH = _common.union_lists(b_N, start_P, seq_start_P, seq_end_P, TM, block_size)
+        has_lse, has_ilse = lse is not None, index_lse is not None
+        # Without a given lse the kernel computes it and writes it here for the backward.
+        lse_N = _flat(lse) if has_lse else _common.empty((N, Hq), torch.float32, dev)
+        ilse_N = _flat(index_lse) if has_ilse else _common.empty((N, Hkv), torch.float32, dev)
+        kl_NH = _common.empty((N, Hkv), torch.float32, dev)
+        psum_NH = _common.empty((N, Hkv), torch.float32, dev)
+        R = max(16, _common.next_pow2(TM * G))
+        prec = _common.dot_precision(q.dtype)
+        kl_fwd_kernel[(P, Hkv)](
+            q_N, k_N, qi_N, ki_N, lse_N, ilse_N, b_N, union_PHU, count_PH,
+            start_P, seq_start_P, seq_end_P, P,
+            kl_NH, psum_NH,
+            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), qi_N.stride(0), qi_N.stride(1), ki_N.stride(0),
+            lse_N.stride(0), ilse_N.stride(0), b_N.stride(0), b_N.stride(1),
+            union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0), kl_NH.stride(0),
+            scale * LOG2E, LOG2E / math.sqrt(I),
+            G=G, TM=TM, R=R, BS=block_size, D=D, DI=I, TOPK=TOPK, KP=_common.next_pow2(TOPK),
+            DENSE=dense, HAS_LSE=has_lse, HAS_ILSE=has_ilse, DOT_PREC=prec, **_cfg("fwd", q, block_size),
+        )
+        ctx.save_for_backward(q_N, k_N, qi_N, ki_N, lse_N, ilse_N, psum_NH, b_N, union_PHU, count_PH, cu,
+                              start_P, seq_start_P, seq_end_P)
+        ctx.meta = (B, T, Hq, Hkv, D, I, block_size, scale, TM, dense, TOPK)
+        return kl_NH.sum() / (N * Hkv)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (q_N, k_N, qi_N, ki_N, lse_N, ilse_N, psum_NH, b_N, union_PHU, count_PH, cu,
+         start_P, seq_start_P, seq_end_P) = ctx.saved_tensors
+        B, T, Hq, Hkv, D, I, block_size, scale, TM, dense, TOPK = ctx.meta
+        G = Hq // Hkv
+        N = B * T
+        dev = q_N.device
+        grad = grad.reshape(1).float().contiguous()
+        grad_scale = 1.0 / (N * Hkv * math.sqrt(I))  # mean over (token, group); d z / d (qi.ki)
+        prec = _common.dot_precision(q_N.dtype)
+        P = start_P.numel()
+        R = max(16, _common.next_pow2(TM * G))
+        dqi_N = _common.empty((N, Hkv, I), qi_N.dtype, dev)
+        kl_bwd_dqi_kernel[(P, Hkv)](
+            q_N, k_N, qi_N, ki_N, lse_N, ilse_N, psum_NH, dqi_N, b_N, union_PHU, count_PH,
+            start_P, seq_start_P, seq_end_P, P,
+            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), qi_N.stride(0), qi_N.stride(1), ki_N.stride(0),
+            lse_N.stride(0), ilse_N.stride(0), b_N.stride(0), b_N.stride(1),
+            union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0), dqi_N.stride(0), dqi_N.stride(1),
+            scale * LOG2E, LOG2E / math.sqrt(I), grad, grad_scale,
+            G=G, TM=TM, R=R, BS=block_size, D=D, DI=I, TOPK=TOPK, KP=_common.next_pow2(TOPK),
+            DENSE=dense, DOT_PREC=prec, **_cfg("dqi", q_N, block_size),
+        )
+        if dense:
+            tokens_E = offsets = torch.zeros(1, dtype=torch.int32, device=dev)  # unused placeholder
+            C = triton.cdiv(N, block_size) + cu.numel() - 1
+        else:
+            tokens_E, offsets, C = _common.reverse_index(b_N, cu, block_size)
+        blk_start_C, _, blk_seq_end_C, _ = _common.tile_table(cu, N, block_size)
+        cfg = _cfg("dki", q_N, block_size)
+        TQ = max(1, cfg.pop("rows") // G)
+        Rq = max(16, _common.next_pow2(TQ * G))
+        dki_HNI = _common.empty((Hkv, N, I), torch.float32, dev)
+        kl_bwd_dki_kernel[(C * (block_size // cfg["BN"]), Hkv)](
+            q_N, k_N, qi_N, ki_N, lse_N, ilse_N, psum_NH, dki_HNI,
+            tokens_E, offsets, blk_start_C, blk_seq_end_C, C,
+            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), qi_N.stride(0), qi_N.stride(1), ki_N.stride(0),
+            lse_N.stride(0), ilse_N.stride(0), dki_HNI.stride(0), dki_HNI.stride(1),
+            scale * LOG2E, LOG2E / math.sqrt(I), grad, grad_scale,
+            G=G, TQ=TQ, R=Rq, BS=block_size, D=D, DI=I, DENSE=dense, DOT_PREC=prec, **cfg,
+        )
+        # ki is shared by the groups: sum their partial gradients in a fixed order (deterministic).
+        dki_N = dki_HNI.sum(0).to(ki_N.dtype)
+        return (dqi_N.view(B, T, Hkv, I), dki_N.view(B, T, I)) + (None,) * 9
+
+
+def default_tokens_per_tile(G: int, block_size: int) -> int:
+    # Same choice as the attention: 16 // G tokens fill the smallest tensor-core tile for free.
+    return min(block_size, max(1, 16 // G))
+
+
+def msa_kl_loss(q, k, qi, ki, block_idx, block_size: int, cu_seqlens=None, lse=None, index_lse=None, *,
+                softmax_scale=None, backend: str = "triton", tokens_per_tile: int | None = None):
+    """Mean over (batch, token, group) of KL(teacher || student) on the selected visible keys.
+
+    teacher = softmax(q.k * scale) (scale = softmax_scale or 1/sqrt(dh)) averaged over the group's
+    heads, with `lse` (fp32 [B, T, Hq], e.g. from msa_attention) or recomputed over the support;
+    student = softmax(qi.ki / sqrt(dI)) over the same support, `index_lse` (fp32 [B, T, Hkv] from
+    msa_select) or recomputed. block_idx=None: the dense warm-up form (all visible keys).
+    Returns a 0-dim fp32 tensor; gradients flow only into qi and ki (q, k, lse are constants).
+    See kernels/kl/README.md.
+    """
+    _check(q, k, qi, ki, block_idx, block_size, cu_seqlens, lse, index_lse, softmax_scale, tokens_per_tile)
+    _common.check_backend(backend, q.device)
+    D = q.shape[-1]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if backend == "reference":
+        return msa_kl_loss_reference(q, k, qi, ki, block_idx, block_size, cu_seqlens, lse, scale)
+    G = q.shape[2] // k.shape[2]
+    tm = tokens_per_tile or default_tokens_per_tile(G, block_size)
+    lse = None if lse is None else lse.detach()
+    index_lse = None if index_lse is None else index_lse.detach()
+    return _MSAKLLoss.apply(qi, ki, q.detach(), k.detach(), block_idx, lse, index_lse, block_size, cu_seqlens,
+                            scale, tm)

@@ -1,0 +1,89 @@
+"""Triton kernel of MSA block selection: token scores, causal block max-pooling, a running top-(k-1)
+of the non-local blocks kept in registers, and the index log-sum-exp over the selected keys.
+
+Not runnable by itself; called by `kernels.select.op.msa_select`. Tests: `pytest -q tests/kernels/test_select.py`.
+
+Shape legend: N flat tokens, H index heads, I index dim, K top-k slots; inside the kernel
+R rows of a program (= tokens x heads, row r is token r // HB, head h0 + r % HB), J keys of a block,
+KP padded top-k slots.
+
+One program owns a tile of BM consecutive query tokens of one sequence (inside one key block, so
+they share the local block) and HB index heads. The key `ki` is shared by all index heads, so each
+key block load serves BM x HB rows. Blocks before the local block are fully visible: no mask, and
+every block that enters the running top-(k-1) carries its own log-sum-exp so that index_lse needs
+no second pass over the selected keys.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def select_kernel(
+    qi_ptr, ki_ptr, bidx_ptr, lse_ptr,
+    start_ptr, seq_start_ptr, seq_end_ptr, n_tiles,
+    stride_qi_n, stride_qi_h, stride_ki_n, stride_b_n, stride_b_h, stride_l_n,
+    qk_scale_log2,
+    BS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, HB: tl.constexpr,
+    DI: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    R: tl.constexpr = BM * HB
+    # Late tiles see the most blocks: launch them first so the long programs do not trail.
+    tile = n_tiles - 1 - tl.program_id(0)
+    h0 = tl.program_id(1) * HB
+    t0 = tl.load(start_ptr + tile)
+    s0 = tl.load(seq_start_ptr + tile)
+    e0 = tl.load(seq_end_ptr + tile)
+
+    r = tl.arange(0, R)
+    tok_R = t0 + r // HB
+    head_R = h0 + r % HB
+    valid_R = tok_R < e0
+    d = tl.arange(0, DI)
+    qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + head_R[:, None] * stride_qi_h + d[None, :],
+                 mask=valid_R[:, None], other=0.0)
+
+    local = (t0 - s0) // BS
+    slot = tl.arange(0, KP)
+    # Real slots start at -inf (any block beats them); padding slots at +inf (never the minimum).
+    top_v = tl.where(slot[None, :] < TOPK - 1, float("-inf"), float("inf")) + tl.zeros([R, KP], tl.float32)
+    top_z = tl.full([R, KP], float("-inf"), tl.float32)
+    top_i = tl.full([R, KP], -1, tl.int32)
+    j = tl.arange(0, BS)
+    for blk in range(0, local):
+        kpos = s0 + blk * BS + j
+        ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + d[None, :])
+        # Scores in log2 units (the ranking is unchanged by the positive factor log2(e)).
+        s_RJ = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * qk_scale_log2
+        m_R = tl.max(s_RJ, 1)
+        z_R = m_R + tl.log2(tl.sum(tl.exp2(s_RJ - m_R[:, None]), 1))
+        # Replace the smallest kept score if this block beats it (first slot on ties).
+        cur_min = tl.min(top_v, 1)
+        pos = tl.min(tl.where(top_v == cur_min[:, None], slot[None, :], KP), 1)
+        hit = (slot[None, :] == pos[:, None]) & (m_R > cur_min)[:, None]
+        top_v = tl.where(hit, m_R[:, None], top_v)
+        top_z = tl.where(hit, z_R[:, None], top_z)
+        top_i = tl.where(hit, blk, top_i)
+
+    # Local block: token-causal.
+    kpos = s0 + local * BS + j
+    last = tl.minimum(t0 + BM, e0) - 1
+    ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + d[None, :], mask=(kpos <= last)[:, None], other=0.0)
+    s_RJ = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * qk_scale_log2
+    s_RJ = tl.where(kpos[None, :] <= tok_R[:, None], s_RJ, float("-inf"))
+    m_loc = tl.max(s_RJ, 1)
+    m_loc = tl.where(valid_R, m_loc, 0.0)  # rows past the sequence end see no key; keep them finite
+    z_loc = m_loc + tl.log2(tl.sum(tl.exp2(s_RJ - m_loc[:, None]), 1))
+
+    mz = tl.maximum(tl.max(top_z, 1), z_loc)
+    lse2 = mz + tl.log2(tl.sum(tl.exp2(top_z - mz[:, None]), 1) + tl.exp2(z_loc - mz))
+
+    # Valid slots are filled front to back (ties pick the first free slot), so the local block
+    # goes right after them: slot n_valid - 1 with n_valid = min(topk, local + 1).
+    n_valid = tl.minimum(TOPK, local + 1)
+    out = tl.where(slot[None, :] == n_valid - 1, local, top_i)
+    tl.store(bidx_ptr + tok_R[:, None] * stride_b_n + head_R[:, None] * stride_b_h + slot[None, :], out,
+             mask=valid_R[:, None] & (slot[None, :] < TOPK))
+    tl.store(lse_ptr + tok_R * stride_l_n + head_R, lse2 * LN2, mask=valid_R)

@@ -1,0 +1,88 @@
+"""Public MSA block selection: `msa_select` validates its inputs and runs the Triton kernel (or the
+fp32 reference with backend="reference"). Not differentiable (top-k has no gradient).
+
+Tests: `pytest -q tests/kernels/test_select.py`.
+
+Shape legend: B batch, T tokens, N = B*T, H index heads (= KV heads), I index dim, K top-k slots.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from kernels import _common
+from kernels.select.kernel import select_kernel
+from kernels.select.reference import msa_select_reference
+
+LOG2E = 1.4426950408889634
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens):
+    _common.check_tensor("qi", qi_BTHI, 4, _FLOAT)
+    dev = qi_BTHI.device
+    _common.check_tensor("ki", ki_BTI, 3, _FLOAT, dev)
+    B, T, H, I = qi_BTHI.shape
+    if ki_BTI.shape != (B, T, I):
+        raise ValueError(f"ki must have shape [B, T, dI] = {(B, T, I)} to match qi {tuple(qi_BTHI.shape)}, "
+                         f"got {tuple(ki_BTI.shape)}")
+    if ki_BTI.dtype != qi_BTHI.dtype:
+        raise TypeError(f"ki dtype {ki_BTI.dtype} differs from qi dtype {qi_BTHI.dtype}")
+    _common.check_head_dim("dI (qi.shape[-1])", I)
+    _common.check_block_size(block_size)
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be a positive int, got {topk!r}")
+    if topk > 32:
+        raise ValueError(f"topk must be at most 32 (registers hold the running top-k), got {topk}")
+    longest = T  # the longest possible sequence; with cu_seqlens a sequence is at most T
+    if topk > triton.cdiv(longest, block_size):
+        raise ValueError(f"topk={topk} is larger than useful: a sequence of at most T={T} tokens has only "
+                         f"{triton.cdiv(longest, block_size)} blocks of block_size={block_size}")
+    _common.check_last_dim_contiguous("qi", qi_BTHI)
+    _common.check_last_dim_contiguous("ki", ki_BTI)
+    _common.check_cu_seqlens(cu_seqlens, B, T, dev)
+
+
+def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, backend: str = "triton"):
+    """Select, per (token, index head), the local block plus the top-(topk-1) other visible blocks.
+
+    qi [B, T, Hkv, dI], ki [B, T, dI] (fp16/bf16/fp32). Returns block_idx int32 [B, T, Hkv, topk]
+    (local block in slot n_valid-1, -1 after it) and index_lse fp32 [B, T, Hkv], the log-sum-exp of
+    qi.ki/sqrt(dI) over the visible keys of the selected blocks. See kernels/select/README.md.
+    """
+    _check(qi, ki, block_size, topk, cu_seqlens)
+    _common.check_backend(backend, qi.device)
+    if backend == "reference":
+        return msa_select_reference(qi, ki, block_size, topk, cu_seqlens)
+
+    B, T, H, I = qi.shape
+    N = B * T
+    # Flat token axis; reshape copies only if B and T do not merge.
+    qi_NHI = qi.reshape(N, H, I)
+    ki_NI = ki.reshape(N, I)
+    cu = _common.flat_cu_seqlens(B, T, cu_seqlens, qi.device)
+    block_idx_NHK = _common.empty((N, H, topk), torch.int32, qi.device)
+    index_lse_NH = _common.empty((N, H), torch.float32, qi.device)
+
+    # Rows per program = BM tokens x HB heads; ~128 rows fill the tensor cores and amortise each
+    # key-block load, and BM must divide block_size so a tile has one local block.
+    HB = 1
+    while HB < 4 and H % (2 * HB) == 0:
+        HB *= 2
+    BM = min(block_size, max(16, 128 // HB))
+    start_P, seq_start_P, seq_end_P, P = _common.tile_table(cu, N, BM)
+    grid = (P, H // HB)
+    select_kernel[grid](
+        qi_NHI, ki_NI, block_idx_NHK, index_lse_NH,
+        start_P, seq_start_P, seq_end_P, P,
+        qi_NHI.stride(0), qi_NHI.stride(1), ki_NI.stride(0), block_idx_NHK.stride(0), block_idx_NHK.stride(1),
+        index_lse_NH.stride(0),
+        LOG2E / math.sqrt(I),
+        BS=block_size, TOPK=topk, KP=max(2, _common.next_pow2(topk)), BM=BM, HB=HB, DI=I,
+        DOT_PREC=_common.dot_precision(qi.dtype),
+        num_warps=8 if BM * HB >= 128 else 4, num_stages=3,
+    )
+    return block_idx_NHK.view(B, T, H, topk), index_lse_NH.view(B, T, H)
+
