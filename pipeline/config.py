@@ -1,0 +1,264 @@
+"""Run configuration: nested typed dataclasses loaded from TOML, with dotted `--set` overrides.
+
+    cfg = load_config("configs/tiny.toml", ["train.max_steps=20", "model.n_layers=2"])
+
+Unknown keys, wrong types and impossible combinations fail here, at start-up, with a message that
+names the field (`train.lr: must be positive, got -1.0`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.config import ConfigError, ModelConfig
+from model.presets import get_preset
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)  # shard directories (each with manifest.json)
+    weights: list[float] = field(default_factory=list)  # mixing weights of `shards` (default: equal)
+    tokenizer: str = ""  # tokenizer.json; default: the one beside the first shard directory
+    eval_shards: str = ""  # held-out shard directory for eval/lm_loss and eval/retrieval_acc
+    seq_len: int = 0  # tokens per packed row; 0 means model.max_seq_len
+    pack_docs: int = 64  # documents packed together (one Ray Data batch)
+    pack_actors: int = 1  # CPU actors that decode, tokenize and pack
+    prefetch_batches: int = 2
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise ConfigError("data.shards", "at least one shard directory is required")
+        if self.weights and len(self.weights) != len(self.shards):
+            raise ConfigError("data.weights", f"{len(self.weights)} weights for {len(self.shards)} shard directories")
+        if any(w <= 0 for w in self.weights):
+            raise ConfigError("data.weights", "weights must be positive")
+        for name in ("pack_docs", "pack_actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}", "must be at least 1")
+        if self.seq_len < 0:
+            raise ConfigError("data.seq_len", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    batch_size: int = 4  # rows per worker per step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "float32"  # "float32" | "bfloat16" (autocast; GPUs)
+    log_every: int = 5
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", f"must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError("train.lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps", "must be >= 0")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError("train.dtype", f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise ConfigError("train.beta1", "betas must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise ConfigError("train.grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # "" starts a local Ray; "auto" or ray://HOST:PORT joins a cluster
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    local_num_cpus: int = 0  # logical CPUs of a local Ray; 0: enough for the workers and the data actors
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError("ray.num_workers", "must be at least 1")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("ray.cpus_per_worker", "must be positive")
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "msa-pretrain"
+    uri: str = ""  # "" means sqlite:///<output_dir>/mlflow.db
+    run_name: str = ""
+
+    def validate(self) -> None:
+        if not self.experiment:
+            raise ConfigError("tracking.experiment", "must not be empty")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"  # checkpoints and, by default, the MLflow store
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len or self.model.max_seq_len
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{Path(self.output_dir) / 'mlflow.db'}"
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("name", "must not be empty")
+        self.model.validate()
+        for part in (self.data, self.train, self.ray, self.tracking):
+            part.validate()
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError("data.seq_len", f"{self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.model.image_tokens > self.seq_len:
+            raise ConfigError("data.seq_len", f"one image takes {self.model.image_tokens} tokens, more than a row")
+
+
+# ---------------------------------------------------------------------------------------------------
+# generic loading
+
+
+def _convert(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(where, f"must be a table, got {type(value).__name__}")
+        return _build(typ, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _convert(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(where, f"must be a list, got {value!r}")
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(where, f"must be a number, got {value!r}")
+        return float(value)
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, f"must be an integer, got {value!r}")
+        return value
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"must be true or false, got {value!r}")
+        return value
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(where, f"unsupported field type {typ!r}")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    data = dict(data)
+    base = None
+    if cls is ModelConfig and "preset" in data:
+        preset = data.pop("preset")
+        try:
+            base = dataclasses.asdict(get_preset(preset))
+        except KeyError as e:
+            raise ConfigError(f"{where}.preset", str(e)) from None
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}" if where else unknown[0],
+                          f"unknown key; known keys: {', '.join(sorted(known))}")
+    kwargs = dict(base or {})
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(where or cls.__name__, str(e)) from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: take it as a string
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like key.sub=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"{p} is not a table")
+        node[parts[-1]] = _parse_value(text.strip())
+    return data
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    """Workers change directory: every path becomes absolute now, relative to where msa-train ran."""
+    def absolute(p: str) -> str:
+        return str((base / os.path.expanduser(p)).resolve()) if p else p
+
+    cfg.output_dir = absolute(cfg.output_dir)
+    cfg.data.shards = [absolute(s) for s in cfg.data.shards]
+    cfg.data.tokenizer = absolute(cfg.data.tokenizer)
+    cfg.data.eval_shards = absolute(cfg.data.eval_shards)
+
+
+def config_from_dict(data: dict, base_dir: Path | None = None) -> RunConfig:
+    cfg = _build(RunConfig, data, "")
+    cfg.validate()
+    if base_dir is not None:
+        _resolve_paths(cfg, Path(base_dir))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, base_dir: Path | None = None) -> RunConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("--config", f"{path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data, base_dir or Path.cwd())
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """The whole config as flat `a.b.c -> value` pairs (MLflow params)."""
+    out: dict[str, Any] = {}
+    items = dataclasses.asdict(cfg).items() if dataclasses.is_dataclass(cfg) else cfg.items()
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,220 @@
+"""Documents -> fixed-length training rows: tokenize, decode images, pack, keep document boundaries.
+
+Plain Python/NumPy with no Ray in it, so the Ray Data actors (`pipeline.data`), the evaluation and the
+tests all pack the same way.
+
+Each document becomes `<|doc|> ...` with text tokenized and every image replaced by
+`<|img_begin|> <|img_patch|> x P <|img_end|>`. Documents longer than a row are cut into row-sized
+pieces, never inside an image. The pieces of a batch of documents are packed into rows by first-fit
+decreasing (deterministic, little padding). Inside a row every piece is its own attention segment with
+positions restarting at 0; targets are next-token ids where the next token is text, so the LM loss
+covers text only.
+
+Legend: R rows, T tokens per row, N image slots per row, S image side.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from data_prep.schema import DOC, IMG_BEGIN, IMG_END, IMG_PATCH, PAD, Document
+from model.batch import IGNORE_INDEX
+
+# Pillow refuses images above this many pixels (decompression bombs); the demo's are 4K pixels and
+# real photos a few megapixels.
+Image.MAX_IMAGE_PIXELS = 64 * 2**20
+
+
+class DocumentError(ValueError):
+    """A document that cannot be used; `reason` is the counter it is recorded under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class PackSpec:
+    seq_len: int
+    image_size: int
+    patch_size: int
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def image_tokens(self) -> int:
+        return self.n_patches + 2
+
+    @property
+    def max_images(self) -> int:
+        return self.seq_len // self.image_tokens
+
+
+@dataclass
+class Piece:
+    """A run of one document's tokens that goes into one row."""
+
+    ids: list[int]
+    is_text: list[bool]
+    is_answer: list[bool]
+    images: list[np.ndarray] = field(default_factory=list)  # uint8 [3, S, S] each
+
+
+class ImageDecoder:
+    """Bytes -> uint8 [3, S, S]: fully decoded, RGB, resized on the short side and centre-cropped."""
+
+    def __init__(self, image_size: int):
+        self.transform = v2.Compose([
+            v2.ToImage(),
+            v2.Resize(image_size, antialias=True),
+            v2.CenterCrop(image_size),
+        ])
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                rgb = im.convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise DocumentError("image_too_large", str(e)) from None
+        except Exception as e:  # Pillow raises many types for corrupt data
+            raise DocumentError("bad_image", f"{type(e).__name__}: {e}") from None
+        return self.transform(rgb).numpy()
+
+
+class Tokenizer:
+    """The parts of the HF tokenizer the packer needs, with the special ids looked up once."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        ids = {name: hf_tokenizer.token_to_id(name) for name in (PAD, DOC, IMG_BEGIN, IMG_END, IMG_PATCH)}
+        missing = [k for k, v in ids.items() if v is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens {missing}")
+        self.pad, self.doc, self.img_begin, self.img_end, self.img_patch = (
+            ids[PAD], ids[DOC], ids[IMG_BEGIN], ids[IMG_END], ids[IMG_PATCH])
+        self.vocab_size = hf_tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+
+def tokenize_document(doc: Document, tok: Tokenizer, spec: PackSpec, decode: ImageDecoder) -> list[Piece]:
+    """One document -> its pieces (one piece unless longer than a row). Raises DocumentError."""
+    ids, is_text, is_answer = [tok.doc], [False], [False]
+    images: list[np.ndarray] = []
+    cut_ok = [True]  # cut_ok[i]: a row may start at token i
+    for seg in doc.segments:
+        if seg.type == "text":
+            new = tok.encode(seg.text)
+            ids += new
+            is_text += [True] * len(new)
+            is_answer += [seg.role == "answer"] * len(new)
+            cut_ok += [True] * len(new)
+        else:
+            images.append(decode(doc.images[seg.field]))
+            n = spec.image_tokens
+            ids += [tok.img_begin] + [tok.img_patch] * spec.n_patches + [tok.img_end]
+            is_text += [False] * n
+            is_answer += [False] * n
+            cut_ok += [True] + [False] * (n - 1)
+    if not any(is_text):
+        raise DocumentError("no_text")
+    # cut into pieces of at most seq_len tokens, at allowed cut points
+    pieces, start, img_i = [], 0, 0
+    T = spec.seq_len
+    while start < len(ids):
+        end = min(start + T, len(ids))
+        while end < len(ids) and not cut_ok[end]:
+            end -= 1
+        n_img = sum(1 for t in ids[start:end] if t == tok.img_begin)
+        pieces.append(Piece(ids[start:end], is_text[start:end], is_answer[start:end], images[img_i:img_i + n_img]))
+        img_i += n_img
+        start = end
+    return pieces
+
+
+def pack_pieces(pieces: list[Piece], spec: PackSpec, pad_id: int) -> dict[str, np.ndarray]:
+    """First-fit-decreasing packing of pieces into rows; returns the batch columns (numpy)."""
+    T, N, S = spec.seq_len, spec.max_images, spec.image_size
+    order = sorted(range(len(pieces)), key=lambda i: (-len(pieces[i].ids), i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(pieces[i].ids)
+        for r, room in enumerate(free):
+            if n <= room:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(T - n)
+    R = len(rows)
+    out = {
+        "tokens": np.full((R, T), pad_id, np.int32),
+        "targets": np.full((R, T), IGNORE_INDEX, np.int32),
+        "positions": np.zeros((R, T), np.int32),
+        "segment_ids": np.zeros((R, T), np.int32),
+        "images": np.zeros((R, N, 3, S, S), np.uint8),
+        "n_images": np.zeros((R,), np.int32),
+        "answer_mask": np.zeros((R, T), np.bool_),
+    }
+    for r, members in enumerate(rows):
+        pos, n_img = 0, 0
+        for seg, i in enumerate(members, start=1):
+            p = pieces[i]
+            L = len(p.ids)
+            ids = np.asarray(p.ids, np.int32)
+            out["tokens"][r, pos:pos + L] = ids
+            nxt_text = np.asarray(p.is_text[1:], np.bool_)
+            out["targets"][r, pos:pos + L - 1] = np.where(nxt_text, ids[1:], IGNORE_INDEX)
+            out["answer_mask"][r, pos:pos + L - 1] = np.asarray(p.is_answer[1:], np.bool_)
+            out["positions"][r, pos:pos + L] = np.arange(L)
+            out["segment_ids"][r, pos:pos + L] = seg
+            for im in p.images:
+                out["images"][r, n_img] = im
+                n_img += 1
+            pos += L
+        out["n_images"][r] = n_img
+        # padding: a segment of its own (id 0), positions 0.. so RoPE stays in range
+        out["positions"][r, pos:] = np.arange(T - pos)
+    return out
+
+
+def empty_columns(spec: PackSpec) -> dict[str, np.ndarray]:
+    """Zero-row batch columns with the right dtypes and trailing shapes."""
+    T, N, S = spec.seq_len, spec.max_images, spec.image_size
+    return {
+        "tokens": np.zeros((0, T), np.int32), "targets": np.zeros((0, T), np.int32),
+        "positions": np.zeros((0, T), np.int32), "segment_ids": np.zeros((0, T), np.int32),
+        "images": np.zeros((0, N, 3, S, S), np.uint8), "n_images": np.zeros((0,), np.int32),
+        "answer_mask": np.zeros((0, T), np.bool_),
+    }
+
+
+def pack_documents(docs: list[Document], tok: Tokenizer, spec: PackSpec, decode: ImageDecoder,
+                   dropped: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Tokenize and pack a list of documents; unusable documents are counted in `dropped`."""
+    pieces: list[Piece] = []
+    for doc in docs:
+        try:
+            pieces += tokenize_document(doc, tok, spec, decode)
+        except DocumentError as e:
+            if dropped is None:
+                raise
+            dropped[e.reason] = dropped.get(e.reason, 0) + 1
+    if not pieces:
+        return empty_columns(spec)
+    return pack_pieces(pieces, spec, tok.pad)
+
+
+def as_torch(columns: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in columns.items()}

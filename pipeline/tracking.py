@@ -1,0 +1,110 @@
+"""MLflow tracking behind a tiny interface with a no-op twin, so the training loop never asks
+"is tracking on?" (rank 0 gets an MlflowTracker, the other ranks a NullTracker).
+
+The driver creates (or, on resume, reopens) the run and passes its id to the workers: one MLflow run
+per training run, the same run across restarts and resumes.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+# MLflow warns at import about optional extras; keep those out of the training logs
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def resolve_tracking_uri(cli_uri: str | None, config_uri: str) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the config's (a local SQLite file by default)."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or config_uri
+
+
+def _client(uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+             run_id: str | None = None) -> str:
+    """Create the run (params + tags) or, given run_id, reopen it; returns the run id."""
+    client = _client(uri)
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    exp = client.get_experiment_by_name(experiment)
+    if exp:
+        exp_id = exp.experiment_id
+    else:
+        # a local store keeps its artifacts beside the database file, not in whatever directory a
+        # worker happens to run in
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        exp_id = client.create_experiment(experiment, artifact_location=location)
+    run = client.create_run(exp_id, run_name=run_name or None, tags=tags)
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+def close_run(uri: str, run_id: str, status: str) -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+class NullTracker:
+    """The no-op twin: every rank but 0."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+
+class MlflowTracker(NullTracker):
+    def __init__(self, uri: str, run_id: str):
+        self.client = _client(uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in sorted(metrics.items())]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+
+def make_tracker(rank: int, uri: str, run_id: str | None) -> NullTracker:
+    return MlflowTracker(uri, run_id) if rank == 0 and run_id else NullTracker()

@@ -1,0 +1,62 @@
+"""Config loading: TOML + dotted overrides, errors that name the field."""
+import pytest
+
+from model.config import ConfigError
+from pipeline.config import apply_overrides, config_from_dict, flatten, load_config
+
+BASE = {"data": {"shards": ["x"]}, "model": {"preset": "tiny"}}
+
+
+def test_repo_tiny_config_loads(tmp_path):
+    cfg = load_config("configs/tiny.toml", ["train.max_steps=7", "model.n_layers=2", "name=abc"])
+    assert cfg.train.max_steps == 7 and cfg.model.n_layers == 2 and cfg.name == "abc"
+    assert cfg.model.d_model == 128  # from the preset
+    assert cfg.data.shards[0].startswith("/")  # resolved to an absolute path
+
+
+@pytest.mark.parametrize("override, field, words", [
+    ("train.lr=-1", "train.lr", "positive"),
+    ("train.max_steps=0", "train.max_steps", "at least 1"),
+    ("train.max_stepz=3", "train.max_stepz", "unknown key"),
+    ("model.n_heads=5", "model.n_heads", "not divisible"),
+    ("model.patch_size=5", "model.image_size", "not a multiple"),
+    ("train.batch_size=\"four\"", "train.batch_size", "integer"),
+    ("train.dtype=fp8", "train.dtype", "float32"),
+    ("model.preset=huge", "model.preset", "unknown preset"),
+    ("data.weights=[1.0, 2.0]", "data.weights", "2 weights for 1"),
+    ("data.seq_len=4096", "data.seq_len", "exceeds model.max_seq_len"),
+])
+def test_bad_values_fail_naming_the_field(override, field, words):
+    data = apply_overrides({k: dict(v) for k, v in BASE.items()}, [override])
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert str(e.value).startswith(field + ":"), str(e.value)
+    assert words in str(e.value)
+
+
+def test_missing_shards_is_an_error():
+    with pytest.raises(ConfigError, match="^data.shards"):
+        config_from_dict({"model": {"preset": "tiny"}})
+
+
+def test_override_values_are_parsed_as_toml():
+    d = apply_overrides({}, ["a.b=3", "a.c=0.5", "a.d=true", "a.e=word", "a.f=[1, 2]", 'a.g="q=1"'])
+    assert d == {"a": {"b": 3, "c": 0.5, "d": True, "e": "word", "f": [1, 2], "g": "q=1"}}
+
+
+def test_malformed_override_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["justakey"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_flatten_covers_every_field():
+    cfg = config_from_dict({k: dict(v) for k, v in BASE.items()})
+    flat = flatten(cfg)
+    assert flat["model.d_model"] == 128 and flat["train.lr"] == cfg.train.lr and flat["data.shards"] == ["x"]
+    assert all("." in k or k in ("name", "output_dir") for k in flat)

@@ -1,0 +1,39 @@
+"""End to end: shards -> Ray Data -> Ray Train (2 CPU workers) -> an MLflow run, through main(argv)."""
+import pytest
+
+from pipeline.train import main as train_main
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = train_main([
+        "--config", "configs/tiny.toml",
+        "--set", f"data.shards=['{demo_shards}']",
+        "--set", f"output_dir='{tmp_path / 'out'}'",
+        "--set", "train.max_steps=30", "--set", "train.log_every=5", "--set", "train.checkpoint_every=15",
+        "--set", "train.warmup_steps=5",
+        "--set", "tracking.experiment='smoke'",
+        "--tracking-uri", uri,
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "mlflow ui --backend-store-uri" in printed
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("smoke")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mode"] == "dense"
+    assert run.data.params["model.d_model"] == "128"
+    assert run.data.params["train.max_steps"] == "30"
+    for key in ("train/lm_loss", "train/tokens_per_s", "train/lr", "train/grad_norm", "train/data_wait_frac"):
+        assert key in run.data.metrics, key
+    loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/lm_loss"),
+                                    key=lambda m: m.step)]
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/lm_loss"))
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert loss[-1] < loss[0] - 1.0, loss
