@@ -176,18 +176,19 @@ def _build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     data = dict(data)
-    base = None
     if cls is ModelConfig and "preset" in data:
+        # a preset is a full model table; the keys given beside it override it, nested tables included
         preset = data.pop("preset")
         try:
             base = dataclasses.asdict(get_preset(preset))
         except KeyError as e:
             raise ConfigError(f"{where}.preset", str(e)) from None
+        data = _deep_merge(base, data)
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}" if where else unknown[0],
                           f"unknown key; known keys: {', '.join(sorted(known))}")
-    kwargs = dict(base or {})
+    kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(value, hints[name], f"{where}.{name}" if where else name)
     try:
@@ -196,6 +197,13 @@ def _build(cls: type, data: dict, where: str) -> Any:
         raise e
     except (TypeError, ValueError) as e:
         raise ConfigError(where or cls.__name__, str(e)) from None
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _parse_value(text: str) -> Any:
