@@ -59,10 +59,11 @@ class TrainConfig:
     dtype: str = "float32"  # "float32" | "bfloat16" (autocast; GPUs)
     log_every: int = 5
     checkpoint_every: int = 50
+    max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or gradient
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "log_every", "checkpoint_every"):
+        for name in ("max_steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -86,10 +87,13 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     local_num_cpus: int = 0  # logical CPUs of a local Ray; 0: enough for the workers and the data actors
+    max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("ray.num_workers", "must be at least 1")
+        if self.max_failures < 0:
+            raise ConfigError("ray.max_failures", "must be >= 0")
         if self.cpus_per_worker <= 0:
             raise ConfigError("ray.cpus_per_worker", "must be positive")
 
@@ -106,6 +110,18 @@ class TrackingConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection for testing recovery; off by default."""
+
+    kill_worker_at_step: int = 0  # SIGKILL one worker once, right after this optimizer step (0: never)
+    kill_rank: int = 1
+
+    def validate(self) -> None:
+        if self.kill_worker_at_step < 0:
+            raise ConfigError("debug.kill_worker_at_step", "must be >= 0")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"  # checkpoints and, by default, the MLflow store
@@ -114,6 +130,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
     def seq_len(self) -> int:
@@ -127,10 +144,12 @@ class RunConfig:
         if not self.name:
             raise ConfigError("name", "must not be empty")
         self.model.validate()
-        for part in (self.data, self.train, self.ray, self.tracking):
+        for part in (self.data, self.train, self.ray, self.tracking, self.debug):
             part.validate()
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError("data.seq_len", f"{self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.debug.kill_worker_at_step and not 0 <= self.debug.kill_rank < self.ray.num_workers:
+            raise ConfigError("debug.kill_rank", f"must name one of the {self.ray.num_workers} workers")
         if self.model.image_tokens > self.seq_len:
             raise ConfigError("data.seq_len", f"one image takes {self.model.image_tokens} tokens, more than a row")
 

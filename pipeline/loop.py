@@ -9,43 +9,48 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from data_prep.schema import IMG_PATCH, SPECIAL_TOKENS
 from model.batch import Batch
 from model.transformer import MultimodalTransformer
-from pipeline.checkpoint import load_state, restore_rng, save_state, unwrap
+from pipeline.checkpoint import load_state, restore_rng, save_state
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.data import DROP_REASONS
+from pipeline.metrics import Window, progress_line, reduce_window
 from pipeline.optim import build_optimizer, lr_at, set_lr
+from pipeline.plan import DataPlan, DataState, write_data_state
 from pipeline.tracking import make_tracker
 
 
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
 @dataclass
-class Window:
-    """Sums over the steps since the last log line."""
-
-    steps: int = 0
-    loss_sum: float = 0.0
-    tokens: int = 0
-    data_wait: float = 0.0
-    grad_norm_sum: float = 0.0
-    t0: float = field(default_factory=time.perf_counter)
-    dropped: dict[str, int] = field(default_factory=dict)
+class LoopState:
+    step: int = 0
+    tokens_seen: int = 0
+    bad_in_a_row: int = 0
+    skipped_steps: int = 0
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+def _kill_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
+    """Fault injection for the recovery tests: SIGKILL this worker once at the configured step."""
+    marker = run_dir / f".killed-at-{step}"
+    if cfg.debug.kill_worker_at_step == step and rank == cfg.debug.kill_rank and not marker.exists():
+        marker.write_text("")
+        print(f"[debug] killing worker rank {rank} at step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -55,7 +60,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Train logs every report at INFO from the worker context; the progress line says it once, better
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     cfg: RunConfig = config_from_dict(loop_config["config"])
-    run_id: str | None = loop_config.get("run_id")
+    plan = DataPlan.from_json(loop_config["plan"])
+    run_dir = Path(loop_config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
@@ -64,107 +70,117 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = MultimodalTransformer(cfg.model, img_patch_id=SPECIAL_TOKENS.index(IMG_PATCH))
     optimizer = build_optimizer(model, cfg.train)
-    step, tokens_seen = 0, 0
+    st = LoopState()
+    data_state = DataState([0] * len(plan.entries))
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            state = load_state(Path(d))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        run_id = state.get("mlflow_run_id") or run_id
-        restore_rng(state["rng"])
+            saved = load_state(Path(d))
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        st = LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved["skipped_steps"])
+        data_state = DataState(saved["data_state"]["docs_done"]).restart(plan)
+        restore_rng(saved["rng"])
         if rank == 0:
-            print(f"[train] resumed from step {step} ({tokens_seen} tokens seen)", flush=True)
+            print(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen)", flush=True)
     model = ray.train.torch.prepare_model(model)
-    tracker = make_tracker(rank, loop_config["tracking_uri"], run_id)
+    tracker = make_tracker(rank, loop_config["tracking_uri"], loop_config["run_id"])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else contextlib.nullcontext())
 
-    shard = ray.train.get_dataset_shard("train")
+    docs_delta = np.zeros(len(plan.entries), np.int64)  # documents consumed since the last checkpoint
     win = Window()
-    t_start, step_start = time.perf_counter(), step
-    while step < cfg.train.max_steps:
-        it = iter(shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                           prefetch_batches=cfg.data.prefetch_batches))
-        n_batches = 0
-        while step < cfg.train.max_steps:
-            t_wait = time.perf_counter()
-            try:
-                cols = next(it)
-            except StopIteration:
-                break
-            win.data_wait += time.perf_counter() - t_wait
-            n_batches += 1
-            for reason in DROP_REASONS:
-                win.dropped[reason] = win.dropped.get(reason, 0) + int(cols[f"dropped_{reason}"].sum())
-            batch = Batch.from_dict(cols).to(device)
+    t_start, step_start = time.perf_counter(), st.step
+    shard = ray.train.get_dataset_shard("train")
+    batches = iter(shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
+                                            prefetch_batches=cfg.data.prefetch_batches))
+    while st.step < cfg.train.max_steps:
+        t_wait = time.perf_counter()
+        cols = next(batches, None)
+        if cols is None:
+            raise RuntimeError(f"the data plan ran out at step {st.step} before train.max_steps="
+                               f"{cfg.train.max_steps}; the plan is sized from the manifests' token estimates")
+        win.data_wait_s += time.perf_counter() - t_wait
+        np.add.at(docs_delta, cols["plan_idx"].numpy(), cols["docs_done"].numpy())
+        for reason in DROP_REASONS:
+            win.count(f"data/dropped_{reason}", int(cols[f"dropped_{reason}"].sum()))
+        batch = Batch.from_dict(cols).to(device)
 
-            lr = lr_at(step, cfg.train)
-            set_lr(optimizer, lr)
-            with autocast:
-                out = model(batch)
-            loss = out.losses["lm"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        lr = lr_at(st.step, cfg.train)
+        set_lr(optimizer, lr)
+        with autocast:
+            out = model(batch)
+        loss = out.losses["lm"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        # the norm is taken after DDP's all-reduce, so every rank takes the same decision below
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        if math.isfinite(grad_norm):
             optimizer.step()
-            step += 1
+            st.bad_in_a_row = 0
+            win.add("train/lm_loss", float(loss.detach()))
+            win.add("train/grad_norm", grad_norm)
+        else:
+            # never update the weights with non-finite values: drop this step's gradients
+            optimizer.zero_grad(set_to_none=True)
+            st.bad_in_a_row += 1
+            st.skipped_steps += 1
+            win.count("skipped")
+            if st.bad_in_a_row >= cfg.train.max_bad_steps:
+                raise TooManyBadSteps(f"{st.bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                                      f"(last at step {st.step + 1}); stopping (train.max_bad_steps)")
+        st.step += 1
+        win.steps += 1
+        win.tokens += int((batch.segment_ids_BT != 0).sum())
+        _kill_once(cfg, run_dir, rank, st.step)
 
-            n_tokens = int((batch.segment_ids_BT != 0).sum())
-            win.steps += 1
-            win.loss_sum += float(loss.detach())
-            win.grad_norm_sum += float(grad_norm)
-            win.tokens += n_tokens
+        if st.step % cfg.train.log_every == 0 or st.step == cfg.train.max_steps:
+            m = reduce_window(win, world, device, ["train/lm_loss", "train/grad_norm"],
+                              ["skipped"] + [f"data/dropped_{r}" for r in DROP_REASONS])
+            # means over the steps that were taken, not over the skipped ones
+            taken = win.steps * world - m["skipped"]
+            mean = (lambda k: m[k] * win.steps * world / taken) if taken else (lambda k: float("nan"))
+            st.tokens_seen += int(m["tokens"])
+            metrics = {
+                "train/lm_loss": mean("train/lm_loss"),
+                "train/grad_norm": mean("train/grad_norm"),
+                "train/tokens_per_s": m["tokens_per_s"],
+                "train/data_wait_frac": m["data_wait_frac"],
+                "train/lr": lr,
+                "train/tokens_seen": float(st.tokens_seen),
+                "train/skipped_steps": float(st.skipped_steps),
+                **{k: v for k, v in m.items() if k.startswith("data/") and v},
+            }
+            tracker.log_metrics(metrics, st.step)
+            if rank == 0:
+                done = st.step - step_start
+                eta = (time.perf_counter() - t_start) / max(done, 1) * (cfg.train.max_steps - st.step)
+                print(progress_line(st.step, cfg.train.max_steps, metrics, eta), flush=True)
+            checkpoint = st.step % cfg.train.checkpoint_every == 0 or st.step == cfg.train.max_steps
+            docs_delta = _report(cfg, st, metrics, checkpoint, model, optimizer, plan, data_state, docs_delta,
+                                 device, rank, loop_config["run_id"])
+            win = Window()
 
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                tokens_seen = _log(cfg, win, step, lr, tokens_seen, tracker, rank, world, device,
-                                   t_start, step_start, checkpoint=(step % cfg.train.checkpoint_every == 0
-                                                                     or step == cfg.train.max_steps),
-                                   model=model, optimizer=optimizer, run_id=run_id)
-                win = Window()
-        if n_batches == 0:
-            raise RuntimeError("the training dataset produced no batch of train.batch_size rows; "
-                               "is data.shards empty or the batch size larger than the data?")
 
-
-def _log(cfg, win: Window, step, lr, tokens_seen, tracker, rank, world, device, t_start, step_start,
-         checkpoint, model, optimizer, run_id) -> int:
+def _report(cfg, st: LoopState, metrics, checkpoint, model, optimizer, plan, data_state: DataState,
+            docs_delta: np.ndarray, device, rank, run_id) -> np.ndarray:
+    """ray.train.report on every rank (a checkpoint from rank 0 when due); returns the new delta."""
     import ray.train
 
-    elapsed = time.perf_counter() - win.t0
-    loss_sum, tokens, wait = _all_reduce_sum([win.loss_sum, float(win.tokens), win.data_wait], device)
-    dropped = _all_reduce_sum([float(win.dropped.get(r, 0)) for r in DROP_REASONS], device)
-    tokens_seen += int(tokens)
-    metrics = {
-        "train/lm_loss": loss_sum / (win.steps * world),
-        "train/tokens_per_s": tokens / elapsed,
-        "train/lr": lr,
-        "train/grad_norm": win.grad_norm_sum / win.steps,
-        "train/data_wait_frac": wait / (elapsed * world),
-        "train/tokens_seen": float(tokens_seen),
-    }
-    for reason, n in zip(DROP_REASONS, dropped):
-        if n:
-            metrics[f"data/dropped_{reason}"] = n
-    tracker.log_metrics(metrics, step)
-    if rank == 0:
-        done = step - step_start
-        eta = (time.perf_counter() - t_start) / max(done, 1) * (cfg.train.max_steps - step)
-        print(f"[train] step {step:>6}/{cfg.train.max_steps}  loss {metrics['train/lm_loss']:.4f}  "
-              f"lr {lr:.2e}  gnorm {metrics['train/grad_norm']:.2f}  tok/s {metrics['train/tokens_per_s']:,.0f}  "
-              f"data-wait {metrics['train/data_wait_frac']:.0%}  eta {eta:,.0f}s", flush=True)
-    report = {k.replace("/", "_"): v for k, v in metrics.items()} | {"step": step}
-    if checkpoint:
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                save_state(Path(d), model, optimizer, step,
-                           {"tokens_seen": tokens_seen, "mlflow_run_id": run_id, "config_name": cfg.name})
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-    else:
+    report = {k.replace("/", "_"): v for k, v in metrics.items()} | {"step": st.step}
+    if not checkpoint:
         ray.train.report(report)
-    return tokens_seen
-
-
-__all__ = ["train_loop_per_worker", "unwrap"]
+        return docs_delta
+    delta = torch.from_numpy(docs_delta).to(device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(delta)
+    data_state.docs_done = [a + int(b) for a, b in zip(data_state.docs_done, delta.cpu().tolist())]
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            save_state(Path(d), model, optimizer, st.step,
+                       {"tokens_seen": st.tokens_seen, "skipped_steps": st.skipped_steps, "mlflow_run_id": run_id,
+                        "data_state": data_state.to_json()})
+            write_data_state(Path(d), plan, data_state, st.step)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+    return np.zeros_like(docs_delta)

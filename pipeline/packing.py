@@ -65,6 +65,7 @@ class Piece:
     is_text: list[bool]
     is_answer: list[bool]
     images: list[np.ndarray] = field(default_factory=list)  # uint8 [3, S, S] each
+    is_last: bool = True  # the document's final piece (the row holding it completes the document)
 
 
 class ImageDecoder:
@@ -135,7 +136,8 @@ def tokenize_document(doc: Document, tok: Tokenizer, spec: PackSpec, decode: Ima
         while end < len(ids) and not cut_ok[end]:
             end -= 1
         n_img = sum(1 for t in ids[start:end] if t == tok.img_begin)
-        pieces.append(Piece(ids[start:end], is_text[start:end], is_answer[start:end], images[img_i:img_i + n_img]))
+        pieces.append(Piece(ids[start:end], is_text[start:end], is_answer[start:end], images[img_i:img_i + n_img],
+                            is_last=end == len(ids)))
         img_i += n_img
         start = end
     return pieces
@@ -166,8 +168,10 @@ def pack_pieces(pieces: list[Piece], spec: PackSpec, pad_id: int) -> dict[str, n
         "images": np.zeros((R, N, 3, S, S), np.uint8),
         "n_images": np.zeros((R,), np.int32),
         "answer_mask": np.zeros((R, T), np.bool_),
+        "docs_done": np.zeros((R,), np.int32),
     }
     for r, members in enumerate(rows):
+        out["docs_done"][r] = sum(pieces[i].is_last for i in members)
         pos, n_img = 0, 0
         for seg, i in enumerate(members, start=1):
             p = pieces[i]
@@ -196,7 +200,7 @@ def empty_columns(spec: PackSpec) -> dict[str, np.ndarray]:
         "tokens": np.zeros((0, T), np.int32), "targets": np.zeros((0, T), np.int32),
         "positions": np.zeros((0, T), np.int32), "segment_ids": np.zeros((0, T), np.int32),
         "images": np.zeros((0, N, 3, S, S), np.uint8), "n_images": np.zeros((0,), np.int32),
-        "answer_mask": np.zeros((0, T), np.bool_),
+        "answer_mask": np.zeros((0, T), np.bool_), "docs_done": np.zeros((0,), np.int32),
     }
 
 

@@ -86,12 +86,21 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
-    def __init__(self, uri: str, run_id: str):
+    """Logs to one run. After a restart from a checkpoint, the steps between the checkpoint and the
+    failure are trained again; their metrics are already in the run, so they are not logged twice
+    (each step appears once in the run's history)."""
+
+    def __init__(self, uri: str, run_id: str, progress_key: str = "train/lm_loss"):
         self.client = _client(uri)
         self.run_id = run_id
+        history = self.client.get_metric_history(run_id, progress_key)
+        self.logged_through = max((m.step for m in history), default=-1)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
+
+        if step <= self.logged_through:
+            return
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in sorted(metrics.items())]

@@ -19,11 +19,11 @@ def local_ray():
 
 
 def test_ray_ingest_equals_local_packing(local_ray, demo_shards):
-    from pipeline.data import build_dataset
+    from pipeline.data import build_simple_dataset
 
     spec = PackSpec(seq_len=512, image_size=16, patch_size=8)
     pack_docs = 25  # divides the 100-document shards: packing groups never cross a shard
-    ds = build_dataset([str(demo_shards)], str(demo_shards / "tokenizer.json"), spec.seq_len, spec.image_size,
+    ds = build_simple_dataset([str(demo_shards)], str(demo_shards / "tokenizer.json"), spec.seq_len, spec.image_size,
                        spec.patch_size, pack_docs=pack_docs, pack_actors=1)
     rows = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     got = {k: np.concatenate([b[k] for b in rows]) for k in rows[0]}
@@ -36,3 +36,6 @@ def test_ray_ingest_equals_local_packing(local_ray, demo_shards):
     for k, v in want.items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)
     assert all(got[f"dropped_{r}"].sum() == 0 for r in ("bad_image", "bad_json", "no_text"))
+    # every document is accounted for in the data position, shard by shard
+    manifest_docs = [100, 100, 100, 100]
+    assert [int(got["docs_done"][got["plan_idx"] == i].sum()) for i in range(4)] == manifest_docs

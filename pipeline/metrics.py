@@ -1,0 +1,73 @@
+"""What the loop measures between two log lines, and the progress line itself."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line (this worker's view)."""
+
+    steps: int = 0
+    tokens: int = 0
+    data_wait_s: float = 0.0
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # metric -> sum over steps
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # event counters
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, name: str, value: float) -> None:
+        self.sums[name] += float(value)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] += int(n)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over all workers (one small collective; only at logging steps)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def reduce_window(win: Window, world: int, device: torch.device, sum_keys: list[str],
+                  count_keys: list[str]) -> dict[str, float]:
+    """Window -> global metrics: means over steps and workers, throughput over all workers."""
+    elapsed = time.perf_counter() - win.t0
+    local = ([win.sums.get(k, 0.0) for k in sum_keys] + [float(win.counts.get(k, 0)) for k in count_keys]
+             + [float(win.tokens), win.data_wait_s])
+    total = all_reduce_sum(local, device)
+    n = len(sum_keys)
+    out = {k: total[i] / max(win.steps * world, 1) for i, k in enumerate(sum_keys)}
+    out.update({k: total[n + i] for i, k in enumerate(count_keys)})
+    tokens, wait = total[-2], total[-1]
+    out["tokens"] = tokens
+    out["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+    out["data_wait_frac"] = wait / max(elapsed * world, 1e-9)
+    out["elapsed_s"] = elapsed
+    return out
+
+
+def progress_line(step: int, max_steps: int, m: dict[str, float], eta_s: float) -> str:
+    parts = [f"step {step:>6}/{max_steps}", f"loss {m['train/lm_loss']:.4f}"]
+    if "train/kl_index_loss" in m:
+        parts.append(f"kl {m['train/kl_index_loss']:.4f}")
+    if "train/sparsity" in m:
+        parts.append(f"sparsity {m['train/sparsity']:.1%}")
+    parts.append(f"tok/s {m['train/tokens_per_s']:,.0f}")
+    if "train/mfu" in m:
+        parts.append(f"mfu {m['train/mfu']:.1%}")
+    parts.append(f"wait {m['train/data_wait_frac']:.0%}")
+    parts.append(f"eta {_duration(eta_s)}")
+    return "[train] " + "  ".join(parts)
+
+
+def _duration(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
