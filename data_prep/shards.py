@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -90,7 +90,9 @@ class Manifest:
     inputs: int = 0
     documents: int = 0
     images: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)  # documents, per reason
+    images_rejected: dict[str, int] = field(default_factory=dict)  # image references dropped, per reason
+    est_tokens: int = 0  # text tokens, all shards (see ShardInfo.est_tokens)
     shards: list[dict] = field(default_factory=list)
     tokenizer: str | None = None
     extra: dict = field(default_factory=dict)
@@ -99,6 +101,7 @@ class Manifest:
         self.shards.append({**asdict(info), "est_tokens": info.est_tokens})
         self.documents += info.documents
         self.images += info.images
+        self.est_tokens += info.est_tokens
 
     def reject(self, reason: str, n: int = 1) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + n
@@ -117,7 +120,8 @@ class Manifest:
             body = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no manifest; is this a directory written by msa-prep?") from None
-        return cls(**body)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in body.items() if k in known})  # newer writers may add fields
 
 
 def write_shards(docs: Iterable[Document], out_dir: Path, target_bytes: int, max_docs: int) -> list[ShardInfo]:
