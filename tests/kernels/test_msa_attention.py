@@ -145,14 +145,17 @@ def test_cpu_without_interpreter_says_what_to_do(monkeypatch):
         kernels.msa_attention(q, k, v, bidx, 16)
 
 
+GPU_CASES = [  # (B, T, Hq, Hkv, D, block, topk, cu_seqlens), dtype
+    pytest.param((1, 2048, 32, 2, 128, 128, 16, None), torch.bfloat16, id="bench_G16-bf16"),  # bench shape, scaled
+    pytest.param((1, 2048, 32, 2, 128, 128, 16, None), torch.float16, id="bench_G16-fp16"),
+    pytest.param((2, 1000, 16, 1, 64, 64, 8, None), torch.bfloat16, id="batch2_D64-bf16"),
+    pytest.param((1, 3000, 16, 2, 128, 128, 16, [0, 100, 1100, 1101, 3000]), torch.bfloat16, id="packed-bf16"),
+]
+
+
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", [
-    (1, 2048, 32, 2, 128, 128, 16, None),     # the benchmark shape, scaled down
-    (2, 1000, 16, 1, 64, 64, 8, None),
-    (1, 3000, 16, 2, 128, 128, 16, [0, 100, 1100, 1101, 3000]),
-], ids=["bench_G16", "batch2_D64", "packed"])
+@pytest.mark.parametrize("shape, dtype", GPU_CASES)
 def test_gpu_matches_reference(shape, dtype):
     B, T, Hq, Hkv, D, BS, K, cu = shape
     _run((B, T, Hq, Hkv, D, BS, K, cu, None), dtype, "cuda")

@@ -116,13 +116,17 @@ def test_input_errors_name_the_argument(kwargs, match):
         kernels.msa_kl_loss(**args)
 
 
+GPU_CASES = [  # (B, T, Hq, Hkv, D, dI, block, topk, cu_seqlens, tokens_per_tile), mode, dtype
+    pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None, None), "sparse_given", torch.bfloat16, id="bench-sparse-bf16"),
+    pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None, None), "dense", torch.bfloat16, id="bench-dense-bf16"),
+    pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None, None), "sparse_given", torch.float16, id="bench-sparse-fp16"),
+    pytest.param((1, 3000, 16, 2, 128, 64, 128, 16, [0, 100, 1100, 1101, 3000], None), "sparse_recomputed",
+                 torch.bfloat16, id="packed-sparse-bf16"),
+]
+
+
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("mode", ["sparse_given", "dense"])
-@pytest.mark.parametrize("shape", [
-    (1, 2048, 32, 2, 128, 128, 128, 16, None, None),   # the benchmark shape, scaled down
-    (1, 3000, 16, 2, 128, 64, 128, 16, [0, 100, 1100, 1101, 3000], None),
-], ids=["bench_G16", "packed"])
+@pytest.mark.parametrize("shape, mode, dtype", GPU_CASES)
 def test_gpu_matches_reference(shape, mode, dtype):
     _run(shape, mode, dtype, "cuda")

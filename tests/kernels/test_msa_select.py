@@ -100,14 +100,17 @@ def test_input_errors_name_the_argument(kwargs, match):
         kernels.msa_select(**args)
 
 
+GPU_CASES = [  # (B, T, H, dI, block, topk, cu_seqlens), dtype
+    pytest.param((1, 4096, 2, 128, 128, 16, None), torch.bfloat16, id="bench-bf16"),  # bench shape, scaled
+    pytest.param((1, 4096, 2, 128, 128, 16, None), torch.float16, id="bench-fp16"),
+    pytest.param((2, 1500, 4, 64, 64, 8, None), torch.bfloat16, id="batch2_H4-bf16"),
+    pytest.param((1, 3000, 2, 128, 128, 16, [0, 100, 1100, 1101, 3000]), torch.bfloat16, id="packed-bf16"),
+]
+
+
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", [
-    (1, 4096, 2, 128, 128, 16, None),          # the benchmark shape, scaled down
-    (2, 1500, 4, 64, 64, 8, None),
-    (1, 3000, 2, 128, 128, 16, [0, 100, 1100, 1101, 3000]),
-], ids=["bench", "batch2_H4", "packed"])
+@pytest.mark.parametrize("shape, dtype", GPU_CASES)
 def test_gpu_matches_reference(shape, dtype):
     B, T, H, I, BS, K, cu = shape
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
