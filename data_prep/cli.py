@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from data_prep.convert import ConvertOptions, NoInput, convert
@@ -76,13 +77,13 @@ def _normalize_config(args) -> NormalizeConfig:
 
 
 def _run_conversion(args, reader, out: Path, extra: dict | None = None) -> int:
-    if args.shard_docs < 1 or args.shard_size_mb <= 0 or args.workers < 1:
-        raise FatalError("bad option: --shard-docs and --workers must be >= 1, --shard-size-mb > 0")
+    if min(args.shard_docs, args.unit_docs, args.workers) < 1 or args.shard_size_mb <= 0:
+        raise FatalError("bad option: --shard-docs, --unit-docs and --workers must be >= 1, --shard-size-mb > 0")
     if args.ray_address not in (None, "local") and args.workers_given:
         raise FatalError("bad option: --workers sizes local processes (or --ray-address local); "
                          "on a Ray cluster, Ray schedules the tasks")
     cfg = _normalize_config(args)
-    opts = ConvertOptions(created_by=f"msa-prep {args.command}", shard_docs=args.shard_docs,
+    opts = ConvertOptions(created_by=f"msa-prep {args.command}", shard_docs=args.shard_docs, unit_docs=args.unit_docs,
                           shard_bytes=int(args.shard_size_mb * 2**20), workers=args.workers,
                           ray_address=args.ray_address, dedup_documents=args.dedup_documents,
                           dedup_images=args.dedup_images, quiet=args.quiet, extra=extra or {})
@@ -179,8 +180,9 @@ def _add_conversion_args(p: argparse.ArgumentParser, min_image_side: int = 32, d
                          vocab_size: int = 0) -> None:
     p.add_argument("--output", required=True, type=Path, help="the shard directory to write (resumable)")
     p.add_argument("--shard-size-mb", type=float, default=8.0, help="target shard size")
-    p.add_argument("--shard-docs", type=int, default=500,
-                   help="at most this many documents per shard; also the input documents per work unit")
+    p.add_argument("--shard-docs", type=int, default=500, help="at most this many documents per shard")
+    p.add_argument("--unit-docs", type=int, default=100,
+                   help="input documents per task: the grain of parallelism and of resume (output does not change)")
     p.add_argument("--workers", type=int, default=default_workers(), action=_WorkersAction,
                    help="local worker processes (default: the CPU cores)")
     p.add_argument("--ray-address", "--address", dest="ray_address", default=None,
@@ -260,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("msa-prep: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenProcessPool:
+        print("msa-prep: error: a worker process died (out of memory?); run the same command again to resume",
+              file=sys.stderr)
+        return 2
     except Exception as e:
         ray_exc = sys.modules.get("ray.exceptions")
         if ray_exc is not None and isinstance(e, ray_exc.RayError):

@@ -2,7 +2,8 @@
 
     msa-prep html INPUT_DIR --output OUT_DIR [--workers N | --ray-address auto]
 
-1. Plan: the reader splits the input into work units of `shard_docs` input documents, in input order.
+1. Plan: the reader splits the input into work units of `unit_docs` input documents, in input order
+   (the grain of parallelism and of resume; the output does not depend on it).
 2. Normalize (parallel, one task per unit): `units.process_unit` writes `.work/part-NNNNNN.tar` and
    its record. Units whose record matches (same input files, settings and code) are skipped.
 3. Decide (here, one pass over the records in unit order): exact dedup, first occurrence wins
@@ -30,7 +31,7 @@ from typing import Callable
 import PIL
 
 from data_prep import dedup, units
-from data_prep.executor import default_workers, run_tasks
+from data_prep.executor import Executor, default_workers
 from data_prep.normalize import NormalizeConfig
 from data_prep.progress import Progress
 from data_prep.readers import Reader
@@ -50,6 +51,7 @@ class NoInput(Exception):
 class ConvertOptions:
     created_by: str
     shard_docs: int = 500
+    unit_docs: int = 100
     shard_bytes: int = 8 * 2**20
     workers: int = field(default_factory=default_workers)
     ray_address: str | None = None
@@ -84,9 +86,15 @@ def _clean_temporaries(out: Path, work: Path) -> None:
 def convert(reader: Reader, out_dir: Path, cfg: NormalizeConfig, opts: ConvertOptions,
             on_unit_done: Callable[[int], None] | None = None) -> ConvertResult:
     """`on_unit_done(i)` is called after unit i is normalized (tests use it to interrupt a run)."""
+    with Executor(opts.workers, opts.ray_address) as ex:
+        return _convert(reader, Path(out_dir), cfg, opts, ex, on_unit_done)
+
+
+def _convert(reader: Reader, out_dir: Path, cfg: NormalizeConfig, opts: ConvertOptions, ex: Executor,
+             on_unit_done: Callable[[int], None] | None) -> ConvertResult:
     t0 = time.perf_counter()
     reader.max_image_bytes = cfg.max_image_bytes
-    specs = reader.plan(opts.shard_docs)
+    specs = reader.plan(opts.unit_docs)
     if not specs:
         raise NoInput(f"no input documents found in {reader.describe().get('input', reader.describe())}")
     out = Path(out_dir).resolve()
@@ -109,7 +117,7 @@ def convert(reader: Reader, out_dir: Path, cfg: NormalizeConfig, opts: ConvertOp
     def normalize(todo: list[int]) -> None:
         bar = Progress("normalize", sum(specs[i]["n"] for i in todo), enabled=not opts.quiet)
         calls = [(reader, specs[i], cfg, str(work), i, unit_digests[i]) for i in todo]
-        for j, rec in run_tasks(units.process_unit, calls, opts.workers, opts.ray_address):
+        for j, rec in ex.run(units.process_unit, calls):
             records[todo[j]] = rec
             bar.update(rec["inputs"], rec["documents"], rec["images"])
             if on_unit_done is not None:
@@ -144,7 +152,7 @@ def convert(reader: Reader, out_dir: Path, cfg: NormalizeConfig, opts: ConvertOp
 
     bar = Progress("write", sum(len(plan[i]) for i in todo), enabled=not opts.quiet)
     calls = [(str(work), str(out), i, entries[i], shard_digests[i]) for i in todo]
-    for j, rec in run_tasks(units.write_shard, calls, opts.workers, opts.ray_address):
+    for j, rec in ex.run(units.write_shard, calls):
         done[todo[j]] = rec
         bar.update(rec["info"]["documents"], rec["info"]["documents"], rec["info"]["images"])
     bar.close()

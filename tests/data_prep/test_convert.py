@@ -1,4 +1,5 @@
 """The conversion engine: determinism, parallel == sequential, deterministic dedup, resume after interruption."""
+import io
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from data_prep import units
 from data_prep.cli import main as prep_main
 from data_prep.convert import ConvertOptions, convert
 from data_prep.normalize import NormalizeConfig
+from data_prep.progress import Progress
 from data_prep.reader import iter_documents
 from data_prep.readers.html import HtmlReader
 from prep_corpora import html_corpus, image_bytes, page, tree_bytes, write
@@ -23,7 +25,7 @@ CFG = NormalizeConfig(min_image_side=16)
 
 
 def opts(**kw):
-    return ConvertOptions(created_by="test", quiet=True, **{"workers": 1, "shard_docs": 4, **kw})
+    return ConvertOptions(created_by="test", quiet=True, **{"workers": 1, "shard_docs": 4, "unit_docs": 4, **kw})
 
 
 class Interrupt(Exception):
@@ -35,9 +37,10 @@ def test_same_input_gives_the_same_bytes_sequential_or_parallel(tmp_path):
     convert(HtmlReader(str(inp)), tmp_path / "seq", CFG, opts())
     convert(HtmlReader(str(inp)), tmp_path / "seq2", CFG, opts())
     convert(HtmlReader(str(inp)), tmp_path / "par", CFG, opts(workers=2))
+    convert(HtmlReader(str(inp)), tmp_path / "units", CFG, opts(workers=2, unit_docs=1))
     seq = tree_bytes(tmp_path / "seq")
     assert len(seq) == 5  # 4 shards + manifest
-    assert seq == tree_bytes(tmp_path / "seq2") == tree_bytes(tmp_path / "par")
+    assert seq == tree_bytes(tmp_path / "seq2") == tree_bytes(tmp_path / "par") == tree_bytes(tmp_path / "units")
 
 
 def test_dedup_first_occurrence_in_input_order_wins_whatever_the_workers(tmp_path):
@@ -52,7 +55,7 @@ def test_dedup_first_occurrence_in_input_order_wins_whatever_the_workers(tmp_pat
     os.symlink(shared, inp / "img" / "alias.png")
     write(inp / "p3.html", page("<p>A third page with a reused picture.</p><img src='img/alias.png'>"))
     for w in (1, 2):
-        res = convert(HtmlReader(str(inp)), tmp_path / f"o{w}", CFG, opts(workers=w, shard_docs=1))
+        res = convert(HtmlReader(str(inp)), tmp_path / f"o{w}", CFG, opts(workers=w, shard_docs=1, unit_docs=1))
         m = res.manifest
         assert m.rejected == {"duplicate_document": 1} and m.images_rejected == {"duplicate_image": 3}
         docs = {d.meta["source_path"]: d for d in iter_documents(tmp_path / f"o{w}")}
@@ -127,13 +130,15 @@ def test_changed_settings_or_inputs_are_redone_not_mixed(tmp_path):
     time.sleep(0.01)
     write(inp / "a" / "page000.html", page("<p>This page was edited after the first run.</p>"))
     res = convert(HtmlReader(str(inp)), out, NormalizeConfig(min_image_side=16, max_image_side=32), opts(shard_docs=8))
-    assert res.units_run == 1
+    # the edited unit is redone; so is the other unit of the same shard, whose spill part a finished run
+    # deleted (spill parts are kept only until a run finishes)
+    assert res.units_run == 2 and res.units_skipped == 0
     assert "edited" in next(iter_documents(out)).segments[0].text
 
 
 def test_killed_process_resumes_to_the_same_bytes(tmp_path):
     inp = html_corpus(tmp_path / "web", n_pages=40)
-    args = ["html", str(inp), "--workers", "1", "--shard-docs", "1", "--min-image-side", "16", "--quiet"]
+    args = ["html", str(inp), "--workers", "1", "--unit-docs", "1", "--min-image-side", "16", "--quiet"]
     assert prep_main([*args, "--output", str(tmp_path / "ref")]) == 0
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -160,3 +165,21 @@ def test_demo_goes_through_the_same_machinery_with_any_workers(tmp_path):
     assert tree_bytes(tmp_path / "1") == tree_bytes(tmp_path / "2")
     m = json.loads((tmp_path / "1" / "manifest.json").read_text())
     assert [s["documents"] for s in m["shards"]] == [25, 25, 10] and m["rejected"] == {}
+
+
+def test_progress_bar_shows_rates_on_a_terminal_only():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    bar = Progress("normalize", 10, stream=tty)
+    bar.update(10, 8, 20)
+    bar.close()
+    line = tty.getvalue().strip().split("\r")[-1]
+    assert line.startswith("normalize [") and "10/10" in line and "docs/s" in line and "images/s" in line
+    for stream, enabled in ((io.StringIO(), True), (Terminal(), False)):  # a pipe or a log; --quiet
+        bar = Progress("normalize", 10, enabled=enabled, stream=stream)
+        bar.update(10, 8, 20)
+        bar.close()
+        assert stream.getvalue() == ""
