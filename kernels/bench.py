@@ -313,13 +313,12 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None):
 # Launch-variant sweep of the attention kernels
 # ---------------------------------------------------------------------------------------------
 SWEEP = {
-    "fwd": [dict(BN=64, num_warps=4, num_stages=2), dict(BN=64, num_warps=4, num_stages=3),
-            dict(BN=128, num_warps=4, num_stages=2), dict(BN=128, num_warps=8, num_stages=2)],
-    "dq": [dict(BN=64, num_warps=4, num_stages=2), dict(BN=64, num_warps=4, num_stages=3),
-           dict(BN=128, num_warps=4, num_stages=2), dict(BN=128, num_warps=8, num_stages=2)],
+    "fwd": [dict(BN=64, num_warps=4, num_stages=2), dict(BN=128, num_warps=4, num_stages=2),
+            dict(BN=64, num_warps=4, num_stages=3)],
+    "dq": [dict(BN=64, num_warps=4, num_stages=2), dict(BN=128, num_warps=4, num_stages=2),
+           dict(BN=64, num_warps=8, num_stages=2)],
     "dkdv": [dict(BN=64, rows=64, num_warps=4, num_stages=2), dict(BN=64, rows=64, num_warps=8, num_stages=2),
-             dict(BN=128, rows=32, num_warps=8, num_stages=2), dict(BN=64, rows=128, num_warps=8, num_stages=2),
-             dict(BN=128, rows=64, num_warps=8, num_stages=2)],
+             dict(BN=128, rows=32, num_warps=8, num_stages=2), dict(BN=64, rows=128, num_warps=8, num_stages=2)],
 }
 
 

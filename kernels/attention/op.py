@@ -155,7 +155,7 @@ class _MSAAttention(torch.autograd.Function):
 
 
 def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int, rows: int = 16) -> dict:
-    if x.device.type == "cpu":
+    if not _common.gpu_launch(x):
         # Interpreter: whole blocks per step (fewer Python-level iterations); warps are ignored.
         cfg = {"BN": block_size}
         if kernel == "dkdv":
