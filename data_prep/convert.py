@@ -181,9 +181,10 @@ def _run(reader: Reader, specs: list[dict], out: Path, work: Path, cfg: Normaliz
     for p in out.glob("shard-*.tar"):
         if p.name not in {shard_name(i) for i in range(len(plan))}:
             p.unlink()
-    for p in work.glob("shard-*.json"):
-        if int(p.stem.split("-")[1]) >= len(plan):
-            p.unlink()
+    for pattern, n in (("shard-*.json", len(plan)), ("part-*.json", len(specs))):
+        for p in work.glob(pattern):
+            if int(p.stem.split("-")[1]) >= n:
+                p.unlink()
 
     m = result.manifest
     m.extra = {"input": reader.describe(), "normalize": cfg.to_json(),
