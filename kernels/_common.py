@@ -60,7 +60,7 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Input checks
 # ---------------------------------------------------------------------------------------------
-def check_backend(backend: str, device: torch.device) -> None:
+def check_backend(backend: str, device: torch.device, *dtypes: torch.dtype) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
     if backend != "triton":
@@ -72,6 +72,16 @@ def check_backend(backend: str, device: torch.device) -> None:
         )
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"backend='triton' needs CUDA (or CPU with TRITON_INTERPRET=1) tensors, got {device}")
+    if device.type == "cpu" and torch.bfloat16 in dtypes:
+        # The interpreter's bf16 tl.dot returns garbage (seen with triton 3.8): refuse, do not mislead.
+        raise TypeError("bf16 inputs are not supported by the Triton interpreter on CPU (its bf16 dot is wrong); "
+                        "use fp32/fp16 there, or backend='reference'")
+
+
+def check_size(name: str, x: torch.Tensor) -> None:
+    # Kernel offsets are 32-bit.
+    if x.numel() >= 2**31:
+        raise ValueError(f"{name} has {x.numel()} elements; the kernels use 32-bit offsets (< 2**31)")
 
 
 def check_tensor(name: str, x, ndim: int, dtypes, device=None) -> None:

@@ -61,6 +61,7 @@ def check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, toke
             raise ValueError(f"tokens_per_tile must be a power of two dividing block_size={block_size}, got {tm!r}")
     for name, x in (("q", q), ("k", k), ("v", v), ("block_idx", block_idx)):
         _common.check_last_dim_contiguous(name, x)
+        _common.check_size(name, x)
     _common.check_cu_seqlens(cu_seqlens, B, T, dev)
 
 
@@ -188,7 +189,7 @@ def msa_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, softmax_
     blocks; default 1. See kernels/attention/README.md.
     """
     check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, tokens_per_tile)
-    _common.check_backend(backend, q.device)
+    _common.check_backend(backend, q.device, q.dtype)
     D = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     if backend == "reference":

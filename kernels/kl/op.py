@@ -75,6 +75,7 @@ def _check(q, k, qi, ki, block_idx, block_size, cu_seqlens, lse, index_lse, soft
                     ("index_lse", index_lse)):
         if x is not None:
             _common.check_last_dim_contiguous(name, x)
+            _common.check_size(name, x)
     _common.check_cu_seqlens(cu_seqlens, B, T, dev)
 
 
@@ -204,7 +205,7 @@ def msa_kl_loss(q, k, qi, ki, block_idx, block_size: int, cu_seqlens=None, lse=N
     See kernels/kl/README.md.
     """
     _check(q, k, qi, ki, block_idx, block_size, cu_seqlens, lse, index_lse, softmax_scale, tokens_per_tile)
-    _common.check_backend(backend, q.device)
+    _common.check_backend(backend, q.device, q.dtype, qi.dtype)
     D = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     if backend == "reference":

@@ -42,6 +42,7 @@ def _check(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens):
                          f"{triton.cdiv(longest, block_size)} blocks of block_size={block_size}")
     _common.check_last_dim_contiguous("qi", qi_BTHI)
     _common.check_last_dim_contiguous("ki", ki_BTI)
+    _common.check_size("qi", qi_BTHI)
     _common.check_cu_seqlens(cu_seqlens, B, T, dev)
 
 
@@ -53,7 +54,7 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, backend: 
     qi.ki/sqrt(dI) over the visible keys of the selected blocks. See kernels/select/README.md.
     """
     _check(qi, ki, block_size, topk, cu_seqlens)
-    _common.check_backend(backend, qi.device)
+    _common.check_backend(backend, qi.device, qi.dtype)
     if backend == "reference":
         return msa_select_reference(qi, ki, block_size, topk, cu_seqlens)
 

@@ -138,6 +138,16 @@ def test_input_errors_name_the_argument(mutate, match, device):
         kernels.msa_attention(**args)
 
 
+def test_bf16_in_the_interpreter_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter is a CPU-only path")
+    q, k, v, bidx = _inputs("cpu", torch.bfloat16)
+    with pytest.raises(TypeError, match="bf16.*interpreter"):
+        kernels.msa_attention(q, k, v, bidx, 16)
+    o, _ = kernels.msa_attention(q, k, v, bidx, 16, backend="reference")  # the reference takes bf16
+    assert o.dtype == torch.bfloat16
+
+
 def test_cpu_without_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setattr(_common, "INTERPRETED", False)
     q, k, v, bidx = _inputs("cpu")
