@@ -24,6 +24,7 @@ class ModelOutput:
     losses: dict[str, torch.Tensor]  # named scalar losses: "lm" always; others by architecture
     stats: dict[str, float] = field(default_factory=dict)  # named statistics (floats, detached)
     n_targets: int = 0  # text tokens that carried an LM target
+    logits: torch.Tensor | None = None  # [B, T, V], only when asked for (evaluation)
 
 
 class Block(nn.Module):
@@ -79,7 +80,7 @@ class MultimodalTransformer(nn.Module):
             x_BTE = x_BTE.masked_scatter(is_patch_BT[..., None], patches_MPE.to(x_BTE.dtype).reshape(-1))
         return x_BTE
 
-    def forward(self, batch: Batch) -> ModelOutput:
+    def forward(self, batch: Batch, *, return_logits: bool = False) -> ModelOutput:
         x_BTE = self.embed_inputs(batch)
         rope = rope_cos_sin(batch.positions_BT, self.cfg.effective_rope_dim, self.cfg.rope_theta)
         mask_B1TT = document_causal_mask(batch.segment_ids_BT)
@@ -87,4 +88,5 @@ class MultimodalTransformer(nn.Module):
             x_BTE = block(x_BTE, rope, mask_B1TT)
         logits_BTV = self.lm_head(self.norm(x_BTE))
         lm = F.cross_entropy(logits_BTV.float().flatten(0, 1), batch.targets_BT.flatten(), ignore_index=IGNORE_INDEX)
-        return ModelOutput(losses={"lm": lm}, n_targets=batch.n_text_targets)
+        return ModelOutput(losses={"lm": lm}, n_targets=batch.n_text_targets,
+                           logits=logits_BTV if return_logits else None)

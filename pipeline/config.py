@@ -60,6 +60,8 @@ class TrainConfig:
     log_every: int = 5
     checkpoint_every: int = 50
     max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or gradient
+    eval_every: int = 0  # held-out evaluation (data.eval_shards) every this many steps, on rank 0; 0: off
+    eval_documents: int = 200  # held-out documents per periodic evaluation
     seed: int = 0
 
     def validate(self) -> None:
@@ -76,6 +78,8 @@ class TrainConfig:
             raise ConfigError("train.dtype", f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise ConfigError("train.beta1", "betas must be in [0, 1)")
+        if self.eval_every < 0 or self.eval_documents < 1:
+            raise ConfigError("train.eval_every", "eval_every must be >= 0 and eval_documents >= 1")
         if self.grad_clip < 0:
             raise ConfigError("train.grad_clip", "must be >= 0 (0 disables clipping)")
 
@@ -148,6 +152,8 @@ class RunConfig:
             part.validate()
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError("data.seq_len", f"{self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.train.eval_every and not self.data.eval_shards:
+            raise ConfigError("data.eval_shards", "train.eval_every is set but there are no held-out shards")
         if self.debug.kill_worker_at_step and not 0 <= self.debug.kill_rank < self.ray.num_workers:
             raise ConfigError("debug.kill_rank", f"must name one of the {self.ray.num_workers} workers")
         if self.model.image_tokens > self.seq_len:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from data_prep.schema import IMG_PATCH, SPECIAL_TOKENS
 from model.batch import Batch
 from model.transformer import MultimodalTransformer
-from pipeline.checkpoint import load_state, restore_rng, save_state
+from pipeline.checkpoint import load_state, restore_rng, save_state, unwrap
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.data import DROP_REASONS
 from pipeline.metrics import Window, progress_line, reduce_window
@@ -42,6 +42,10 @@ class LoopState:
     tokens_seen: int = 0
     bad_in_a_row: int = 0
     skipped_steps: int = 0
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    return MultimodalTransformer(cfg.model, img_patch_id=SPECIAL_TOKENS.index(IMG_PATCH))
 
 
 def _kill_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
@@ -68,7 +72,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
 
-    model = MultimodalTransformer(cfg.model, img_patch_id=SPECIAL_TOKENS.index(IMG_PATCH))
+    model = build_model(cfg)
     optimizer = build_optimizer(model, cfg.train)
     st = LoopState()
     data_state = DataState([0] * len(plan.entries))
@@ -152,6 +156,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "train/skipped_steps": float(st.skipped_steps),
                 **{k: v for k, v in m.items() if k.startswith("data/") and v},
             }
+            if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and rank == 0:
+                metrics.update(_evaluate(cfg, model, device, autocast))
             tracker.log_metrics(metrics, st.step)
             if rank == 0:
                 done = st.step - step_start
@@ -161,6 +167,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             docs_delta = _report(cfg, st, metrics, checkpoint, model, optimizer, plan, data_state, docs_delta,
                                  device, rank, loop_config["run_id"])
             win = Window()
+
+
+def _evaluate(cfg: RunConfig, model, device, autocast) -> dict[str, float]:
+    """Held-out evaluation on rank 0 (the other ranks wait for it at the next collective)."""
+    from pipeline.evaluate import evaluate
+
+    tok = cfg.data.tokenizer or str(Path(cfg.data.shards[0]) / "tokenizer.json")
+    res = evaluate(unwrap(model), cfg.data.eval_shards, tok, cfg.seq_len, cfg.model.image_size,
+                   cfg.model.patch_size, device, cfg.train.batch_size, cfg.train.eval_documents, autocast)
+    print(f"[eval] lm_loss {res.lm_loss:.4f}  retrieval_acc {res.retrieval_acc:.3f} ({res.questions} questions)",
+          flush=True)
+    return {k: v for k, v in res.metrics().items() if not math.isnan(v)}
 
 
 def _report(cfg, st: LoopState, metrics, checkpoint, model, optimizer, plan, data_state: DataState,

@@ -6,7 +6,7 @@ from pipeline.train import main as train_main
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, tmp_path, capsys):
+def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, heldout_shards, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -17,6 +17,8 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, tmp_path, capsys):
         "--set", "train.max_steps=30", "--set", "train.log_every=5", "--set", "train.checkpoint_every=15",
         "--set", "train.warmup_steps=5",
         "--set", "tracking.experiment='smoke'",
+        "--set", f"data.eval_shards='{heldout_shards}'", "--set", "train.eval_every=15",
+        "--set", "train.eval_documents=40",
         "--tracking-uri", uri,
     ])
     assert rc == 0
@@ -37,3 +39,17 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, tmp_path, capsys):
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/lm_loss"))
     assert steps == [5, 10, 15, 20, 25, 30]
     assert loss[-1] < loss[0] - 1.0, loss
+    evals = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/lm_loss"))
+    assert evals == [15, 30]
+    assert 0.0 <= run.data.metrics["eval/retrieval_acc"] <= 1.0
+
+    # msa-eval on the last checkpoint logs into the same run
+    from pipeline.evaluate import main as eval_main
+
+    ckpt = printed.split("last checkpoint: ")[1].split()[0]
+    assert eval_main(["--checkpoint", ckpt, "--shards", str(heldout_shards), "--max-documents", "40", "--log",
+                      "--tracking-uri", uri]) == 0
+    text = capsys.readouterr().out
+    assert "eval/retrieval_acc" in text and "distance" in text
+    history = client.get_metric_history(run.info.run_id, "eval/lm_loss")
+    assert [m.step for m in history] == [15, 30]  # step 30 was logged by the loop already: not twice
