@@ -12,11 +12,11 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
-from data_prep.schema import MANIFEST_NAME, Document, shard_name
+from data_prep.schema import MANIFEST_NAME, Document
 
 
 @dataclass
@@ -66,21 +66,6 @@ def write_shard(path: Path, docs: Iterable[Document]) -> ShardInfo:
     return info
 
 
-def chunk_documents(docs: Iterable[Document], target_bytes: int, max_docs: int) -> Iterator[list[Document]]:
-    """Group documents into shard-sized lists (by encoded size, in order: deterministic)."""
-    batch: list[Document] = []
-    size = 0
-    for doc in docs:
-        doc_bytes = sum(len(v) for v in doc.to_sample().values()) + 512 * (1 + len(doc.images))
-        if batch and (size + doc_bytes > target_bytes or len(batch) >= max_docs):
-            yield batch
-            batch, size = [], 0
-        batch.append(doc)
-        size += doc_bytes
-    if batch:
-        yield batch
-
-
 @dataclass
 class Manifest:
     """`OUT_DIR/manifest.json`: what a conversion read, wrote and rejected."""
@@ -90,7 +75,9 @@ class Manifest:
     inputs: int = 0
     documents: int = 0
     images: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)  # documents, per reason
+    images_rejected: dict[str, int] = field(default_factory=dict)  # image references dropped, per reason
+    est_tokens: int = 0  # text tokens, all shards (see ShardInfo.est_tokens)
     shards: list[dict] = field(default_factory=list)
     tokenizer: str | None = None
     extra: dict = field(default_factory=dict)
@@ -99,6 +86,7 @@ class Manifest:
         self.shards.append({**asdict(info), "est_tokens": info.est_tokens})
         self.documents += info.documents
         self.images += info.images
+        self.est_tokens += info.est_tokens
 
     def reject(self, reason: str, n: int = 1) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + n
@@ -117,16 +105,8 @@ class Manifest:
             body = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no manifest; is this a directory written by msa-prep?") from None
-        return cls(**body)
-
-
-def write_shards(docs: Iterable[Document], out_dir: Path, target_bytes: int, max_docs: int) -> list[ShardInfo]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    infos = []
-    for i, batch in enumerate(chunk_documents(docs, target_bytes, max_docs)):
-        infos.append(write_shard(out_dir / shard_name(i), batch))
-    return infos
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in body.items() if k in known})  # newer writers may add fields
 
 
 def shard_paths(shards_dir: Path) -> list[Path]:

@@ -1,8 +1,27 @@
-"""Grouped-query attention with RoPE, causal inside each packed document.
+"""Grouped-query attention with RoPE, causal inside each packed document, and the document layout
+that dense and sparse (MSA) attention share.
 
-Legend: B batch rows, T tokens, Hq query heads, Hkv KV heads, D head dim, E d_model.
+Legend: B batch rows, T tokens per row, N = B*T flat tokens, S documents (sequences) over all rows,
+Hq query heads, Hkv KV heads, D head dim, E d_model.
+
+Document semantics (the same for every attention path): a document is a maximal run of equal
+segment ids inside a row; a token attends to the keys of its own document at or before it.
+Padding (segment 0) runs are documents of their own, so they never leak into real documents; their
+targets are ignored. The MSA kernels take this as the packed varlen form (B=1, `cu_seqlens` over all
+documents of all rows), so key blocks are counted from each document's start.
+
+Full attention has two implementations, chosen by `model.dense_impl` (the semantics are identical,
+tested in tests/model/test_attention.py):
+  * "sdpa": `scaled_dot_product_attention` with a boolean [B, 1, T, T] mask. Simple and exact; fine
+    on CPU and at a few thousand tokens, but the mask is T^2 bytes per row (1 GiB at 32K).
+  * "flex": FlexAttention with a document-causal BlockMask, built once per forward from the
+    document ids (no [T, T] tensor), compiled on CUDA. The long-context GPU path (`small` preset).
+
+    pytest -q tests/model/test_attention.py
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -12,15 +31,114 @@ from model.config import ModelConfig
 from model.layers import apply_rope
 
 
-def document_causal_mask(segment_ids_BT: torch.Tensor) -> torch.Tensor:
-    """bool [B, 1, T, T]: key j visible to query t iff j <= t and both are in the same document."""
-    T = segment_ids_BT.shape[1]
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_ids_BT.device).tril()
-    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return (same_BTT & causal_TT)[:, None]
+@dataclass
+class DocLayout:
+    """Where the documents are, computed once per forward from `segment_ids_BT`."""
+
+    B: int
+    T: int
+    doc_BT: torch.Tensor  # int64 [B, T] global document number (increasing along the flat axis)
+    cu_seqlens: torch.Tensor  # int32 [S+1] document boundaries on the flat N = B*T axis
+    pos_N: torch.Tensor  # int64 [N] position of the token inside its document (0-based)
+    valid_N: torch.Tensor  # bool [N] not padding (segment id != 0)
+    seq_valid_S: torch.Tensor  # bool [S] the document is not a padding run
+
+    @classmethod
+    def from_segments(cls, segment_ids_BT: torch.Tensor) -> "DocLayout":
+        B, T = segment_ids_BT.shape
+        dev = segment_ids_BT.device
+        seg_N = segment_ids_BT.reshape(-1)
+        N = seg_N.numel()
+        flat_N = torch.arange(N, device=dev)
+        start_N = torch.ones(N, dtype=torch.bool, device=dev)
+        start_N[1:] = (seg_N[1:] != seg_N[:-1]) | (flat_N[1:] % T == 0)
+        doc_N = torch.cumsum(start_N.long(), 0) - 1
+        starts_S = flat_N[start_N]  # one host sync: the number of documents
+        cu = torch.cat([starts_S, torch.tensor([N], device=dev)]).to(torch.int32)
+        pos_N = flat_N - starts_S[doc_N]
+        return cls(B=B, T=T, doc_BT=doc_N.view(B, T), cu_seqlens=cu, pos_N=pos_N, valid_N=seg_N != 0,
+                   seq_valid_S=seg_N[starts_S] != 0)
+
+    @property
+    def n_docs(self) -> int:
+        return self.cu_seqlens.numel() - 1
 
 
-class DenseAttention(nn.Module):
+class DenseMask:
+    """The document-causal mask in the form `dense_impl` needs, built lazily once per forward."""
+
+    def __init__(self, layout: DocLayout, impl: str):
+        self.layout, self.impl = layout, impl
+        self._mask = None
+
+    def get(self):
+        if self._mask is None:
+            doc_BT = self.layout.doc_BT
+            if self.impl == "sdpa":
+                T = doc_BT.shape[1]
+                causal_TT = torch.ones(T, T, dtype=torch.bool, device=doc_BT.device).tril()
+                self._mask = ((doc_BT[:, :, None] == doc_BT[:, None, :]) & causal_TT)[:, None]
+            else:
+                self._mask = _flex_block_mask(doc_BT)
+        return self._mask
+
+
+def _flex_block_mask(doc_BT: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc_BT[b, q_idx] == doc_BT[b, kv_idx]) & (q_idx >= kv_idx)
+
+    B, T = doc_BT.shape
+    # compiled on CUDA so the mask is evaluated block by block, never as a [B, T, T] tensor
+    return create_block_mask(document_causal, B, None, T, T, device=doc_BT.device,
+                             _compile=doc_BT.device.type == "cuda")
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q_BHTD, k_BHTD, v_BHTD, block_mask):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q_BHTD.device.type != "cuda":
+        # eager FlexAttention (materialises scores; CPU tests and debugging only)
+        return flex_attention(q_BHTD, k_BHTD, v_BHTD, block_mask=block_mask, enable_gqa=True)
+    if _compiled_flex is None:
+        # FlexAttention is only fast compiled; compiled once per process, reused by every layer
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q_BHTD, k_BHTD, v_BHTD, block_mask=block_mask, enable_gqa=True)
+
+
+def dense_attention(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, mask: DenseMask) -> torch.Tensor:
+    """Document-causal full GQA attention; o [B, T, Hq, D]."""
+    q, k, v = (x.transpose(1, 2) for x in (q_BTHD, k_BTHD, v_BTHD))
+    if mask.impl == "sdpa":
+        o_BHTD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.get(), enable_gqa=True)
+    else:
+        o_BHTD = _flex_attention(q, k, v, mask.get())
+    return o_BHTD.transpose(1, 2)
+
+
+@dataclass
+class AttnContext:
+    """What every attention layer needs for one forward, computed once."""
+
+    layout: DocLayout
+    mask: DenseMask
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos/sin [B, T, rope_dim/2]
+    mode: str  # "dense" | "warmup" | "sparse" (MSA layers; dense layers ignore it)
+    compute_stats: bool
+
+
+class GQAAttention(nn.Module):
+    """The main branch: q/k/v/o projections, RoPE, full document-causal attention.
+
+    MSA layers (model/msa.py) subclass it, so the backbone's parameter names are the same in dense
+    and MSA models (what retrofitting relies on).
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -30,15 +148,17 @@ class DenseAttention(nn.Module):
         self.v_proj = nn.Linear(E, cfg.n_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * D, E, bias=False)
 
-    def forward(self, x_BTE: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask_B1TT: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x_BTE: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x_BTE.shape
         cfg = self.cfg
         q_BTHD = apply_rope(self.q_proj(x_BTE).view(B, T, cfg.n_heads, cfg.head_dim), *rope)
         k_BTHD = apply_rope(self.k_proj(x_BTE).view(B, T, cfg.n_kv_heads, cfg.head_dim), *rope)
         v_BTHD = self.v_proj(x_BTE).view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        o_BHTD = F.scaled_dot_product_attention(
-            q_BTHD.transpose(1, 2), k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2),
-            attn_mask=mask_B1TT, enable_gqa=True,
-        )
-        return self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, -1))
+        return q_BTHD, k_BTHD, v_BTHD
+
+    def forward(self, x_BTE: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, dict]:
+        """Returns the attention output [B, T, E] and this layer's extras (none for a dense layer)."""
+        B, T, _ = x_BTE.shape
+        q_BTHD, k_BTHD, v_BTHD = self.qkv(x_BTE, ctx.rope)
+        o_BTHD = dense_attention(q_BTHD, k_BTHD, v_BTHD, ctx.mask)
+        return self.o_proj(o_BTHD.reshape(B, T, -1)), {}

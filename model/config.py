@@ -1,11 +1,19 @@
-"""Model configuration: one typed dataclass, validated at construction.
+"""Model configuration: typed dataclasses (`ModelConfig` with nested `MSAConfig` and `MoEConfig`),
+validated at construction.
 
-Errors name the offending field (`model.n_heads: ...`) so that a bad TOML or `--set` fails at start-up,
-not inside a training step.
+Errors name the offending dotted field (`model.msa.topk: ...`) so that a bad TOML or `--set` fails at
+start-up, not inside a training step. The defaults are the `tiny` preset's values.
+
+    python -c "from model.config import ModelConfig; print(ModelConfig())"
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+MODES = ("dense", "warmup", "sparse")  # attention modes of the MSA layers, see model/README.md
+MSA_BACKENDS = ("reference", "triton")  # kernels' backends; chosen explicitly, never by fallback
+DENSE_IMPLS = ("sdpa", "flex")  # how full (document-causal) attention is computed
+MOE_DISPATCH = ("bmm", "grouped_mm")
 
 
 class ConfigError(ValueError):
@@ -14,6 +22,84 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+def _need(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(field, msg)
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _pow2(v: int) -> bool:
+    return _pos_int(v) and v & (v - 1) == 0
+
+
+@dataclass
+class MSAConfig:
+    """MiniMax Sparse Attention layers (MSA.md). `enabled=false` is the dense GQA baseline."""
+
+    enabled: bool = True  # layers >= n_dense_layers get an index branch and can run sparse
+    n_dense_layers: int = 1  # the first layers always use full attention (paper: 3)
+    block_size: int = 32  # keys per block, B (paper: 128)
+    topk: int = 4  # blocks per (token, group), local block included, k (paper: 16)
+    index_dim: int = 32  # dI (paper: 128)
+    kl_weight: float = 1.0  # lambda; the index branch is isolated, so this only rescales its gradient
+    backend: str = "reference"  # kernels backend: "reference" (PyTorch fp32) | "triton"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "model.msa") -> None:
+        _need(isinstance(self.enabled, bool), f"{prefix}.enabled", f"must be true or false, got {self.enabled!r}")
+        _need(isinstance(self.n_dense_layers, int) and self.n_dense_layers >= 0, f"{prefix}.n_dense_layers",
+              f"must be an integer >= 0, got {self.n_dense_layers!r}")
+        # the kernels' constraints, checked here so they fail at start-up and name the field
+        _need(_pow2(self.block_size) and self.block_size >= 16, f"{prefix}.block_size",
+              f"must be a power of two >= 16 (kernel tiles), got {self.block_size!r}")
+        _need(_pos_int(self.topk) and self.topk <= 32, f"{prefix}.topk",
+              f"must be an integer in [1, 32] (the kernels keep the top-k in registers), got {self.topk!r}")
+        _need(_pow2(self.index_dim) and 16 <= self.index_dim <= 256, f"{prefix}.index_dim",
+              f"must be a power of two in [16, 256], got {self.index_dim!r}")
+        _need(isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0, f"{prefix}.kl_weight",
+              f"must be >= 0, got {self.kl_weight!r}")
+        _need(self.backend in MSA_BACKENDS, f"{prefix}.backend",
+              f"must be one of {', '.join(MSA_BACKENDS)}, got {self.backend!r}")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts feed-forward: top-k token-choice routing over routed experts plus shared ones."""
+
+    enabled: bool = True  # layers >= n_dense_layers use MoE; false: every layer a dense SwiGLU
+    n_dense_layers: int = 1  # the first layers keep a dense FFN of width model.ffn_hidden (paper: 3)
+    n_experts: int = 8  # routed experts
+    top_k: int = 2  # routed experts per token
+    expert_hidden: int = 128  # SwiGLU width of one expert (routed and shared)
+    n_shared_experts: int = 1  # always-on experts, fused into one SwiGLU of n * expert_hidden
+    aux_weight: float = 0.01  # weight of the load-balancing loss `moe_aux` (see model/moe.py)
+    dispatch: str = "bmm"  # "bmm" (padded batched matmul, any device) | "grouped_mm" (CUDA bf16)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "model.moe") -> None:
+        _need(isinstance(self.enabled, bool), f"{prefix}.enabled", f"must be true or false, got {self.enabled!r}")
+        _need(isinstance(self.n_dense_layers, int) and self.n_dense_layers >= 0, f"{prefix}.n_dense_layers",
+              f"must be an integer >= 0, got {self.n_dense_layers!r}")
+        for name in ("n_experts", "top_k", "expert_hidden"):
+            v = getattr(self, name)
+            _need(_pos_int(v), f"{prefix}.{name}", f"must be a positive integer, got {v!r}")
+        _need(self.top_k <= self.n_experts, f"{prefix}.top_k",
+              f"{self.top_k} is more than the n_experts={self.n_experts} routed experts")
+        _need(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0, f"{prefix}.n_shared_experts",
+              f"must be an integer >= 0, got {self.n_shared_experts!r}")
+        _need(isinstance(self.aux_weight, (int, float)) and self.aux_weight >= 0, f"{prefix}.aux_weight",
+              f"must be >= 0, got {self.aux_weight!r}")
+        _need(self.dispatch in MOE_DISPATCH, f"{prefix}.dispatch",
+              f"must be one of {', '.join(MOE_DISPATCH)}, got {self.dispatch!r}")
 
 
 @dataclass
@@ -26,15 +112,23 @@ class ModelConfig:
     head_dim: int = 32
     rope_dim: int = 0  # rotary dims per head (partial RoPE); 0 means head_dim
     rope_theta: float = 10000.0
-    ffn_hidden: int = 384
+    ffn_hidden: int = 384  # width of the dense SwiGLU layers (all layers when moe.enabled is false)
     max_seq_len: int = 1024
     image_size: int = 32  # images are resized to image_size x image_size
     patch_size: int = 8
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
+    dense_impl: str = "sdpa"  # full attention: "sdpa" (boolean [T, T] mask; CPU, short rows) | "flex"
+    msa: MSAConfig = field(default_factory=MSAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
+        # a config built from a plain dict (e.g. dataclasses.asdict round trip) may carry dict sub-tables
+        if isinstance(self.msa, dict):
+            self.msa = MSAConfig(**self.msa)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
         self.validate()
 
     @property
@@ -50,15 +144,28 @@ class ModelConfig:
     def effective_rope_dim(self) -> int:
         return self.rope_dim or self.head_dim
 
+    def is_msa_layer(self, i: int) -> bool:
+        return self.msa.enabled and i >= self.msa.n_dense_layers
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe.enabled and i >= self.moe.n_dense_layers
+
+    @property
+    def msa_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_msa_layer(i)]
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
     def validate(self, prefix: str = "model") -> None:
         def need(cond: bool, field: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"{prefix}.{field}", msg)
+            _need(cond, f"{prefix}.{field}", msg)
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden",
                      "max_seq_len", "image_size", "patch_size"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v > 0, name, f"must be a positive integer, got {v!r}")
+            need(_pos_int(v), name, f"must be a positive integer, got {v!r}")
         need(self.n_heads % self.n_kv_heads == 0, "n_heads",
              f"{self.n_heads} query heads are not divisible by n_kv_heads={self.n_kv_heads}")
         need(self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
@@ -69,3 +176,33 @@ class ModelConfig:
         need(self.image_tokens <= self.max_seq_len, "image_size",
              f"one image takes {self.image_tokens} tokens, more than max_seq_len={self.max_seq_len}")
         need(self.rope_theta > 0, "rope_theta", "must be positive")
+        need(self.dense_impl in DENSE_IMPLS, "dense_impl",
+             f"must be one of {', '.join(DENSE_IMPLS)}, got {self.dense_impl!r}")
+        need(isinstance(self.msa, MSAConfig), "msa", "must be a table")
+        need(isinstance(self.moe, MoEConfig), "moe", "must be a table")
+        self.msa.validate(f"{prefix}.msa")
+        self.moe.validate(f"{prefix}.moe")
+
+        msa = self.msa
+        if msa.enabled:
+            p = f"{prefix}.msa"
+            _need(msa.n_dense_layers < self.n_layers, f"{p}.n_dense_layers",
+                  f"{msa.n_dense_layers} dense layers of n_layers={self.n_layers} leave no MSA layer; "
+                  f"set msa.enabled = false for a dense model")
+            # the MSA kernels' shape constraints, which dense GQA does not have
+            need(_pow2(self.head_dim) and 16 <= self.head_dim <= 256, "head_dim",
+                 f"MSA kernels need a power of two in [16, 256], got {self.head_dim}")
+            g = self.n_heads // self.n_kv_heads
+            need(_pow2(g), "n_heads", f"MSA kernels need a power-of-two group size n_heads/n_kv_heads, got {g}")
+            # the index branch gets the main branch's RoPE on its first rope dims
+            _need(msa.index_dim >= self.effective_rope_dim, f"{p}.index_dim",
+                  f"{msa.index_dim} is smaller than the rotary dims ({self.effective_rope_dim}) it must carry")
+            n_blocks = -(-self.max_seq_len // msa.block_size)
+            _need(msa.topk <= n_blocks, f"{p}.topk",
+                  f"{msa.topk} blocks per token but a row of max_seq_len={self.max_seq_len} has only {n_blocks} "
+                  f"blocks of block_size={msa.block_size}")
+        moe = self.moe
+        if moe.enabled:
+            _need(moe.n_dense_layers < self.n_layers, f"{prefix}.moe.n_dense_layers",
+                  f"{moe.n_dense_layers} dense layers of n_layers={self.n_layers} leave no MoE layer; "
+                  f"set moe.enabled = false for a dense model")

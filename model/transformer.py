@@ -1,9 +1,16 @@
-"""The multimodal decoder-only transformer: text tokens and image patch tokens in one sequence.
+"""The multimodal decoder-only MoE transformer: text tokens and image patch tokens in one sequence,
+dense GQA in the first layers and MSA after them, MoE feed-forward after the first dense FFNs.
 
-Legend: B batch rows, T tokens, E d_model, V vocab, M images, P patches per image.
+Legend: B batch rows, T tokens, N = B*T, E d_model, V vocab, M images, P patches per image,
+X routed experts.
 
-    model = MultimodalTransformer(ModelConfig(...), special_ids)
-    out = model(batch)            # out.losses["lm"], out.stats
+    model = MultimodalTransformer(ModelConfig(...), img_patch_id)
+    model.set_mode("warmup")                       # between steps: "dense" | "warmup" | "sparse"
+    out = model(batch, compute_stats=False)        # out.losses: "lm", "kl_index", "moe_aux"; out.stats
+    w = model.loss_weights()
+    loss = sum(w[k] * v for k, v in out.losses.items())
+
+    pytest -q tests/model
 """
 from __future__ import annotations
 
@@ -13,31 +20,40 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.attention import DenseAttention, document_causal_mask
+from model.attention import AttnContext, DenseMask, DocLayout, GQAAttention
 from model.batch import IGNORE_INDEX, Batch
-from model.config import ModelConfig
+from model.config import MODES, ModelConfig
 from model.layers import PatchEncoder, RMSNorm, SwiGLU, rope_cos_sin
+from model.moe import MoE
+from model.msa import MSAAttention
 
 
 @dataclass
 class ModelOutput:
-    losses: dict[str, torch.Tensor]  # named scalar losses: "lm" always; others by architecture
+    losses: dict[str, torch.Tensor]  # named scalar losses: "lm" always; "kl_index", "moe_aux" by architecture
     stats: dict[str, float] = field(default_factory=dict)  # named statistics (floats, detached)
     n_targets: int = 0  # text tokens that carried an LM target
     logits: torch.Tensor | None = None  # [B, T, V], only when asked for (evaluation)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = DenseAttention(cfg)
+        self.attn = MSAAttention(cfg) if cfg.is_msa_layer(layer) else GQAAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.ffn = MoE(cfg.d_model, cfg.moe) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x_BTE, rope, mask_B1TT):
-        x_BTE = x_BTE + self.attn(self.attn_norm(x_BTE), rope, mask_B1TT)
-        return x_BTE + self.ffn(self.ffn_norm(x_BTE))
+    def forward(self, x_BTE: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, dict, dict]:
+        a_BTE, attn_extras = self.attn(self.attn_norm(x_BTE), ctx)
+        x_BTE = x_BTE + a_BTE
+        h_BTE = self.ffn_norm(x_BTE)
+        if isinstance(self.ffn, MoE):
+            f_BTE, moe_extras = self.ffn(h_BTE, ctx.layout.valid_N)
+        else:
+            f_BTE, moe_extras = self.ffn(h_BTE), {}
+        return x_BTE + f_BTE, attn_extras, moe_extras
 
 
 class MultimodalTransformer(nn.Module):
@@ -47,20 +63,83 @@ class MultimodalTransformer(nn.Module):
         self.img_patch_id = img_patch_id
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.patch_encoder = PatchEncoder(cfg.image_size, cfg.patch_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # a model with an index branch starts sparse, i.e. natively trained MSA; the training
+        # schedule switches it (warmup first, usually) with set_mode between steps
+        self._mode = "sparse" if cfg.msa.enabled else "dense"
         self.reset_parameters()
+
+    # -----------------------------------------------------------------------------------------
+    # parameters
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 # residual-branch outputs scaled down with depth (GPT-2), so the stream stays O(1)
-                scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("o_proj.weight", "w_down.weight")) else 1.0
+                scale = (2 * self.cfg.n_layers) ** -0.5 if name.endswith(("o_proj.weight", "w_down.weight", "w_down")) else 1.0
                 nn.init.normal_(p, std=std * scale)
+
+    def index_parameter_names(self) -> list[str]:
+        """Names of the index branch's parameters (index projections and their norms)."""
+        return [n for n, _ in self.named_parameters() if ".attn.index_" in n]
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Disjoint groups covering every parameter once.
+
+        "index": index_q_proj, index_k_proj and their norms (trained only by the KL; own LR).
+        "experts": the routed experts' weights (sparsely active: each sees ~top_k/n_experts of tokens).
+        "backbone": everything else (embeddings, attention, norms, dense FFNs, shared experts, routers).
+        """
+        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "experts": [], "index": []}
+        for name, p in self.named_parameters():  # tied weights are yielded once
+            if ".attn.index_" in name:
+                groups["index"].append(p)
+            elif ".ffn.experts." in name:
+                groups["experts"].append(p)
+            else:
+                groups["backbone"].append(p)
+        return groups
+
+    def loss_weights(self) -> dict[str, float]:
+        """Weights of the named losses: the training loss is sum(w[k] * out.losses[k])."""
+        return {"lm": 1.0, "kl_index": float(self.cfg.msa.kl_weight), "moe_aux": float(self.cfg.moe.aux_weight)}
+
+    def after_optimizer_step(self) -> None:
+        """Hook for the pipeline after each optimizer step; a no-op (balancing is by aux loss)."""
+        for block in self.blocks:
+            if isinstance(block.ffn, MoE):
+                block.ffn.after_optimizer_step()
+
+    # -----------------------------------------------------------------------------------------
+    # modes
+
+    @property
+    def has_index_branch(self) -> bool:
+        return bool(self.cfg.msa_layers)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def set_mode(self, mode: str) -> None:
+        """Switch the MSA layers' attention between steps: "dense" | "warmup" | "sparse".
+
+        Parameters and their shapes never change; only what the forward computes does.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode != "dense" and not self.has_index_branch:
+            raise ValueError(f"mode {mode!r} needs an index branch, but this model has none "
+                             f"(model.msa.enabled = false): it can only run 'dense'")
+        self._mode = mode
+
+    # -----------------------------------------------------------------------------------------
+    # forward
 
     def embed_inputs(self, batch: Batch) -> torch.Tensor:
         x_BTE = self.embed(batch.tokens_BT)
@@ -74,19 +153,63 @@ class MultimodalTransformer(nn.Module):
                 f"batch has {n_patch_tokens} image-patch tokens but {images_MCHW.shape[0]} images of "
                 f"{self.cfg.n_patches} patches: the data's image size/patch size disagree with the model's"
             )
-        if images_MCHW.shape[0]:
-            patches_MPE = self.patch_encoder(images_MCHW)
-            # row-major order of patch positions == order of images in the row, patches in raster order
-            x_BTE = x_BTE.masked_scatter(is_patch_BT[..., None], patches_MPE.to(x_BTE.dtype).reshape(-1))
-        return x_BTE
+        # run the encoder even on zero images: its weights then stay in the graph (zero gradient),
+        # so DDP does not stall on a rank whose batch has no image
+        patches_MPE = self.patch_encoder(images_MCHW)
+        # row-major order of patch positions == order of images in the row, patches in raster order
+        return x_BTE.masked_scatter(is_patch_BT[..., None], patches_MPE.to(x_BTE.dtype).reshape(-1))
 
-    def forward(self, batch: Batch, *, return_logits: bool = False) -> ModelOutput:
+    def forward(self, batch: Batch, *, compute_stats: bool = False, return_logits: bool = False) -> ModelOutput:
+        cfg = self.cfg
         x_BTE = self.embed_inputs(batch)
-        rope = rope_cos_sin(batch.positions_BT, self.cfg.effective_rope_dim, self.cfg.rope_theta)
-        mask_B1TT = document_causal_mask(batch.segment_ids_BT)
+        layout = DocLayout.from_segments(batch.segment_ids_BT)
+        ctx = AttnContext(
+            layout=layout, mask=DenseMask(layout, cfg.dense_impl),
+            rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),
+            mode=self._mode, compute_stats=compute_stats,
+        )
+        attn_extras, moe_extras = {}, {}
         for block in self.blocks:
-            x_BTE = block(x_BTE, rope, mask_B1TT)
+            x_BTE, a, m = block(x_BTE, ctx)
+            if a:
+                attn_extras[block.layer] = a
+            if m:
+                moe_extras[block.layer] = m
         logits_BTV = self.lm_head(self.norm(x_BTE))
         lm = F.cross_entropy(logits_BTV.float().flatten(0, 1), batch.targets_BT.flatten(), ignore_index=IGNORE_INDEX)
-        return ModelOutput(losses={"lm": lm}, n_targets=batch.n_text_targets,
-                           logits=logits_BTV if return_logits else None)
+        losses = {"lm": lm}
+        kls = [a["kl"] for a in attn_extras.values() if "kl" in a]
+        if kls:
+            # mean over MSA layers: each layer's index branch is isolated, so this only scales its
+            # gradient by 1/n_msa_layers, and the value reads as "KL per layer"
+            losses["kl_index"] = torch.stack(kls).mean()
+        if moe_extras:
+            losses["moe_aux"] = torch.stack([m["aux"] for m in moe_extras.values()]).mean()
+        return ModelOutput(losses=losses, stats=self._stats(lm.device, losses, attn_extras, moe_extras),
+                           n_targets=batch.n_text_targets, logits=logits_BTV if return_logits else None)
+
+    @torch.no_grad()
+    def _stats(self, device, losses: dict, attn_extras: dict, moe_extras: dict) -> dict[str, float]:
+        named: dict[str, torch.Tensor] = {}
+        for key in ("sparsity", "kl", "score_recall", "block_recall"):
+            per_layer = {i: a[key].detach().float() for i, a in attn_extras.items() if key in a}
+            if not per_layer:
+                continue
+            out_key = "kl_index_loss" if key == "kl" else key
+            named[out_key] = torch.stack(list(per_layer.values())).mean()
+            for i, v in per_layer.items():
+                named[f"layer/{i}/{out_key}"] = v
+        if not attn_extras:
+            named["sparsity"] = torch.zeros((), device=device)  # a dense model attends to every visible key
+        if moe_extras:
+            named["moe_aux_loss"] = losses["moe_aux"].detach().float()
+            ratios = {}
+            for i, m in moe_extras.items():
+                load_X = m["load"]
+                ratios[i] = load_X.max() / load_X.mean().clamp(min=1e-9)
+                named[f"layer/{i}/expert_load_max_over_mean"] = ratios[i]
+            named["expert_load_max_over_mean"] = torch.stack(list(ratios.values())).mean()
+        keys = list(named)
+        # one device->host transfer for all of them
+        values = torch.stack([named[k].to(device, torch.float32) for k in keys]).tolist() if keys else []
+        return dict(zip(keys, values))

@@ -85,7 +85,7 @@ class _MSAAttention(torch.autograd.Function):
         o_N = _common.empty((N, Hq, D), q.dtype, q.device)
         lse_N = _common.empty((N, Hq), torch.float32, q.device)
         R = max(16, _common.next_pow2(TM * G))
-        cfg = _launch_cfg("fwd", q, block_size)
+        cfg = _launch_cfg("fwd", q, block_size, R)
         attn_fwd_kernel[(P, Hkv)](
             q_N, k_N, v_N, o_N, lse_N, b_N, union_PHU, count_PH,
             start_P, seq_start_P, seq_end_P,
@@ -133,7 +133,7 @@ class _MSAAttention(torch.autograd.Function):
             b_N.stride(0), b_N.stride(1), union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0),
             scale * LOG2E, scale,
             G=G, TM=TM, R=R, BS=block_size, D=D, TOPK=TOPK, KP=_common.next_pow2(TOPK), DOT_PREC=prec,
-            **_launch_cfg("dq", q_N, block_size),
+            **_launch_cfg("dq", q_N, block_size, R),
         )
         tokens_E, offsets, C = _common.reverse_index(b_N, cu, block_size)
         blk_start_C, _, blk_seq_end_C, _ = _common.tile_table(cu, N, block_size)
@@ -154,7 +154,7 @@ class _MSAAttention(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int) -> dict:
+def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int, rows: int = 16) -> dict:
     if x.device.type == "cpu":
         # Interpreter: whole blocks per step (fewer Python-level iterations); warps are ignored.
         cfg = {"BN": block_size}
@@ -163,6 +163,8 @@ def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int) -> dict:
         return cfg
     cfg = dict(GPU_CONFIG[kernel])
     cfg["BN"] = min(cfg["BN"], block_size)
+    if rows >= 128:  # wide tiles (tokens_per_tile x G >= 128 rows): fp32 accumulators need 8 warps
+        cfg["num_warps"] = max(cfg["num_warps"], 8)
     return cfg
 
 

@@ -82,7 +82,7 @@ def _flat(x):
     return None if x is None else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _cfg(kernel, x, block_size):
+def _cfg(kernel, x, block_size, rows=16):
     if x.device.type == "cpu":
         cfg = {"BN": block_size}
         if kernel == "dki":
@@ -90,6 +90,8 @@ def _cfg(kernel, x, block_size):
         return cfg
     cfg = dict(GPU_CONFIG[kernel])
     cfg["BN"] = min(cfg["BN"], block_size)
+    if rows >= 128:
+        cfg["num_warps"] = max(cfg["num_warps"], 8)
     return cfg
 
 
@@ -131,7 +133,7 @@ class _MSAKLLoss(torch.autograd.Function):
             union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0), kl_NH.stride(0),
             scale * LOG2E, LOG2E / math.sqrt(I),
             G=G, TM=TM, R=R, BS=block_size, D=D, DI=I, TOPK=TOPK, KP=_common.next_pow2(TOPK),
-            DENSE=dense, HAS_LSE=has_lse, HAS_ILSE=has_ilse, DOT_PREC=prec, **_cfg("fwd", q, block_size),
+            DENSE=dense, HAS_LSE=has_lse, HAS_ILSE=has_ilse, DOT_PREC=prec, **_cfg("fwd", q, block_size, R),
         )
         ctx.save_for_backward(q_N, k_N, qi_N, ki_N, lse_N, ilse_N, psum_NH, b_N, union_PHU, count_PH, cu,
                               start_P, seq_start_P, seq_end_P)
@@ -160,7 +162,7 @@ class _MSAKLLoss(torch.autograd.Function):
             union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0), dqi_N.stride(0), dqi_N.stride(1),
             scale * LOG2E, LOG2E / math.sqrt(I), grad, grad_scale,
             G=G, TM=TM, R=R, BS=block_size, D=D, DI=I, TOPK=TOPK, KP=_common.next_pow2(TOPK),
-            DENSE=dense, DOT_PREC=prec, **_cfg("dqi", q_N, block_size),
+            DENSE=dense, DOT_PREC=prec, **_cfg("dqi", q_N, block_size, R),
         )
         if dense:
             tokens_E = offsets = torch.zeros(1, dtype=torch.int32, device=dev)  # unused placeholder

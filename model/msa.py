@@ -1,0 +1,100 @@
+"""An MSA attention layer (MSA.md): the GQA main branch plus the index branch that selects, per
+token and GQA group, the local key block and the top-(k-1) other visible blocks, trained by a KL to
+the main branch's head-averaged attention.
+
+Legend: B batch rows, T tokens per row, N = B*T flat tokens, Hq query heads, Hkv KV heads = groups
+= index heads, D head dim, I index dim, K top-k slots, E d_model.
+
+Modes (set per forward by the model; see model/README.md):
+  dense   full attention; the index branch is not run (no KL).
+  warmup  full attention; the index branch learns from the KL over all visible keys
+          (teacher = dense attention, head-averaged per group).
+  sparse  attention over the selected blocks only; the KL on the selected visible keys,
+          teacher = the main branch's own probabilities (its LSE is reused).
+
+Stop-gradients (all three of MSA.md): the index branch's input is the layer's normed hidden state
+*detached*; the KL kernel treats q, k and the LSE as constants; top-k has no gradient, so the LM
+loss never reaches the index projections. Together: the KL trains only index_q_proj, index_k_proj
+and their norms, and nothing else trains them.
+
+All MSA math runs in the kernels' packed varlen form: B=1 and `cu_seqlens` over every document of
+every row (model/attention.py, DocLayout), so blocks are counted from each document's start.
+The kernels' backend (`model.msa.backend`) is passed explicitly; nothing falls back silently.
+
+    pytest -q tests/model/test_msa.py
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import kernels
+from model import stats
+from model.attention import AttnContext, GQAAttention, dense_attention
+from model.config import ModelConfig
+from model.layers import RMSNorm, apply_rope
+
+
+def _flat(x_BT: torch.Tensor) -> torch.Tensor:
+    """[B, T, ...] -> [1, B*T, ...], the kernels' varlen layout."""
+    return x_BT.reshape(1, x_BT.shape[0] * x_BT.shape[1], *x_BT.shape[2:])
+
+
+class MSAAttention(GQAAttention):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        E, Hkv, I = cfg.d_model, cfg.n_kv_heads, cfg.msa.index_dim
+        # one index query head per GQA group, one index key head shared by all groups
+        self.index_q_proj = nn.Linear(E, Hkv * I, bias=False)
+        self.index_k_proj = nn.Linear(E, I, bias=False)
+        # per-head RMSNorm (one weight vector of size I, applied to every head, as QK-norm does)
+        self.index_q_norm = RMSNorm(I, cfg.norm_eps)
+        self.index_k_norm = RMSNorm(I, cfg.norm_eps)
+
+    def index_qk(self, x_BTE: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """qi [B, T, Hkv, I], ki [B, T, I]: normed, then the main branch's RoPE on the first rope dims."""
+        B, T, _ = x_BTE.shape
+        cfg = self.cfg
+        I = cfg.msa.index_dim
+        x_BTE = x_BTE.detach()  # stop-gradient: the KL must not reach the backbone (loss spikes)
+        qi_BTHI = self.index_q_norm(self.index_q_proj(x_BTE).view(B, T, cfg.n_kv_heads, I))
+        ki_BT1I = self.index_k_norm(self.index_k_proj(x_BTE).view(B, T, 1, I))
+        return apply_rope(qi_BTHI, *rope), apply_rope(ki_BT1I, *rope)[:, :, 0]
+
+    def forward(self, x_BTE: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, dict]:
+        B, T, _ = x_BTE.shape
+        msa = self.cfg.msa
+        layout, backend, bs = ctx.layout, msa.backend, msa.block_size
+        cu = layout.cu_seqlens
+        q_BTHD, k_BTHD, v_BTHD = self.qkv(x_BTE, ctx.rope)
+        extras: dict[str, torch.Tensor] = {}
+        if ctx.mode == "dense":
+            o_BTHD = dense_attention(q_BTHD, k_BTHD, v_BTHD, ctx.mask)
+            extras["sparsity"] = q_BTHD.new_zeros((), dtype=torch.float32)
+            return self.o_proj(o_BTHD.reshape(B, T, -1)), extras
+
+        qi_BTHI, ki_BTI = self.index_qk(x_BTE, ctx.rope)
+        q_1NHD, k_1NHD, v_1NHD = _flat(q_BTHD), _flat(k_BTHD), _flat(v_BTHD)
+        qi_1NHI, ki_1NI = _flat(qi_BTHI), _flat(ki_BTI)
+        # a document shorter than topk blocks pads its selection with -1 anyway; capping topk at the
+        # blocks of the whole flat axis changes no selection and keeps short test batches legal
+        topk = min(msa.topk, -(-B * T // bs))
+        block_idx = None
+        if ctx.mode == "sparse" or ctx.compute_stats:
+            # in warmup this is the selection sparse mode would make, measured for its recall
+            block_idx, index_lse = kernels.msa_select(qi_1NHI.detach(), ki_1NI.detach(), bs, topk, cu,
+                                                      backend=backend)
+        if ctx.mode == "sparse":
+            o_1NHD, lse_1NH = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, cu, backend=backend)
+            o_BTHD = o_1NHD.view(B, T, *o_1NHD.shape[2:])
+            extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, block_idx, bs, cu,
+                                               lse=lse_1NH.detach(), index_lse=index_lse, backend=backend)
+            extras["sparsity"] = stats.sparsity(block_idx, layout, bs)
+        else:  # warmup: dense attention, dense-support KL (block_idx=None)
+            o_BTHD = dense_attention(q_BTHD, k_BTHD, v_BTHD, ctx.mask)
+            extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, None, bs, cu, backend=backend)
+            extras["sparsity"] = q_BTHD.new_zeros((), dtype=torch.float32)
+        if ctx.compute_stats:
+            extras["score_recall"], extras["block_recall"] = stats.recalls(
+                q_1NHD[0].detach(), k_1NHD[0].detach(), block_idx[0], layout, bs)
+        return self.o_proj(o_BTHD.reshape(B, T, -1)), extras

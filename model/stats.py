@@ -1,0 +1,96 @@
+"""Measured sparsity and recall of an MSA layer's block selection (definitions in model/README.md).
+
+Legend: N flat tokens (B*T), H KV heads = GQA groups = index heads, G heads per group, D head dim,
+K top-k slots, C query rows of a chunk, L keys of one document, M key blocks of one document.
+
+Sparsity is cheap (it needs only the selection) and is always computed. The recalls compare the
+selection with full attention, so they build dense probabilities per document (O(L^2) per
+document, chunked) and run only on request (`forward(batch, compute_stats=True)`).
+All functions run without autograd and average over real (non-padding) tokens and groups.
+
+    pytest -q tests/model/test_stats.py
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.attention import DocLayout
+
+_CHUNK_ELEMS = 1 << 24  # query rows per chunk: ~16M fp32 scores at a time
+
+
+@torch.no_grad()
+def sparsity(block_idx_NHK: torch.Tensor, layout: DocLayout, block_size: int) -> torch.Tensor:
+    """Mean over (real token, group) of 1 - attended keys / causally visible keys; 0-dim fp32."""
+    pos_N = layout.pos_N
+    b_NHK = block_idx_NHK.reshape(pos_N.numel(), *block_idx_NHK.shape[-2:]).long()
+    local_N11 = (pos_N // block_size)[:, None, None]
+    # a full earlier block contributes block_size keys; the local block only the keys up to the token
+    in_local_N11 = (pos_N - (pos_N // block_size) * block_size + 1)[:, None, None]
+    keys_NHK = torch.where(b_NHK < local_N11, block_size, torch.where(b_NHK == local_N11, in_local_N11, 0))
+    keys_NHK = torch.where(b_NHK >= 0, keys_NHK, 0)
+    attended_NH = keys_NHK.sum(-1).float()
+    visible_N1 = (pos_N + 1).float()[:, None]
+    frac_NH = 1.0 - attended_NH / visible_N1
+    return _mean_over_valid(frac_NH, layout.valid_N)
+
+
+@torch.no_grad()
+def recalls(q_NHD: torch.Tensor, k_NHD: torch.Tensor, block_idx_NHK: torch.Tensor, layout: DocLayout,
+            block_size: int, softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score recall, block recall), each a 0-dim fp32 mean over (real token, group).
+
+    score recall: the head-averaged dense attention mass inside the selected blocks.
+    block recall: |selected blocks ∩ the n blocks with the most dense mass| / n, where n is the
+    number of blocks selected for that token (k, or fewer near a document's start).
+    """
+    N, Hq, D = q_NHD.shape
+    H = k_NHD.shape[1]
+    G = Hq // H
+    K = block_idx_NHK.shape[-1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    q_N = q_NHD.float()
+    k_N = k_NHD.float()
+    b_NHK = block_idx_NHK.reshape(N, H, K).long()
+    dev = q_NHD.device
+    score_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    block_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    count = 0
+    cu = layout.cu_seqlens.tolist()
+    for s, (s0, e0) in enumerate(zip(cu[:-1], cu[1:])):
+        if e0 == s0 or not bool(layout.seq_valid_S[s]):
+            continue  # padding runs are not measured
+        L = e0 - s0
+        M = -(-L // block_size)
+        k_LHD = k_N[s0:e0]
+        step = max(1, _CHUNK_ELEMS // (Hq * L))
+        for c0 in range(0, L, step):
+            c1 = min(L, c0 + step)
+            C = c1 - c0
+            q_CHGD = q_N[s0 + c0:s0 + c1].view(C, H, G, D)
+            s_HGCL = torch.einsum("chgd,lhd->hgcl", q_CHGD, k_LHD) * scale
+            causal_CL = torch.arange(L, device=dev)[None, :] <= torch.arange(c0, c1, device=dev)[:, None]
+            p_HCL = torch.softmax(s_HGCL.masked_fill(~causal_CL, float("-inf")), dim=-1).mean(1)
+            mass_HCM = torch.nn.functional.pad(p_HCL, (0, M * block_size - L)).view(H, C, M, block_size).sum(-1)
+            chosen_HCK = b_NHK[s0 + c0:s0 + c1].permute(1, 0, 2)
+            sel_HCM = torch.zeros(H, C, M + 1, dtype=torch.bool, device=dev)
+            sel_HCM.scatter_(-1, torch.where(chosen_HCK >= 0, chosen_HCK, M), True)
+            sel_HCM = sel_HCM[..., :M]
+            score_sum += (mass_HCM * sel_HCM).sum(-1).double().sum()
+            n_sel_HC = (chosen_HCK >= 0).sum(-1)
+            kk = min(K, M)
+            top_HCk = mass_HCM.topk(kk, dim=-1).indices
+            hit_HCk = sel_HCM.gather(-1, top_HCk) & (torch.arange(kk, device=dev) < n_sel_HC[..., None])
+            block_sum += (hit_HCk.sum(-1).float() / n_sel_HC.clamp(min=1)).double().sum()
+            count += H * C
+    if count == 0:
+        nan = torch.tensor(float("nan"), device=dev)
+        return nan, nan
+    return (score_sum / count).float(), (block_sum / count).float()
+
+
+def _mean_over_valid(x_NH: torch.Tensor, valid_N: torch.Tensor) -> torch.Tensor:
+    n = valid_N.sum() * x_NH.shape[1]
+    return (x_NH * valid_N[:, None]).sum() / n.clamp(min=1)

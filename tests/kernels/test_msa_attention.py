@@ -1,0 +1,161 @@
+"""Block-sparse attention: Triton kernels (forward, dQ, dK/dV) against the fp32 reference.
+
+Run: `pytest -q tests/kernels/test_msa_attention.py` (CPU: Triton interpreter; GPU tests need CUDA).
+"""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import _common
+from kernels.attention.reference import msa_attention_reference
+from msa_numerics import assert_close, attention_lowp, gpu, needs_cuda, rand, random_block_idx, support_BHTT
+
+# (B, T, Hq, Hkv, D, block, topk, cu_seqlens, tokens_per_tile) -- awkward on purpose: T not a
+# multiple of the block, G = 1..16, packed sequences with one shorter than a block and one of a
+# single token, tokens with fewer visible blocks than topk, and both tile paths.
+CASES = {
+    "batch2_G2_tail": (2, 77, 4, 2, 32, 16, 3, None, None),
+    "G16_one_token_tiles": (1, 70, 16, 1, 64, 32, 2, None, None),
+    "G1": (1, 50, 2, 2, 32, 16, 2, None, None),
+    "packed_G4": (1, 100, 8, 2, 32, 32, 2, [0, 5, 40, 41, 100], None),
+    "G8_block64_D128": (1, 150, 8, 1, 128, 64, 2, None, None),
+    "G2_union_tiles4": (1, 90, 4, 2, 32, 16, 4, None, 4),
+}
+
+
+def _run(case, dtype, device):
+    B, T, Hq, Hkv, D, BS, K, cu, tm = case
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    q = rand(B, T, Hq, D, dtype=dtype, device=device, requires_grad=True)
+    k = rand(B, T, Hkv, D, dtype=dtype, device=device, requires_grad=True)
+    v = rand(B, T, Hkv, D, dtype=dtype, device=device, requires_grad=True)
+    bidx = random_block_idx(B, T, Hkv, K, BS, cu_t, device)
+    o, lse = kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, tokens_per_tile=tm)
+    do = torch.randn_like(o)
+    dlse = torch.randn_like(lse)  # lse is an output too: check its gradient path
+    grads = torch.autograd.grad([o, lse], [q, k, v], [do, dlse])
+
+    ro, rlse = msa_attention_reference(q, k, v, bidx, BS, cu_t)
+    rgrads = torch.autograd.grad([ro, rlse], [q, k, v], [do.float(), dlse])
+    allowed = support_BHTT(bidx, B, T, Hkv, BS, cu_t, device)
+    lo, llse = attention_lowp(q, k, v, allowed, 1 / math.sqrt(D), dtype)
+    lgrads = torch.autograd.grad([lo, llse], [q, k, v], [do, dlse])
+
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert_close("o", o, ro, lo, dtype)
+    assert_close("lse", lse, rlse, llse, dtype)
+    for name, g, rg, lg in zip(("dq", "dk", "dv"), grads, rgrads, lgrads):
+        assert g.dtype == dtype
+        assert_close(name, g, rg, lg, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference(case, dtype, device):
+    _run(CASES[case], dtype, device)
+
+
+def test_full_selection_equals_dense_causal_sdpa(device):
+    # With every visible block selected, MSA attention is dense causal attention.
+    B, T, Hq, Hkv, D, BS = 1, 96, 8, 2, 32, 32
+    n_blocks = T // BS
+    q = rand(B, T, Hq, D, dtype=torch.float32, device=device, requires_grad=True)
+    k = rand(B, T, Hkv, D, dtype=torch.float32, device=device, requires_grad=True)
+    v = rand(B, T, Hkv, D, dtype=torch.float32, device=device, requires_grad=True)
+    local = torch.arange(T, device=device) // BS
+    blocks = torch.arange(n_blocks, device=device)
+    bidx = torch.where(blocks[None, :] <= local[:, None], blocks[None, :], -1).to(torch.int32)
+    bidx = bidx[None, :, None, :].expand(B, T, Hkv, n_blocks).contiguous()
+    o, _ = kernels.msa_attention(q, k, v, bidx, BS)
+    G = Hq // Hkv
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(G, 2).transpose(1, 2), v.repeat_interleave(G, 2).transpose(1, 2),
+        is_causal=True).transpose(1, 2)
+    do = torch.randn_like(o)
+    g = torch.autograd.grad(o, [q, k, v], do)
+    rg = torch.autograd.grad(ref, [q, k, v], do)
+    torch.testing.assert_close(o, ref, atol=2e-5, rtol=2e-5)
+    for a, b in zip(g, rg):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+
+
+def test_backward_is_deterministic(device):
+    B, T, Hq, Hkv, D, BS, K = 1, 64, 4, 1, 32, 16, 3
+    q = rand(B, T, Hq, D, dtype=torch.float16, device=device, requires_grad=True)
+    k = rand(B, T, Hkv, D, dtype=torch.float16, device=device, requires_grad=True)
+    v = rand(B, T, Hkv, D, dtype=torch.float16, device=device, requires_grad=True)
+    bidx = random_block_idx(B, T, Hkv, K, BS, None, device)
+    do = torch.randn(B, T, Hq, D, device=device).half()
+    runs = []
+    for _ in range(2):
+        o, _ = kernels.msa_attention(q, k, v, bidx, BS)
+        runs.append(torch.autograd.grad(o, [q, k, v], do))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_reference_backend_has_same_semantics(device):
+    B, T, Hq, Hkv, D, BS, K = 2, 40, 4, 2, 16, 16, 2
+    q = rand(B, T, Hq, D, dtype=torch.float16, device=device, requires_grad=True)
+    k = rand(B, T, Hkv, D, dtype=torch.float16, device=device, requires_grad=True)
+    v = rand(B, T, Hkv, D, dtype=torch.float16, device=device, requires_grad=True)
+    bidx = random_block_idx(B, T, Hkv, K, BS, None, device)
+    o, lse = kernels.msa_attention(q, k, v, bidx, BS, backend="reference")
+    assert o.dtype == torch.float16 and lse.dtype == torch.float32
+    o.float().sum().backward()
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+    ro, _ = kernels.msa_attention(q, k, v, bidx, BS)
+    torch.testing.assert_close(o.float(), ro.float(), atol=2e-3, rtol=2e-3)
+
+
+def _inputs(device, dtype=torch.float16):
+    q = torch.randn(1, 32, 4, 16, device=device).to(dtype)
+    k = torch.randn(1, 32, 2, 16, device=device).to(dtype)
+    v = torch.randn(1, 32, 2, 16, device=device).to(dtype)
+    bidx = random_block_idx(1, 32, 2, 2, 16, None, device)
+    return q, k, v, bidx
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda a: a.update(q=a["q"][..., :8].contiguous()), "k and v must have shape"),
+    (lambda a: a.update(k=a["k"].float()), "share a dtype"),
+    (lambda a: a.update(q=a["q"].to(torch.int32)), "q must have dtype"),
+    (lambda a: a.update(block_idx=a["block_idx"].long()), "block_idx must have dtype"),
+    (lambda a: a.update(block_idx=a["block_idx"][:, :16]), "block_idx must have shape"),
+    (lambda a: a.update(q=torch.randn(1, 32, 16, 8).half().transpose(2, 3)), "q must have shape|contiguous"),
+    (lambda a: a.update(block_size=24), "block_size"),
+    (lambda a: a.update(q=torch.randn(1, 32, 6, 16).half()), "multiple of k/v heads|power of two"),
+    (lambda a: a.update(cu_seqlens=torch.tensor([0, 32], dtype=torch.int64)), "cu_seqlens must have dtype"),
+    (lambda a: a.update(backend="cuda"), "backend"),
+])
+def test_input_errors_name_the_argument(mutate, match, device):
+    q, k, v, bidx = _inputs(device)
+    args = dict(q=q, k=k, v=v, block_idx=bidx, block_size=16)
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        kernels.msa_attention(**args)
+
+
+def test_cpu_without_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    q, k, v, bidx = _inputs("cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*backend='reference'"):
+        kernels.msa_attention(q, k, v, bidx, 16)
+
+
+GPU_CASES = [  # (B, T, Hq, Hkv, D, block, topk, cu_seqlens), dtype
+    pytest.param((1, 2048, 32, 2, 128, 128, 16, None), torch.bfloat16, id="bench_G16-bf16"),  # bench shape, scaled
+    pytest.param((1, 2048, 32, 2, 128, 128, 16, None), torch.float16, id="bench_G16-fp16"),
+    pytest.param((2, 1000, 16, 1, 64, 64, 8, None), torch.bfloat16, id="batch2_D64-bf16"),
+    pytest.param((1, 3000, 16, 2, 128, 128, 16, [0, 100, 1100, 1101, 3000]), torch.bfloat16, id="packed-bf16"),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape, dtype", GPU_CASES)
+def test_gpu_matches_reference(shape, dtype):
+    B, T, Hq, Hkv, D, BS, K, cu = shape
+    _run((B, T, Hq, Hkv, D, BS, K, cu, None), dtype, "cuda")

@@ -1,0 +1,132 @@
+"""KL alignment loss: the Triton kernels (forward, d qi, d ki) against the fp32 reference.
+
+Run: `pytest -q tests/kernels/test_msa_kl.py` (CPU: Triton interpreter; GPU tests need CUDA).
+"""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels.kl.reference import msa_kl_loss_reference
+from msa_numerics import assert_close, gpu, kl_lowp, needs_cuda, rand, random_block_idx, support_BHTT
+
+# (B, T, Hq, Hkv, D, dI, block, topk, cu_seqlens, tokens_per_tile)
+CASES = {
+    "batch2_G2_tail": (2, 77, 4, 2, 32, 32, 16, 3, None, None),
+    "G16": (1, 70, 16, 1, 64, 32, 32, 2, None, None),
+    "packed_G4": (1, 100, 8, 2, 32, 64, 32, 2, [0, 5, 40, 41, 100], None),
+    "G1_tiles4": (1, 60, 2, 2, 32, 16, 16, 3, None, 4),
+}
+# How the model calls it: sparse with lse (from msa_attention) and index_lse (from msa_select);
+# sparse recomputing both; the dense warm-up form with lse recomputed; dense with a given lse.
+MODES = ["sparse_given", "sparse_recomputed", "dense", "dense_given_lse"]
+
+
+def _run(case, mode, dtype, device):
+    B, T, Hq, Hkv, D, I, BS, K, cu, tm = case
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    q = rand(B, T, Hq, D, dtype=dtype, device=device, requires_grad=True)
+    k = rand(B, T, Hkv, D, dtype=dtype, device=device, requires_grad=True)
+    v = rand(B, T, Hkv, D, dtype=dtype, device=device)
+    # Scaled so that the student is neither uniform nor one-hot (a sharper test of the gradient).
+    qi = (2 * torch.randn(B, T, Hkv, I, device=device)).to(dtype).requires_grad_(True)
+    ki = rand(B, T, I, dtype=dtype, device=device, requires_grad=True)
+    dense = mode.startswith("dense")
+    bidx = None if dense else random_block_idx(B, T, Hkv, K, BS, cu_t, device)
+    lse = index_lse = None
+    if mode.endswith("given") or mode == "dense_given_lse":
+        att_idx = bidx
+        if dense:  # every visible block: lse of dense causal attention
+            n = -(-T // BS)
+            att_idx = torch.arange(n, dtype=torch.int32, device=device).expand(B, T, Hkv, n).contiguous()
+        _, lse = kernels.msa_attention(q.detach(), k.detach(), v, att_idx, BS, cu_seqlens=cu_t)
+    if mode == "sparse_given":
+        from kernels.select.reference import index_lse_reference
+        index_lse = index_lse_reference(qi.detach(), ki.detach(), bidx, BS, cu_t)
+
+    kl = kernels.msa_kl_loss(q, k, qi, ki, bidx, BS, cu_seqlens=cu_t, lse=lse, index_lse=index_lse,
+                             tokens_per_tile=tm)
+    assert kl.dtype == torch.float32 and kl.dim() == 0
+    g = torch.randn((), device=device)  # a non-unit upstream gradient
+    dqi, dki = torch.autograd.grad(kl * g, [qi, ki])
+    assert q.grad is None and k.grad is None
+
+    rkl = msa_kl_loss_reference(q, k, qi, ki, bidx, BS, cu_t, lse=lse)
+    rdqi, rdki = torch.autograd.grad(rkl * g, [qi, ki])
+    allowed = support_BHTT(bidx, B, T, Hkv, BS, cu_t, device)
+    lkl = kl_lowp(q, k, qi, ki, allowed, lse, 1 / math.sqrt(D), dtype)
+    ldqi, ldki = torch.autograd.grad(lkl * g, [qi, ki])
+    assert_close("kl", kl, rkl, lkl, dtype)
+    assert_close("dqi", dqi, rdqi, ldqi, dtype)
+    assert_close("dki", dki, rdki, ldki, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference(case, mode, dtype, device):
+    _run(CASES[case], mode, dtype, device)
+
+
+def test_no_gradient_reaches_q_k_or_lse(device):
+    B, T, Hq, Hkv, D, BS, K = 1, 48, 4, 2, 16, 16, 2
+    q = rand(B, T, Hq, D, dtype=torch.float32, device=device, requires_grad=True)
+    k = rand(B, T, Hkv, D, dtype=torch.float32, device=device, requires_grad=True)
+    v = rand(B, T, Hkv, D, dtype=torch.float32, device=device, requires_grad=True)
+    qi = rand(B, T, Hkv, 16, dtype=torch.float32, device=device, requires_grad=True)
+    ki = rand(B, T, 16, dtype=torch.float32, device=device, requires_grad=True)
+    bidx, index_lse = kernels.msa_select(qi.detach(), ki.detach(), BS, K)
+    _, lse = kernels.msa_attention(q, k, v, bidx, BS)  # lse carries a graph to q, k
+    for backend in ("triton", "reference"):
+        kl = kernels.msa_kl_loss(q, k, qi, ki, bidx, BS, lse=lse, index_lse=index_lse, backend=backend)
+        kl.backward()
+        assert q.grad is None and k.grad is None and v.grad is None, backend
+        assert qi.grad is not None and ki.grad is not None
+        qi.grad = ki.grad = None
+
+
+def test_backward_is_deterministic(device):
+    B, T, Hq, Hkv, D, BS, K = 1, 64, 4, 2, 16, 16, 3
+    q = rand(B, T, Hq, D, dtype=torch.float16, device=device)
+    k = rand(B, T, Hkv, D, dtype=torch.float16, device=device)
+    qi = rand(B, T, Hkv, 16, dtype=torch.float16, device=device, requires_grad=True)
+    ki = rand(B, T, 16, dtype=torch.float16, device=device, requires_grad=True)
+    bidx = random_block_idx(B, T, Hkv, K, BS, None, device)
+    runs = [torch.autograd.grad(kernels.msa_kl_loss(q, k, qi, ki, bidx, BS), [qi, ki]) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lse=torch.zeros(1, 32, 4, dtype=torch.float16)), "lse must have dtype"),
+    (dict(lse=torch.zeros(1, 32, 2)), "lse must have shape"),
+    (dict(index_lse=torch.zeros(1, 32, 4)), "index_lse must have shape"),
+    (dict(qi=torch.randn(1, 32, 4, 16)), "qi must have shape"),
+    (dict(ki=torch.randn(1, 32, 8)), "ki must have shape"),
+    (dict(block_idx=torch.zeros(1, 32, 2, 2, dtype=torch.int64)), "block_idx must have dtype"),
+    (dict(k=torch.randn(1, 32, 2, 16).half()), "share a dtype"),
+    (dict(backend="fast"), "backend"),
+])
+def test_input_errors_name_the_argument(kwargs, match):
+    args = dict(q=torch.randn(1, 32, 4, 16), k=torch.randn(1, 32, 2, 16), qi=torch.randn(1, 32, 2, 16),
+                ki=torch.randn(1, 32, 16), block_idx=None, block_size=16)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        kernels.msa_kl_loss(**args)
+
+
+GPU_CASES = [  # (B, T, Hq, Hkv, D, dI, block, topk, cu_seqlens, tokens_per_tile), mode, dtype
+    pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None, None), "sparse_given", torch.bfloat16, id="bench-sparse-bf16"),
+    pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None, None), "dense", torch.bfloat16, id="bench-dense-bf16"),
+    pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None, None), "sparse_given", torch.float16, id="bench-sparse-fp16"),
+    pytest.param((1, 3000, 16, 2, 128, 64, 128, 16, [0, 100, 1100, 1101, 3000], None), "sparse_recomputed",
+                 torch.bfloat16, id="packed-sparse-bf16"),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape, mode, dtype", GPU_CASES)
+def test_gpu_matches_reference(shape, mode, dtype):
+    _run(shape, mode, dtype, "cuda")

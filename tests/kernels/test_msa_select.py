@@ -1,0 +1,123 @@
+"""Block selection: the Triton kernel against the fp32 reference (sets, tie-aware) and its index_lse.
+
+Run: `pytest -q tests/kernels/test_msa_select.py` (CPU: Triton interpreter; GPU tests need CUDA).
+"""
+import pytest
+import torch
+
+import kernels
+from kernels.select import reference as ref
+from msa_numerics import assert_close, gpu, needs_cuda, rand
+
+# (B, T, H, dI, block, topk, cu_seqlens): T not a multiple of the block, packed sequences with one
+# shorter than a block and one of a single token, topk = 1, several index heads per program (H=8)
+# and one (H=3), tokens with fewer visible blocks than topk.
+CASES = {
+    "batch2": (2, 100, 2, 32, 16, 4, None),
+    "packed": (1, 130, 2, 32, 16, 3, [0, 7, 50, 51, 130]),
+    "topk1": (1, 40, 1, 16, 16, 1, None),
+    "H8_block32": (1, 90, 8, 64, 32, 3, None),
+    "H3": (1, 90, 3, 32, 16, 5, None),
+    "dI128_block64": (1, 200, 1, 128, 64, 2, None),
+}
+
+
+def check_selection(bidx, qi, ki, block_size, topk, cu):
+    """Every (token, head) holds a valid top-k under the reference's pooled scores (ties within
+    rounding may go either way), in the contract's layout; returns the fraction equal as sets."""
+    B, T, H, _ = qi.shape
+    rb, _ = ref.msa_select_reference(qi, ki, block_size, topk, cu)
+    same = (bidx.sort(-1).values == rb.sort(-1).values).all(-1)
+    for b, s0, e0, pooled_HLM in ref.pooled_scores_reference(qi, ki, block_size, cu):
+        L = e0 - s0
+        local = torch.arange(L) // block_size
+        n_valid = torch.clamp(local + 1, max=topk)
+        sel = bidx[b, s0:e0].long()  # [L, H, K]
+        slot = torch.arange(topk)
+        # Layout: local block in slot n_valid-1, blocks before it, -1 after it.
+        assert (sel.gather(-1, (n_valid - 1)[:, None, None].expand(L, H, 1)).squeeze(-1) == local[:, None]).all()
+        after = slot[None, None, :] >= n_valid[:, None, None]
+        assert (sel[after.expand_as(sel)] == -1).all()
+        before = slot[None, None, :] < (n_valid - 1)[:, None, None]
+        others = torch.where(before, sel, -1)
+        assert ((others < local[:, None, None]) | (others == -1)).all(), "selected a non-visible or the local block"
+        srt = others.sort(-1).values
+        assert not ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any(), "duplicate block"
+        # Top-k up to rounding: the weakest chosen block is no worse than the best one left out.
+        scores = pooled_HLM.permute(1, 0, 2)  # [L, H, M]
+        M = scores.shape[-1]
+        visible_other = torch.arange(M)[None, None, :] < local[:, None, None]
+        chosen = torch.zeros(L, H, M + 1, dtype=torch.bool).scatter_(-1, torch.where(others >= 0, others, M), True)[..., :M]
+        worst_in = torch.where(chosen, scores, float("inf")).amin(-1)
+        best_out = torch.where(visible_other & ~chosen, scores, float("-inf")).amax(-1)
+        eps = 1e-5 * scores[torch.isfinite(scores)].abs().max()
+        assert (worst_in >= best_out - eps).all(), "a better block was left out"
+    return same.float().mean().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference(case, dtype, device):
+    B, T, H, I, BS, K, cu = CASES[case]
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    qi = rand(B, T, H, I, dtype=dtype, device=device)
+    ki = rand(B, T, I, dtype=dtype, device=device)
+    bidx, lse = kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t)
+    assert bidx.dtype == torch.int32 and bidx.shape == (B, T, H, K)
+    assert lse.dtype == torch.float32 and lse.shape == (B, T, H)
+    frac = check_selection(bidx.cpu(), qi.cpu(), ki.cpu(), BS, K, None if cu is None else cu_t.cpu())
+    assert frac > 0.99, f"only {frac:.3f} of the selections equal the reference's (continuous inputs)"
+    # index_lse on the kernel's own choice (so a tie decided the other way cannot matter).
+    rlse = ref.index_lse_reference(qi, ki, bidx, BS, cu_t)
+    assert_close("index_lse", lse, rlse, rlse, torch.float32)
+
+
+def test_reference_backend_agrees(device):
+    qi = rand(1, 64, 2, 16, dtype=torch.float32, device=device)
+    ki = rand(1, 64, 16, dtype=torch.float32, device=device)
+    b1, l1 = kernels.msa_select(qi, ki, 16, 3, backend="reference")
+    b2, l2 = kernels.msa_select(qi, ki, 16, 3)
+    assert torch.equal(b1.sort(-1).values, b2.sort(-1).values)
+    torch.testing.assert_close(l1, l2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(topk=5), "larger than useful"),
+    (dict(topk=0), "topk must be a positive int"),
+    (dict(block_size=20), "block_size"),
+    (dict(ki=torch.randn(1, 64, 8)), "ki must have shape"),
+    (dict(ki=torch.randn(1, 64, 16).half()), "ki dtype"),
+    (dict(qi=torch.randn(1, 64, 2, 16).to(torch.int8)), "qi must have dtype"),
+    (dict(qi=torch.randn(1, 64, 16, 2).transpose(2, 3)), "contiguous"),
+    (dict(cu_seqlens=torch.tensor([0, 64], dtype=torch.int32), qi=torch.randn(2, 64, 2, 16),
+          ki=torch.randn(2, 64, 16)), "batch size 1"),
+    (dict(backend="torch"), "backend"),
+])
+def test_input_errors_name_the_argument(kwargs, match):
+    args = dict(qi=torch.randn(1, 64, 2, 16), ki=torch.randn(1, 64, 16), block_size=16, topk=3)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        kernels.msa_select(**args)
+
+
+GPU_CASES = [  # (B, T, H, dI, block, topk, cu_seqlens), dtype
+    pytest.param((1, 4096, 2, 128, 128, 16, None), torch.bfloat16, id="bench-bf16"),  # bench shape, scaled
+    pytest.param((1, 4096, 2, 128, 128, 16, None), torch.float16, id="bench-fp16"),
+    pytest.param((2, 1500, 4, 64, 64, 8, None), torch.bfloat16, id="batch2_H4-bf16"),
+    pytest.param((1, 3000, 2, 128, 128, 16, [0, 100, 1100, 1101, 3000]), torch.bfloat16, id="packed-bf16"),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape, dtype", GPU_CASES)
+def test_gpu_matches_reference(shape, dtype):
+    B, T, H, I, BS, K, cu = shape
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+    qi = rand(B, T, H, I, dtype=dtype, device="cuda")
+    ki = rand(B, T, I, dtype=dtype, device="cuda")
+    bidx, lse = kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t)
+    frac = check_selection(bidx.cpu(), qi.float().cpu(), ki.float().cpu(), BS, K, None if cu is None else cu_t.cpu())
+    assert frac > 0.99
+    rlse = ref.index_lse_reference(qi, ki, bidx, BS, cu_t)
+    assert_close("index_lse", lse, rlse, rlse, torch.float32)

@@ -1,0 +1,110 @@
+"""The MSA layer: equals dense attention when top-k covers every block; its KL trains only the
+index branch and the LM loss never reaches it; the real kernels are exercised (reference backend,
+and the Triton path in the interpreter at small shapes).
+
+    pytest -q tests/model/test_msa.py
+"""
+import pytest
+import torch
+
+from model.attention import AttnContext, DenseMask, DocLayout
+from model.layers import rope_cos_sin
+from model.msa import MSAAttention
+from model.transformer import MultimodalTransformer
+from model_helpers import IMG_PATCH, build_batch, small_config
+
+
+def _ctx(cfg, batch, mode):
+    layout = DocLayout.from_segments(batch.segment_ids_BT)
+    return AttnContext(layout=layout, mask=DenseMask(layout, cfg.dense_impl),
+                       rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),
+                       mode=mode, compute_stats=False)
+
+
+def _layer_grads(layer, x, ctx):
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    o, _ = layer(x, ctx)
+    (o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return o.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("backend, T, docs", [
+    ("reference", 128, [[50, 78], [128]]),
+    pytest.param("triton", 64, [[64], [23, 41]], marks=pytest.mark.slow),
+])
+def test_topk_covering_every_block_equals_dense(backend, T, docs):
+    cfg = small_config(msa=dict(block_size=16, topk=T // 16, backend=backend), max_seq_len=T)
+    batch = build_batch(cfg, docs, T)
+    layer = MSAAttention(cfg)
+    x = torch.randn(len(docs), T, cfg.d_model)
+    o_dense, dx_dense, g_dense = _layer_grads(layer, x, _ctx(cfg, batch, "dense"))
+    o_sparse, dx_sparse, g_sparse = _layer_grads(layer, x, _ctx(cfg, batch, "sparse"))
+    torch.testing.assert_close(o_sparse, o_dense, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(dx_sparse, dx_dense, atol=2e-5, rtol=1e-4)
+    assert set(g_sparse) == set(g_dense) == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
+    for name in g_dense:
+        torch.testing.assert_close(g_sparse[name], g_dense[name], atol=2e-5, rtol=1e-4)
+
+
+def _model(backend="reference", T=128):
+    cfg = small_config(msa=dict(backend=backend), max_seq_len=T)
+    return cfg, MultimodalTransformer(cfg, IMG_PATCH)
+
+
+def _check_kl_grads_only_index(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    index = set(model.index_parameter_names())
+    assert index, "the model has index parameters"
+    for name, p in model.named_parameters():
+        if name in index:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no KL gradient"
+        else:
+            assert p.grad is None, f"the KL reached {name}"
+
+
+@pytest.mark.parametrize("mode", ["warmup", "sparse"])
+def test_kl_gradient_reaches_only_index_branch(mode):
+    cfg, model = _model()
+    model.set_mode(mode)
+    batch = build_batch(cfg, [[40, 88], [128]], 128, images_per_row=[1, 0])
+    _check_kl_grads_only_index(model, model(batch).losses["kl_index"])
+
+
+@pytest.mark.slow
+def test_kl_gradient_reaches_only_index_branch_triton():
+    cfg, model = _model("triton", T=64)
+    batch = build_batch(cfg, [[64], [30, 34]], 64)
+    _check_kl_grads_only_index(model, model(batch).losses["kl_index"])
+
+
+@pytest.mark.parametrize("mode", ["warmup", "sparse"])
+def test_lm_and_aux_losses_never_reach_index_branch(mode):
+    cfg, model = _model()
+    model.set_mode(mode)
+    batch = build_batch(cfg, [[40, 88], [128]], 128, images_per_row=[1, 0])
+    out = model(batch)
+    (out.losses["lm"] + out.losses["moe_aux"]).backward()
+    index = set(model.index_parameter_names())
+    for name, p in model.named_parameters():
+        if name in index:
+            assert p.grad is None, f"the LM loss reached {name}"
+    assert model.blocks[1].attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_warmup_attends_densely():
+    cfg, model = _model()
+    batch = build_batch(cfg, [[40, 88], [128]], 128)
+    with torch.no_grad():
+        model.set_mode("dense")
+        dense = model(batch)
+        model.set_mode("warmup")
+        warm = model(batch)
+        model.set_mode("sparse")
+        sparse = model(batch)
+    assert set(dense.losses) == {"lm", "moe_aux"} and set(warm.losses) == {"lm", "kl_index", "moe_aux"}
+    torch.testing.assert_close(warm.losses["lm"], dense.losses["lm"])
+    assert warm.stats["sparsity"] == 0.0 and sparse.stats["sparsity"] > 0.1
+    assert not torch.allclose(sparse.losses["lm"], dense.losses["lm"])

@@ -1,0 +1,123 @@
+"""The whole model: mode switches keep parameters, losses and statistics are named as the pipeline
+expects, param groups partition the parameters, and every mode trains.
+
+    pytest -q tests/model/test_transformer.py
+"""
+import pytest
+import torch
+
+from model.transformer import MultimodalTransformer
+from model_helpers import IMG_PATCH, build_batch, small_config
+
+
+def _shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_mode_switches_keep_parameters_and_shapes():
+    cfg = small_config()
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    assert model.mode == "sparse"
+    before = _shapes(model)
+    batch = build_batch(cfg, [[60, 68], [128]], 128, images_per_row=[1, 1])
+    for mode in ("dense", "warmup", "sparse", "warmup", "dense"):
+        model.set_mode(mode)
+        assert model.mode == mode
+        with torch.no_grad():
+            model(batch)
+        assert _shapes(model) == before
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.set_mode("retrofit")
+
+
+def test_dense_model_refuses_index_modes():
+    model = MultimodalTransformer(small_config(msa=dict(enabled=False)), IMG_PATCH)
+    assert model.mode == "dense" and not model.index_parameter_names()
+    with pytest.raises(ValueError, match="needs an index branch"):
+        model.set_mode("warmup")
+    model.set_mode("dense")
+
+
+def test_losses_and_stats_are_named_for_the_pipeline():
+    cfg = small_config()
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    batch = build_batch(cfg, [[60, 68], [100]], 128, images_per_row=[1, 0])
+    with torch.no_grad():
+        out = model(batch)
+        out_stats = model(batch, compute_stats=True)
+    assert set(out.losses) == {"lm", "kl_index", "moe_aux"}
+    assert all(v.dim() == 0 for v in out.losses.values())
+    assert out.n_targets == batch.n_text_targets > 0
+    msa_layers, moe_layers = cfg.msa_layers, cfg.moe_layers
+    expected = {"sparsity", "kl_index_loss", "moe_aux_loss", "expert_load_max_over_mean"}
+    expected |= {f"layer/{i}/{k}" for i in msa_layers for k in ("sparsity", "kl_index_loss")}
+    expected |= {f"layer/{i}/expert_load_max_over_mean" for i in moe_layers}
+    assert set(out.stats) == expected
+    recall = {"score_recall", "block_recall"} | {f"layer/{i}/{k}" for i in msa_layers
+                                                  for k in ("score_recall", "block_recall")}
+    assert set(out_stats.stats) == expected | recall
+    assert all(isinstance(v, float) for v in out_stats.stats.values())
+    assert 0 < out.stats["sparsity"] < 1 and 0 < out_stats.stats["score_recall"] <= 1
+    assert out.stats["kl_index_loss"] == pytest.approx(float(out.losses["kl_index"]))
+
+    dense = MultimodalTransformer(small_config(msa=dict(enabled=False), moe=dict(enabled=False)), IMG_PATCH)
+    with torch.no_grad():
+        out = dense(batch, compute_stats=True)
+    assert set(out.losses) == {"lm"} and out.stats == {"sparsity": 0.0}
+
+
+def test_param_groups_partition_the_parameters():
+    model = MultimodalTransformer(small_config(), IMG_PATCH)
+    groups = model.param_groups()
+    assert set(groups) == {"backbone", "experts", "index"}
+    ids = [id(p) for g in groups.values() for p in g]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    named = dict(model.named_parameters())
+    assert {id(named[n]) for n in model.index_parameter_names()} == {id(p) for p in groups["index"]}
+    assert all(n.split(".")[-1] in ("weight",) for n in model.index_parameter_names())
+    assert len(groups["experts"]) == 3 * len(model.cfg.moe_layers)
+    w = model.loss_weights()
+    assert w == {"lm": 1.0, "kl_index": model.cfg.msa.kl_weight, "moe_aux": model.cfg.moe.aux_weight}
+
+
+def test_images_are_native_tokens():
+    cfg = small_config()
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    batch = build_batch(cfg, [[60, 68], [100]], 128, images_per_row=[2, 0])
+    out = model(batch)
+    out.losses["lm"].backward()
+    # the patch encoder is trained with the rest, from the text loss
+    assert model.patch_encoder.proj.weight.grad.abs().sum() > 0
+    other = build_batch(cfg, [[60, 68], [100]], 128, images_per_row=[2, 0], seed=0)
+    other.images_BNCHW = 255 - other.images_BNCHW
+    with torch.no_grad():
+        assert not torch.allclose(model(other).losses["lm"], out.losses["lm"])
+    # no image in the batch: the encoder still gets a (zero) gradient, as DDP needs
+    model.zero_grad(set_to_none=True)
+    model(build_batch(cfg, [[128]], 128)).losses["lm"].backward()
+    assert model.patch_encoder.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["dense", "warmup", "sparse"])
+def test_every_mode_trains(mode):
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    model.set_mode(mode)
+    batch = build_batch(cfg, [[60, 68], [128]], 128, images_per_row=[1, 0])
+    groups = model.param_groups()
+    opt = torch.optim.AdamW([{"params": groups["backbone"] + groups["experts"], "lr": 3e-3},
+                             {"params": groups["index"], "lr": 1e-2}])
+    w = model.loss_weights()
+    history = []
+    for _ in range(6):
+        out = model(batch)
+        loss = sum(w[k] * v for k, v in out.losses.items())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.after_optimizer_step()
+        history.append({k: float(v.detach()) for k, v in out.losses.items()})
+    assert history[-1]["lm"] < history[0]["lm"] - 0.3
+    if mode != "dense":
+        assert history[-1]["kl_index"] < history[0]["kl_index"]
