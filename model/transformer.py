@@ -34,6 +34,8 @@ class ModelOutput:
     stats: dict[str, float] = field(default_factory=dict)  # named statistics (floats, detached)
     n_targets: int = 0  # text tokens that carried an LM target
     logits: torch.Tensor | None = None  # [B, T, V], only when asked for (evaluation)
+    selection: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> block_idx [1, B*T, Hkv, K]
+    #                                    int32, the MSA layers' selections (only with compute_stats)
 
 
 class Block(nn.Module):
@@ -186,7 +188,8 @@ class MultimodalTransformer(nn.Module):
         if moe_extras:
             losses["moe_aux"] = torch.stack([m["aux"] for m in moe_extras.values()]).mean()
         return ModelOutput(losses=losses, stats=self._stats(lm.device, losses, attn_extras, moe_extras),
-                           n_targets=batch.n_text_targets, logits=logits_BTV if return_logits else None)
+                           n_targets=batch.n_text_targets, logits=logits_BTV if return_logits else None,
+                           selection={i: a["block_idx"] for i, a in attn_extras.items() if "block_idx" in a})
 
     @torch.no_grad()
     def _stats(self, device, losses: dict, attn_extras: dict, moe_extras: dict) -> dict[str, float]:
