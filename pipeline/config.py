@@ -98,12 +98,15 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     local_num_cpus: int = 0  # logical CPUs of a local Ray; 0: enough for the workers and the data actors
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    parallel: str = "ddp"  # "ddp" | "fsdp" (FSDP2: parameters, gradients and optimizer state sharded)
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("ray.num_workers", "must be at least 1")
         if self.max_failures < 0:
             raise ConfigError("ray.max_failures", "must be >= 0")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError("ray.parallel", f"must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.cpus_per_worker <= 0:
             raise ConfigError("ray.cpus_per_worker", "must be positive")
 

@@ -24,12 +24,13 @@ import torch.distributed as dist
 from data_prep.schema import IMG_PATCH, SPECIAL_TOKENS
 from model.batch import Batch
 from model.transformer import MultimodalTransformer
-from pipeline.checkpoint import load_state, restore_rng, save_state, unwrap
+from pipeline.checkpoint import load_state, restore_rng, save_state
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.data import DROP_REASONS
 from pipeline.flops import StepFlops, device_peak_tflops
 from pipeline.metrics import Window, progress_line, reduce_window
 from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
+from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState, write_data_state
 from pipeline.schedule import attention_mode, frozen_groups
 from pipeline.tracking import make_tracker
@@ -96,21 +97,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             saved = load_state(Path(d))
-    model = build_model(cfg) if saved else _init_model(cfg, rank)
-    if saved:
-        model.load_state_dict(saved["model"])
-    optimizer = build_optimizer(model, cfg.train)
+    raw = build_model(cfg) if saved else _init_model(cfg, rank)
+    model = wrap(raw, cfg.ray.parallel, device)
+    optimizer = build_optimizer(raw, cfg.train)  # after wrapping: FSDP replaces the parameters
     st = LoopState()
     data_state = DataState([0] * len(plan.entries))
     if saved:
-        optimizer.load_state_dict(saved["optimizer"])
+        load_states(model, optimizer, saved)
         st = LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved["skipped_steps"])
         data_state = DataState(saved["data_state"]["docs_done"]).restart(plan)
         restore_rng(saved["rng"])
         if rank == 0:
             print(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen)", flush=True)
-    raw = model
-    model = ray.train.torch.prepare_model(model)
     tracker = make_tracker(rank, loop_config["tracking_uri"], loop_config["run_id"])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else contextlib.nullcontext())
@@ -155,8 +153,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # the KL's gradient reaches only the index branch: it is clipped on its own, so a KL spike
         # cannot shrink the backbone's update (and the reported grad norm is the backbone's)
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"backbone", "experts"}), clip))
-        index_norm = (float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"index"}), clip))
+        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"backbone", "experts"}), clip))
+        index_norm = (as_float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"index"}), clip))
                       if has_index else 0.0)
         # norms are taken after DDP's all-reduce, so every rank takes the same decision
         if math.isfinite(grad_norm) and math.isfinite(index_norm):
@@ -190,8 +188,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         if st.step % cfg.train.log_every == 0 or st.step == cfg.train.max_steps:
             metrics = _window_metrics(win, device, lr, st, peak, world)
-            if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and rank == 0:
-                metrics.update(_evaluate(cfg, raw, device, autocast))
+            # under FSDP every rank must take part in the forward passes; rank 0 logs the result
+            if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and (rank == 0 or cfg.ray.parallel == "fsdp"):
+                metrics.update(_evaluate(cfg, raw, device, autocast, verbose=rank == 0))
             tracker.log_metrics(metrics, st.step)
             if rank == 0:
                 done = st.step - step_start
@@ -225,15 +224,16 @@ def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float |
     return metrics
 
 
-def _evaluate(cfg: RunConfig, model, device, autocast) -> dict[str, float]:
-    """Held-out evaluation on rank 0 (the other ranks wait for it at the next collective)."""
+def _evaluate(cfg: RunConfig, model, device, autocast, verbose: bool) -> dict[str, float]:
+    """Held-out evaluation (DDP: on rank 0 while the others wait at the next collective)."""
     from pipeline.evaluate import evaluate
 
     tok = cfg.data.tokenizer or str(Path(cfg.data.shards[0]) / "tokenizer.json")
     res = evaluate(model, cfg.data.eval_shards, tok, cfg.seq_len, cfg.model.image_size, cfg.model.patch_size,
                    device, cfg.train.batch_size, cfg.train.eval_documents, autocast)
-    print(f"[eval] lm_loss {res.lm_loss:.4f}  retrieval_acc {res.retrieval_acc:.3f} ({res.questions} questions)",
-          flush=True)
+    if verbose:
+        print(f"[eval] lm_loss {res.lm_loss:.4f}  retrieval_acc {res.retrieval_acc:.3f} ({res.questions} questions)",
+              flush=True)
     return {k: v for k, v in res.metrics().items() if not math.isnan(v)}
 
 
@@ -278,9 +278,11 @@ def _report(st: LoopState, metrics, checkpoint, model, optimizer, plan, data_sta
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(delta)
     data_state.docs_done = [a + int(b) for a, b in zip(data_state.docs_done, delta.cpu().tolist())]
+    # gathering the full state is a collective under FSDP: every rank takes part, rank 0 writes
+    model_sd, optim_sd = model_state(model), optimizer_state(model, optimizer)
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            save_state(Path(d), model, optimizer, st.step,
+            save_state(Path(d), model_sd, optim_sd, st.step,
                        {"tokens_seen": st.tokens_seen, "skipped_steps": st.skipped_steps, "mlflow_run_id": run_id,
                         "data_state": data_state.to_json()})
             write_data_state(Path(d), plan, data_state, st.step)
@@ -288,4 +290,3 @@ def _report(st: LoopState, metrics, checkpoint, model, optimizer, plan, data_sta
     return np.zeros_like(docs_delta)
 
 
-__all__ = ["train_loop_per_worker", "build_model", "unwrap"]
