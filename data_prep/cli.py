@@ -18,7 +18,7 @@ import sys
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from data_prep.convert import ConvertOptions, NoInput, convert
+from data_prep.convert import ConvertOptions, NoInput, OutputBusy, convert
 from data_prep.executor import default_workers
 from data_prep.normalize import NormalizeConfig
 from data_prep.readers.demo import DemoReader
@@ -89,7 +89,7 @@ def _run_conversion(args, reader, out: Path, extra: dict | None = None) -> int:
                           dedup_images=args.dedup_images, quiet=args.quiet, extra=extra or {})
     try:
         res = convert(reader, out, cfg, opts)
-    except NoInput as e:
+    except (NoInput, OutputBusy) as e:
         raise FatalError(str(e)) from None
     m = res.manifest
     print(f"msa-prep {args.command}: {m.inputs} inputs -> {m.documents} documents, {m.images} images in "

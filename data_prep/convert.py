@@ -20,10 +20,12 @@ I/O, small next to decoding), and the dedup keeps two sets of digests in memory.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,6 +47,10 @@ WORK_DIR = ".work"
 
 class NoInput(Exception):
     """The input holds no documents at all (an empty folder, a wrong path): nothing to convert."""
+
+
+class OutputBusy(Exception):
+    """Another conversion is writing the same output directory."""
 
 
 @dataclass
@@ -83,15 +89,20 @@ def _clean_temporaries(out: Path, work: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+@contextmanager
+def _output_lock(work: Path):
+    """One conversion at a time per output directory (an advisory lock, released when the run ends)."""
+    with open(work / "lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputBusy(f"another msa-prep is writing {work.parent}") from None
+        yield
+
+
 def convert(reader: Reader, out_dir: Path, cfg: NormalizeConfig, opts: ConvertOptions,
             on_unit_done: Callable[[int], None] | None = None) -> ConvertResult:
     """`on_unit_done(i)` is called after unit i is normalized (tests use it to interrupt a run)."""
-    with Executor(opts.workers, opts.ray_address) as ex:
-        return _convert(reader, Path(out_dir), cfg, opts, ex, on_unit_done)
-
-
-def _convert(reader: Reader, out_dir: Path, cfg: NormalizeConfig, opts: ConvertOptions, ex: Executor,
-             on_unit_done: Callable[[int], None] | None) -> ConvertResult:
     t0 = time.perf_counter()
     reader.max_image_bytes = cfg.max_image_bytes
     specs = reader.plan(opts.unit_docs)
@@ -100,6 +111,14 @@ def _convert(reader: Reader, out_dir: Path, cfg: NormalizeConfig, opts: ConvertO
     out = Path(out_dir).resolve()
     work = out / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
+    with _output_lock(work), Executor(opts.workers, opts.ray_address) as ex:
+        result = _run(reader, specs, out, work, cfg, opts, ex, on_unit_done)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run(reader: Reader, specs: list[dict], out: Path, work: Path, cfg: NormalizeConfig, opts: ConvertOptions,
+         ex: Executor, on_unit_done: Callable[[int], None] | None) -> ConvertResult:
     _clean_temporaries(out, work)
     old_manifest = _read_old_manifest(out)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
@@ -162,9 +181,10 @@ def _convert(reader: Reader, out_dir: Path, cfg: NormalizeConfig, opts: ConvertO
     for p in out.glob("shard-*.tar"):
         if p.name not in {shard_name(i) for i in range(len(plan))}:
             p.unlink()
-    for p in work.glob("shard-*.json"):
-        if int(p.stem.split("-")[1]) >= len(plan):
-            p.unlink()
+    for pattern, n in (("shard-*.json", len(plan)), ("part-*.json", len(specs))):
+        for p in work.glob(pattern):
+            if int(p.stem.split("-")[1]) >= n:
+                p.unlink()
 
     m = result.manifest
     m.extra = {"input": reader.describe(), "normalize": cfg.to_json(),
@@ -183,7 +203,6 @@ def _convert(reader: Reader, out_dir: Path, cfg: NormalizeConfig, opts: ConvertO
     m.write(out)
     for p in work.glob("part-*.tar"):
         p.unlink()
-    result.seconds = time.perf_counter() - t0
     return result
 
 

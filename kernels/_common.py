@@ -221,6 +221,15 @@ def reverse_index(block_idx_NHK: torch.Tensor, cu_S1: torch.Tensor, block_size: 
     return tokens_E, offsets, C
 
 
+# Set by `kernels.compile_check`: compile the GPU specialisations for CPU tensors without a GPU.
+COMPILE_ONLY = False
+
+
+def gpu_launch(x: torch.Tensor) -> bool:
+    """Whether launch parameters are for a GPU (else the interpreter's)."""
+    return x.device.type == "cuda" or COMPILE_ONLY
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise go through TF32 on the GPU (10-bit mantissa).
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -29,6 +29,8 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 import kernels
 from kernels.attention import op as attn_op
@@ -152,7 +154,7 @@ def tile_union_size(block_idx_BTHK, tokens):
 # ---------------------------------------------------------------------------------------------
 # One sequence length
 # ---------------------------------------------------------------------------------------------
-def bench_seqlen(T, results, smoke=False, flex_compiled=None):
+def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_variants=()):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float16
     hq, hkv, dh, di, bs, K = (HQ, HKV, DH, DI, BLOCK, TOPK) if not smoke else (8, 2, 32, 32, 32, 4)
@@ -203,6 +205,8 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None):
         return o
 
     our_attention(block_idx)
+    for tm in tm_variants:
+        our_attention(block_idx, tm, f"msa attention, {tm}-token tiles")
 
     # Selection + attention forward+backward (what a training step pays per layer, minus KL)
     qq, kk_, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
@@ -242,6 +246,8 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None):
 
     backends = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)] if dev == "cuda" \
         else [("math", SDPBackend.MATH)]
+    if not dense:
+        backends = []
     fd, fbd = 4 * dh * hq * C, 10 * dh * hq * C
     qt = q.transpose(1, 2).detach().requires_grad_(True)
     kt = k.transpose(1, 2).detach().requires_grad_(True)
@@ -275,7 +281,7 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None):
             results.append(dict(name=f"{label} bwd (fwd+bwd - fwd)", ms=fb_ms - f_ms, pass_="bwd", flops=fbd, **ex))
 
     # FlexAttention, block mask with 16 blocks per 128-query tile
-    if dev == "cuda" or smoke:
+    if (dev == "cuda" and flex_compiled is not None) or smoke:
         try:
             from torch.nn.attention.flex_attention import flex_attention
 
@@ -313,13 +319,12 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None):
 # Launch-variant sweep of the attention kernels
 # ---------------------------------------------------------------------------------------------
 SWEEP = {
-    "fwd": [dict(BN=64, num_warps=4, num_stages=2), dict(BN=64, num_warps=4, num_stages=3),
-            dict(BN=128, num_warps=4, num_stages=2), dict(BN=128, num_warps=8, num_stages=2)],
-    "dq": [dict(BN=64, num_warps=4, num_stages=2), dict(BN=64, num_warps=4, num_stages=3),
-           dict(BN=128, num_warps=4, num_stages=2), dict(BN=128, num_warps=8, num_stages=2)],
+    "fwd": [dict(BN=64, num_warps=4, num_stages=2), dict(BN=128, num_warps=4, num_stages=2),
+            dict(BN=64, num_warps=4, num_stages=3)],
+    "dq": [dict(BN=64, num_warps=4, num_stages=2), dict(BN=128, num_warps=4, num_stages=2),
+           dict(BN=64, num_warps=8, num_stages=2)],
     "dkdv": [dict(BN=64, rows=64, num_warps=4, num_stages=2), dict(BN=64, rows=64, num_warps=8, num_stages=2),
-             dict(BN=128, rows=32, num_warps=8, num_stages=2), dict(BN=64, rows=128, num_warps=8, num_stages=2),
-             dict(BN=128, rows=64, num_warps=8, num_stages=2)],
+             dict(BN=128, rows=32, num_warps=8, num_stages=2), dict(BN=64, rows=128, num_warps=8, num_stages=2)],
 }
 
 
@@ -429,6 +434,49 @@ def device_info():
     return info
 
 
+@triton.jit
+def _probe_kernel(x_ptr, idx_ptr, out_ptr, n_iter, ROWS: tl.constexpr, D: tl.constexpr):
+    pid = tl.program_id(0)
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, D)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    for i in range(n_iter):
+        blk = tl.load(idx_ptr + pid * n_iter + i)
+        acc += tl.load(x_ptr + (blk * ROWS + r)[:, None] * D + d[None, :]).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(tl.sum(acc, 1), 0))
+
+
+def l2_probe(results):
+    """Achievable gather bandwidth for the attention forward's access pattern: programs that each
+    read random [128, 128] bf16 blocks (32 KB, like one K or V block) from a buffer of a given size,
+    with no math. Buffers below the 50 MB L2 measure L2 -> SM; larger ones mix in DRAM."""
+    import triton.testing
+
+    n_prog, n_iter = 132 * 8, 256
+    out = {}
+    for mb in (16, 32, 64, 128, 1024):
+        n_blocks = mb * 2**20 // (128 * 128 * 2)
+        x = torch.randn(n_blocks * 128, 128, device="cuda", dtype=torch.bfloat16)
+        idx = torch.randint(0, n_blocks, (n_prog * n_iter,), device="cuda", dtype=torch.int32)
+        o = torch.empty(n_prog, device="cuda")
+        fn = lambda: _probe_kernel[(n_prog,)](x, idx, o, n_iter, ROWS=128, D=128, num_warps=4, num_stages=3)  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        # No L2 flush between calls (unlike do_bench): the buffer is meant to stay resident.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / 10
+        tb_s = n_prog * n_iter * 128 * 128 * 2 / (ms * 1e-3) / 1e12
+        out[f"gather_{mb}MB_tb_s"] = tb_s
+        results.append(dict(name=f"probe: random 32 KB block gathers from {mb} MB", ms=ms, op="probe", tb_s=tb_s))
+        print(f"  gather bandwidth, {mb:5d} MB buffer: {tb_s:.2f} TB/s", flush=True)
+    return out
+
+
 def ceilings():
     """Measured ceilings of this card: bf16 matmul rate and device-to-device copy bandwidth."""
     import triton.testing
@@ -473,6 +521,9 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="pick attention launch variants at 32K first")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks this script")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines")
+    ap.add_argument("--tm-variants", default="", help="also time per-token selection with these tokens_per_tile")
+    ap.add_argument("--l2-probe", action="store_true", help="measure gather bandwidth by buffer size")
     ap.add_argument("--profile", type=int, default=0, help="run one training step of the ops at this T for ncu")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip sequence lengths that start after this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -500,6 +551,8 @@ def main(argv=None):
         info.update(ceilings())
         print(f"ceilings: bf16 matmul {info['bf16_matmul_tflops']:.0f} TFLOP/s, copy {info['copy_tb_s']:.2f} TB/s",
               flush=True)
+    if args.l2_probe and torch.cuda.is_available():
+        info.update(l2_probe(results))
     if args.sweep and torch.cuda.is_available():
         info["chosen_config"] = sweep(32768, results)
     flex_compiled = None
@@ -513,7 +566,8 @@ def main(argv=None):
         if time.time() - t_begin > args.budget_s:
             print(f"T={T} skipped: past --budget-s", flush=True)
             continue
-        stats.append(bench_seqlen(T, results, smoke=args.smoke, flex_compiled=flex_compiled))
+        stats.append(bench_seqlen(T, results, smoke=args.smoke, flex_compiled=None if args.no_flex else flex_compiled,
+                                  dense=not args.no_dense, tm_variants=[int(x) for x in args.tm_variants.split(",") if x]))
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump(dict(info=info, tests_ok=tests_ok, stats=stats, results=results), f, indent=1)
     print(f"benchmark {time.time() - t_start:.0f} s", flush=True)

@@ -83,7 +83,7 @@ def _flat(x):
 
 
 def _cfg(kernel, x, block_size, rows=16):
-    if x.device.type == "cpu":
+    if not _common.gpu_launch(x):
         cfg = {"BN": block_size}
         if kernel == "dki":
             cfg["rows"] = 16

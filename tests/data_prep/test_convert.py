@@ -136,6 +136,19 @@ def test_changed_settings_or_inputs_are_redone_not_mixed(tmp_path):
     assert "edited" in next(iter_documents(out)).segments[0].text
 
 
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path, capsys):
+    inp = html_corpus(tmp_path / "web", n_pages=8)
+    out = tmp_path / "out"
+
+    def second_run(i):
+        if i == 0:
+            assert prep_main(["html", str(inp), "--output", str(out), "--workers", "1", "--quiet"]) == 2
+
+    res = convert(HtmlReader(str(inp)), out, CFG, opts(), on_unit_done=second_run)
+    assert res.manifest.documents == 8
+    assert "another msa-prep is writing" in capsys.readouterr().err
+
+
 def test_killed_process_resumes_to_the_same_bytes(tmp_path):
     inp = html_corpus(tmp_path / "web", n_pages=40)
     args = ["html", str(inp), "--workers", "1", "--unit-docs", "1", "--min-image-side", "16", "--quiet"]

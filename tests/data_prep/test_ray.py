@@ -15,7 +15,8 @@ ARGS = ["--quiet", "--min-image-side", "16", "--shard-docs", "4"]
 def test_private_local_ray_equals_local_processes(tmp_path):
     import ray
 
-    assert not ray.is_initialized()
+    if ray.is_initialized():
+        pytest.skip("another test left this process connected to a Ray; `local` would reuse it")
     inp = html_corpus(tmp_path / "web", n_pages=10)
     assert prep_main(["html", str(inp), "--output", str(tmp_path / "seq"), "--workers", "1", *ARGS]) == 0
     # `local`: the command starts a Ray of its own (2 CPUs) and shuts it down when done
