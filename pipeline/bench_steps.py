@@ -37,8 +37,9 @@ def _batch(cfg, T: int, device) -> Batch:
     ).to(device)
 
 
-def time_mode(preset: str, mode: str, T: int, iters: int, warmup: int, overrides: dict) -> dict:
-    device = torch.device("cuda")
+def time_mode(preset: str, mode: str, T: int, iters: int, warmup: int, overrides: dict,
+              device: torch.device = torch.device("cuda")) -> dict:
+    cuda = device.type == "cuda"
     cfg = get_preset(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, T), **overrides)
     if mode == "dense":
@@ -46,14 +47,15 @@ def time_mode(preset: str, mode: str, T: int, iters: int, warmup: int, overrides
     model = MultimodalTransformer(cfg, img_patch_id=4).to(device)
     if mode != "dense":
         model.set_mode(mode)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     batch = _batch(cfg, T, device)
     weights = model.loss_weights()
     flops = StepFlops(cfg)(batch.segment_ids_BT.cpu(), mode)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             out = model(batch)
         loss = sum(weights[k] * v for k, v in out.losses.items())
         opt.zero_grad(set_to_none=True)
@@ -65,20 +67,26 @@ def time_mode(preset: str, mode: str, T: int, iters: int, warmup: int, overrides
         out = step()
     times = []
     for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        out = step()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:  # a CPU run only checks the script
+            t0 = time.perf_counter()
+            out = step()
+            times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    peak = device_peak_tflops(0.0)
+    peak = device_peak_tflops(0.0) if cuda else None
     res = {"preset": preset, "mode": mode, "context": T, "step_s": t, "step_s_all": times,
            "tokens_per_s": T / t, "model_tflops": flops / t / 1e12, "mfu": (flops / t / (peak * 1e12)) if peak else None,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "sparsity": out.stats.get("sparsity", 0.0),
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "sparsity": out.stats.get("sparsity", 0.0),
            "loss": float(out.losses["lm"])}
     del model, opt, batch, out
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return res
 
 
@@ -90,18 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only checks the script (with the tiny preset)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_steps needs a CUDA GPU", file=sys.stderr)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_steps: no CUDA GPU here (use --device cpu --preset tiny to check the script)", file=sys.stderr)
         return 2
     rows = []
     t0 = time.time()
     for T in args.contexts:
         for mode in args.modes:
-            r = time_mode(args.preset, mode, T, args.iters, args.warmup, {})
+            r = time_mode(args.preset, mode, T, args.iters, args.warmup, {}, device)
             rows.append(r)
             print(f"[bench] {mode:>7} T={T:>6}: {r['step_s'] * 1e3:8.1f} ms  ({time.time() - t0:.0f}s)", flush=True)
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
