@@ -95,6 +95,7 @@ class MSAAttention(GQAAttention):
             extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, None, bs, cu, backend=backend)
             extras["sparsity"] = q_BTHD.new_zeros((), dtype=torch.float32)
         if ctx.compute_stats:
+            extras["block_idx"] = block_idx.detach()  # [1, N, Hkv, K], for the selection picture
             extras["score_recall"], extras["block_recall"] = stats.recalls(
                 q_1NHD[0].detach(), k_1NHD[0].detach(), block_idx[0], layout, bs)
         return self.o_proj(o_BTHD.reshape(B, T, -1)), extras

@@ -33,6 +33,9 @@ class ModelOutput:
     losses: dict[str, torch.Tensor]  # named scalar losses: "lm" always; "kl_index", "moe_aux" by architecture
     stats: dict[str, float] = field(default_factory=dict)  # named statistics (floats, detached)
     n_targets: int = 0  # text tokens that carried an LM target
+    logits: torch.Tensor | None = None  # [B, T, V], only when asked for (evaluation)
+    selection: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> block_idx [1, B*T, Hkv, K]
+    #                                    int32, the MSA layers' selections (only with compute_stats)
 
 
 class Block(nn.Module):
@@ -158,7 +161,7 @@ class MultimodalTransformer(nn.Module):
         # row-major order of patch positions == order of images in the row, patches in raster order
         return x_BTE.masked_scatter(is_patch_BT[..., None], patches_MPE.to(x_BTE.dtype).reshape(-1))
 
-    def forward(self, batch: Batch, *, compute_stats: bool = False) -> ModelOutput:
+    def forward(self, batch: Batch, *, compute_stats: bool = False, return_logits: bool = False) -> ModelOutput:
         cfg = self.cfg
         x_BTE = self.embed_inputs(batch)
         layout = DocLayout.from_segments(batch.segment_ids_BT)
@@ -185,7 +188,8 @@ class MultimodalTransformer(nn.Module):
         if moe_extras:
             losses["moe_aux"] = torch.stack([m["aux"] for m in moe_extras.values()]).mean()
         return ModelOutput(losses=losses, stats=self._stats(lm.device, losses, attn_extras, moe_extras),
-                           n_targets=batch.n_text_targets)
+                           n_targets=batch.n_text_targets, logits=logits_BTV if return_logits else None,
+                           selection={i: a["block_idx"] for i, a in attn_extras.items() if "block_idx" in a})
 
     @torch.no_grad()
     def _stats(self, device, losses: dict, attn_extras: dict, moe_extras: dict) -> dict[str, float]:

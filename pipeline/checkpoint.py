@@ -15,15 +15,11 @@ import torch
 STATE_FILE = "state.pt"
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-               extra: dict[str, Any]) -> Path:
+def save_state(directory: Path, model_state: dict, optimizer_state: dict, step: int, extra: dict[str, Any]) -> Path:
+    """Write the (full, unsharded) model and optimizer states with the loop's own state."""
     state = {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optimizer_state,
         "step": step,
         "rng": {
             "python": random.getstate(),

@@ -60,6 +60,12 @@ class TrainConfig:
     log_every: int = 5
     checkpoint_every: int = 50
     max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or gradient
+    index_lr: float = 0.0  # learning rate of the index branch (its own optimizer group); 0: train.lr
+    expert_lr_scale: float = 1.0  # routed experts' learning rate = lr * expert_lr_scale
+    stats_every: int = 0  # score/block recall (needs dense attention) every this many steps; 0: log_every
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: from the GPU's name (none on CPU: no MFU)
+    eval_every: int = 0  # held-out evaluation (data.eval_shards) every this many steps, on rank 0; 0: off
+    eval_documents: int = 200  # held-out documents per periodic evaluation
     seed: int = 0
 
     def validate(self) -> None:
@@ -76,6 +82,10 @@ class TrainConfig:
             raise ConfigError("train.dtype", f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise ConfigError("train.beta1", "betas must be in [0, 1)")
+        if self.index_lr < 0 or self.expert_lr_scale < 0 or self.stats_every < 0 or self.peak_tflops < 0:
+            raise ConfigError("train.index_lr", "index_lr, expert_lr_scale, stats_every and peak_tflops must be >= 0")
+        if self.eval_every < 0 or self.eval_documents < 1:
+            raise ConfigError("train.eval_every", "eval_every must be >= 0 and eval_documents >= 1")
         if self.grad_clip < 0:
             raise ConfigError("train.grad_clip", "must be >= 0 (0 disables clipping)")
 
@@ -88,12 +98,15 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     local_num_cpus: int = 0  # logical CPUs of a local Ray; 0: enough for the workers and the data actors
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
+    parallel: str = "ddp"  # "ddp" | "fsdp" (FSDP2: parameters, gradients and optimizer state sharded)
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("ray.num_workers", "must be at least 1")
         if self.max_failures < 0:
             raise ConfigError("ray.max_failures", "must be >= 0")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError("ray.parallel", f"must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.cpus_per_worker <= 0:
             raise ConfigError("ray.cpus_per_worker", "must be positive")
 
@@ -107,6 +120,38 @@ class TrackingConfig:
     def validate(self) -> None:
         if not self.experiment:
             raise ConfigError("tracking.experiment", "must not be empty")
+
+
+MODES = ("dense", "msa", "retrofit")
+
+
+@dataclass
+class ScheduleConfig:
+    """Which run this is (the `mode` tag in MLflow) and when attention goes sparse.
+
+    dense     the GQA baseline: the model is built without an index branch (model.msa.enabled=false)
+    msa       native MSA: dense warm-up for `warmup_tokens` (both branches dense, the index branch learns
+              from the dense-support KL), then sparse
+    retrofit  MSA-CPT: start from a dense run's checkpoint, add fresh index projections, warm them up
+              for `retrofit_warmup_tokens` (backbone frozen unless told otherwise), then sparse
+    Tokens are counted as row capacity: steps * batch_size * num_workers * seq_len.
+    """
+
+    mode: str = "msa"
+    warmup_tokens: int = 0
+    retrofit_from: str = ""  # checkpoint directory (with state.pt) of a dense run
+    retrofit_warmup_tokens: int = 0
+    freeze_backbone_in_warmup: bool = True  # retrofit only: the warm-up trains the index branch alone
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError("schedule.mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.warmup_tokens < 0 or self.retrofit_warmup_tokens < 0:
+            raise ConfigError("schedule.warmup_tokens", "must be >= 0")
+        if self.mode == "retrofit" and not self.retrofit_from:
+            raise ConfigError("schedule.retrofit_from", "mode 'retrofit' needs the checkpoint of a dense run")
+        if self.mode != "retrofit" and self.retrofit_from:
+            raise ConfigError("schedule.retrofit_from", f"is only used with mode 'retrofit', not {self.mode!r}")
 
 
 @dataclass
@@ -130,11 +175,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
     def seq_len(self) -> int:
         return self.data.seq_len or self.model.max_seq_len
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.batch_size * self.ray.num_workers * self.seq_len
 
     @property
     def tracking_uri(self) -> str:
@@ -144,10 +194,19 @@ class RunConfig:
         if not self.name:
             raise ConfigError("name", "must not be empty")
         self.model.validate()
-        for part in (self.data, self.train, self.ray, self.tracking, self.debug):
+        for part in (self.data, self.train, self.ray, self.tracking, self.schedule, self.debug):
             part.validate()
+        if self.schedule.mode == "dense" and self.model.msa.enabled:
+            # the dense baseline is the same model without an index branch: say so, then build it
+            print("[config] schedule.mode = 'dense': building the model without the index branch "
+                  "(model.msa.enabled = false)")
+            self.model.msa.enabled = False
+        if self.schedule.mode in ("msa", "retrofit") and not self.model.msa.enabled:
+            raise ConfigError("model.msa.enabled", f"schedule.mode {self.schedule.mode!r} needs the index branch")
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError("data.seq_len", f"{self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.train.eval_every and not self.data.eval_shards:
+            raise ConfigError("data.eval_shards", "train.eval_every is set but there are no held-out shards")
         if self.debug.kill_worker_at_step and not 0 <= self.debug.kill_rank < self.ray.num_workers:
             raise ConfigError("debug.kill_rank", f"must name one of the {self.ray.num_workers} workers")
         if self.model.image_tokens > self.seq_len:
@@ -256,6 +315,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     cfg.data.shards = [absolute(s) for s in cfg.data.shards]
     cfg.data.tokenizer = absolute(cfg.data.tokenizer)
     cfg.data.eval_shards = absolute(cfg.data.eval_shards)
+    cfg.schedule.retrofit_from = absolute(cfg.schedule.retrofit_from)
 
 
 def config_from_dict(data: dict, base_dir: Path | None = None) -> RunConfig:

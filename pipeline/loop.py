@@ -1,8 +1,9 @@
 """The per-worker training loop that Ray Train runs on every worker.
 
 It builds the model, wraps it for data parallelism (DDP over gloo on CPU, NCCL on GPU), streams its
-share of the packed rows, steps the optimizer, reports metrics and checkpoints through
-`ray.train.report`, and logs to MLflow on rank 0 only (through a tracker with a no-op twin).
+share of the packed rows, runs the MSA schedule (pipeline/schedule.py), steps the optimizer, reports
+metrics and checkpoints through `ray.train.report`, and logs to MLflow on rank 0 only (through a
+tracker with a no-op twin).
 """
 from __future__ import annotations
 
@@ -26,10 +27,15 @@ from model.transformer import MultimodalTransformer
 from pipeline.checkpoint import load_state, restore_rng, save_state
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.data import DROP_REASONS
+from pipeline.flops import StepFlops, device_peak_tflops
 from pipeline.metrics import Window, progress_line, reduce_window
-from pipeline.optim import build_optimizer, lr_at, set_lr
+from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
+from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState, write_data_state
+from pipeline.schedule import attention_mode, frozen_groups
 from pipeline.tracking import make_tracker
+
+log = logging.getLogger(__name__)
 
 
 class TooManyBadSteps(RuntimeError):
@@ -44,6 +50,10 @@ class LoopState:
     skipped_steps: int = 0
 
 
+def build_model(cfg: RunConfig) -> MultimodalTransformer:
+    return MultimodalTransformer(cfg.model, img_patch_id=SPECIAL_TOKENS.index(IMG_PATCH))
+
+
 def _kill_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
     """Fault injection for the recovery tests: SIGKILL this worker once at the configured step."""
     marker = run_dir / f".killed-at-{step}"
@@ -51,6 +61,20 @@ def _kill_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
         marker.write_text("")
         print(f"[debug] killing worker rank {rank} at step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _init_model(cfg: RunConfig, rank: int):
+    """A fresh model: random, or for a retrofit the dense checkpoint plus fresh index projections."""
+    model = build_model(cfg)
+    if cfg.schedule.mode == "retrofit":
+        from model.retrofit import load_dense_checkpoint
+
+        dense = load_state(Path(cfg.schedule.retrofit_from))["model"]
+        fresh = load_dense_checkpoint(model, dense)
+        if rank == 0:
+            print(f"[train] retrofit: loaded the dense checkpoint {cfg.schedule.retrofit_from}; "
+                  f"{len(fresh)} fresh index tensors", flush=True)
+    return model
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -68,28 +92,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
 
-    model = MultimodalTransformer(cfg.model, img_patch_id=SPECIAL_TOKENS.index(IMG_PATCH))
-    optimizer = build_optimizer(model, cfg.train)
-    st = LoopState()
-    data_state = DataState([0] * len(plan.entries))
     ckpt = ray.train.get_checkpoint()
+    saved = None
     if ckpt:
         with ckpt.as_directory() as d:
             saved = load_state(Path(d))
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+    raw = build_model(cfg) if saved else _init_model(cfg, rank)
+    model = wrap(raw, cfg.ray.parallel, device)
+    optimizer = build_optimizer(raw, cfg.train)  # after wrapping: FSDP replaces the parameters
+    st = LoopState()
+    data_state = DataState([0] * len(plan.entries))
+    if saved:
+        load_states(model, optimizer, saved)
         st = LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved["skipped_steps"])
         data_state = DataState(saved["data_state"]["docs_done"]).restart(plan)
         restore_rng(saved["rng"])
         if rank == 0:
             print(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen)", flush=True)
-    model = ray.train.torch.prepare_model(model)
     tracker = make_tracker(rank, loop_config["tracking_uri"], loop_config["run_id"])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else contextlib.nullcontext())
+    step_flops = StepFlops(cfg.model)
+    peak = device_peak_tflops(cfg.train.peak_tflops)
+    stats_every = cfg.train.stats_every or cfg.train.log_every
+    has_index = bool(group_params(optimizer, {"index"}))
 
     docs_delta = np.zeros(len(plan.entries), np.int64)  # documents consumed since the last checkpoint
     win = Window()
+    selection = None
     t_start, step_start = time.perf_counter(), st.step
     shard = ray.train.get_dataset_shard("train")
     batches = iter(shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
@@ -106,21 +136,39 @@ def train_loop_per_worker(loop_config: dict) -> None:
             win.count(f"data/dropped_{reason}", int(cols[f"dropped_{reason}"].sum()))
         batch = Batch.from_dict(cols).to(device)
 
+        mode = attention_mode(cfg, st.step)
+        if mode != raw.mode:
+            raw.set_mode(mode)
+            if rank == 0:
+                print(f"[train] step {st.step}: attention mode -> {mode}", flush=True)
         lr = lr_at(st.step, cfg.train)
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr, frozen_groups(cfg, mode))
+        compute_stats = (st.step + 1) % stats_every == 0 and raw.has_index_branch
         with autocast:
-            out = model(batch)
-        loss = out.losses["lm"]
+            out = model(batch, compute_stats=compute_stats)
+        weights = raw.loss_weights()
+        loss = sum(weights[k] * v for k, v in out.losses.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # the KL's gradient reaches only the index branch: it is clipped on its own, so a KL spike
+        # cannot shrink the backbone's update (and the reported grad norm is the backbone's)
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        # the norm is taken after DDP's all-reduce, so every rank takes the same decision below
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        if math.isfinite(grad_norm):
+        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"backbone", "experts"}), clip))
+        index_norm = (as_float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"index"}), clip))
+                      if has_index else 0.0)
+        # norms are taken after DDP's all-reduce, so every rank takes the same decision
+        if math.isfinite(grad_norm) and math.isfinite(index_norm):
             optimizer.step()
+            raw.after_optimizer_step()
             st.bad_in_a_row = 0
-            win.add("train/lm_loss", float(loss.detach()))
+            for k, v in out.losses.items():
+                win.add(f"train/{k}_loss", float(v.detach()))
             win.add("train/grad_norm", grad_norm)
+            if has_index:
+                win.add("train/index_grad_norm", index_norm)
+            for k, v in out.stats.items():
+                if k not in ("kl_index_loss", "moe_aux_loss"):  # already in the losses
+                    win.add(k if k.startswith("layer/") else f"train/{k}", v)
         else:
             # never update the weights with non-finite values: drop this step's gradients
             optimizer.zero_grad(set_to_none=True)
@@ -130,40 +178,94 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if st.bad_in_a_row >= cfg.train.max_bad_steps:
                 raise TooManyBadSteps(f"{st.bad_in_a_row} steps in a row had a non-finite loss or gradient "
                                       f"(last at step {st.step + 1}); stopping (train.max_bad_steps)")
+        if out.selection:
+            selection = (out.selection, batch.segment_ids_BT[0].cpu())
         st.step += 1
         win.steps += 1
         win.tokens += int((batch.segment_ids_BT != 0).sum())
+        win.flops += step_flops(cols["segment_ids"], mode)
         _kill_once(cfg, run_dir, rank, st.step)
 
         if st.step % cfg.train.log_every == 0 or st.step == cfg.train.max_steps:
-            m = reduce_window(win, world, device, ["train/lm_loss", "train/grad_norm"],
-                              ["skipped"] + [f"data/dropped_{r}" for r in DROP_REASONS])
-            # means over the steps that were taken, not over the skipped ones
-            taken = win.steps * world - m["skipped"]
-            mean = (lambda k: m[k] * win.steps * world / taken) if taken else (lambda k: float("nan"))
-            st.tokens_seen += int(m["tokens"])
-            metrics = {
-                "train/lm_loss": mean("train/lm_loss"),
-                "train/grad_norm": mean("train/grad_norm"),
-                "train/tokens_per_s": m["tokens_per_s"],
-                "train/data_wait_frac": m["data_wait_frac"],
-                "train/lr": lr,
-                "train/tokens_seen": float(st.tokens_seen),
-                "train/skipped_steps": float(st.skipped_steps),
-                **{k: v for k, v in m.items() if k.startswith("data/") and v},
-            }
+            metrics = _window_metrics(win, device, lr, st, peak, world)
+            # under FSDP every rank must take part in the forward passes; rank 0 logs the result
+            if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and (rank == 0 or cfg.ray.parallel == "fsdp"):
+                metrics.update(_evaluate(cfg, raw, device, autocast, verbose=rank == 0))
             tracker.log_metrics(metrics, st.step)
             if rank == 0:
                 done = st.step - step_start
                 eta = (time.perf_counter() - t_start) / max(done, 1) * (cfg.train.max_steps - st.step)
                 print(progress_line(st.step, cfg.train.max_steps, metrics, eta), flush=True)
             checkpoint = st.step % cfg.train.checkpoint_every == 0 or st.step == cfg.train.max_steps
-            docs_delta = _report(cfg, st, metrics, checkpoint, model, optimizer, plan, data_state, docs_delta,
-                                 device, rank, loop_config["run_id"])
+            if checkpoint:
+                _log_plots(tracker, cfg, selection, st.step)
+            docs_delta = _report(st, metrics, checkpoint, model, optimizer, plan, data_state, docs_delta, device,
+                                 rank, loop_config["run_id"])
             win = Window()
 
 
-def _report(cfg, st: LoopState, metrics, checkpoint, model, optimizer, plan, data_state: DataState,
+def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float | None, world: int) -> dict:
+    # every rank holds the same keys: same config, same steps, same modes
+    mean_keys = sorted(win.sums)
+    count_keys = ["skipped"] + [f"data/dropped_{r}" for r in DROP_REASONS]
+    m = reduce_window(win, device, mean_keys, count_keys)
+    st.tokens_seen += int(m["tokens"])
+    metrics = {k: m[k] for k in mean_keys if k in m}
+    metrics.update({
+        "train/tokens_per_s": m["tokens_per_s"],
+        "train/data_wait_frac": m["data_wait_frac"],
+        "train/lr": lr,
+        "train/tokens_seen": float(st.tokens_seen),
+        "train/skipped_steps": float(st.skipped_steps),
+    })
+    metrics.update({k: m[k] for k in count_keys[1:] if m[k]})
+    if peak:
+        metrics["train/mfu"] = m["flops_per_s"] / (peak * 1e12 * world)
+    return metrics
+
+
+def _evaluate(cfg: RunConfig, model, device, autocast, verbose: bool) -> dict[str, float]:
+    """Held-out evaluation (DDP: on rank 0 while the others wait at the next collective)."""
+    from pipeline.evaluate import evaluate
+
+    tok = cfg.data.tokenizer or str(Path(cfg.data.shards[0]) / "tokenizer.json")
+    res = evaluate(model, cfg.data.eval_shards, tok, cfg.seq_len, cfg.model.image_size, cfg.model.patch_size,
+                   device, cfg.train.batch_size, cfg.train.eval_documents, autocast)
+    if verbose:
+        print(f"[eval] lm_loss {res.lm_loss:.4f}  retrieval_acc {res.retrieval_acc:.3f} ({res.questions} questions)",
+              flush=True)
+    return {k: v for k, v in res.metrics().items() if not math.isnan(v)}
+
+
+def _log_plots(tracker, cfg: RunConfig, selection, step: int) -> None:
+    """Training curves and one sequence's block selection, as artifacts of the run (rank 0)."""
+    if not hasattr(tracker, "client"):  # the no-op twin: not rank 0, or tracking off
+        return
+    from pipeline.plots import selection_map, training_curves
+
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            curves = training_curves(tracker.client, tracker.run_id, Path(d) / "training_curves.png")
+            if curves:
+                tracker.log_artifact(curves, "plots")
+            if selection:
+                by_layer, seg_T = selection
+                layer = min(by_layer)
+                # the longest document of the batch's first row (row 0 starts the flat token axis)
+                docs = seg_T[seg_T > 0]
+                if len(docs):
+                    longest = int(torch.bincount(docs).argmax())
+                    where = torch.nonzero(seg_T == longest).flatten()
+                    idx = by_layer[layer][0, where[0]:where[-1] + 1, 0].cpu().numpy()
+                    path = selection_map(idx, cfg.model.msa.block_size, Path(d) / f"selection_layer{layer}.png",
+                                         f"step {step}: layer {layer}, group 0, a document of {len(where)} tokens")
+                    tracker.log_artifact(path, "plots")
+    except Exception as e:  # a plot must never stop a run
+        log.warning("could not log plots at step %d: %s", step, e)
+        print(f"[train] warning: could not log plots at step {step}: {e}", flush=True)
+
+
+def _report(st: LoopState, metrics, checkpoint, model, optimizer, plan, data_state: DataState,
             docs_delta: np.ndarray, device, rank, run_id) -> np.ndarray:
     """ray.train.report on every rank (a checkpoint from rank 0 when due); returns the new delta."""
     import ray.train
@@ -176,11 +278,15 @@ def _report(cfg, st: LoopState, metrics, checkpoint, model, optimizer, plan, dat
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(delta)
     data_state.docs_done = [a + int(b) for a, b in zip(data_state.docs_done, delta.cpu().tolist())]
+    # gathering the full state is a collective under FSDP: every rank takes part, rank 0 writes
+    model_sd, optim_sd = model_state(model), optimizer_state(model, optimizer)
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            save_state(Path(d), model, optimizer, st.step,
+            save_state(Path(d), model_sd, optim_sd, st.step,
                        {"tokens_seen": st.tokens_seen, "skipped_steps": st.skipped_steps, "mlflow_run_id": run_id,
                         "data_state": data_state.to_json()})
             write_data_state(Path(d), plan, data_state, st.step)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
     return np.zeros_like(docs_delta)
+
+

@@ -15,13 +15,16 @@ class Window:
 
     steps: int = 0
     tokens: int = 0
+    flops: float = 0.0
     data_wait_s: float = 0.0
-    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # metric -> sum over steps
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # metric -> sum of values
+    ns: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # metric -> values added
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # event counters
     t0: float = field(default_factory=time.perf_counter)
 
     def add(self, name: str, value: float) -> None:
         self.sums[name] += float(value)
+        self.ns[name] += 1
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] += int(n)
@@ -36,21 +39,22 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def reduce_window(win: Window, world: int, device: torch.device, sum_keys: list[str],
-                  count_keys: list[str]) -> dict[str, float]:
-    """Window -> global metrics: means over steps and workers, throughput over all workers."""
+def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count_keys: list[str]) -> dict[str, float]:
+    """Window -> global metrics: each mean over the values all workers added, counters summed,
+    throughput over all workers. Every rank must pass the same keys (they are collective)."""
     elapsed = time.perf_counter() - win.t0
-    local = ([win.sums.get(k, 0.0) for k in sum_keys] + [float(win.counts.get(k, 0)) for k in count_keys]
-             + [float(win.tokens), win.data_wait_s])
+    local = ([win.sums.get(k, 0.0) for k in mean_keys] + [float(win.ns.get(k, 0)) for k in mean_keys]
+             + [float(win.counts.get(k, 0)) for k in count_keys] + [float(win.tokens), win.flops, win.data_wait_s,
+                                                                     1.0])
     total = all_reduce_sum(local, device)
-    n = len(sum_keys)
-    out = {k: total[i] / max(win.steps * world, 1) for i, k in enumerate(sum_keys)}
-    out.update({k: total[n + i] for i, k in enumerate(count_keys)})
-    tokens, wait = total[-2], total[-1]
+    n = len(mean_keys)
+    out = {k: total[i] / total[n + i] for i, k in enumerate(mean_keys) if total[n + i] > 0}
+    out.update({k: total[2 * n + i] for i, k in enumerate(count_keys)})
+    tokens, flops, wait, world = total[-4:]
     out["tokens"] = tokens
     out["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+    out["flops_per_s"] = flops / max(elapsed, 1e-9)
     out["data_wait_frac"] = wait / max(elapsed * world, 1e-9)
-    out["elapsed_s"] = elapsed
     return out
 
 

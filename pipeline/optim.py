@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on matrices only, and a linear warm-up + cosine schedule."""
+"""AdamW over the model's parameter groups (backbone, routed experts, index branch), with decoupled
+weight decay on matrices only, and a linear warm-up + cosine learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -9,15 +10,18 @@ from pipeline.config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            # norms, biases and position tables are not shrunk towards zero
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+    """One AdamW; each of the model's groups split into decayed (matrices) and not decayed (norms,
+    biases, position tables) parameters. Groups carry `group` (backbone/experts/index) and `lr_scale`."""
+    scale = {"backbone": 1.0, "experts": cfg.expert_lr_scale,
+             "index": (cfg.index_lr / cfg.lr) if cfg.index_lr else 1.0}
+    groups = []
+    for name, params in model.param_groups().items():
+        params = [p for p in params if p.requires_grad]
+        for decay in (True, False):
+            ps = [p for p in params if (p.dim() >= 2) == decay]
+            if ps:
+                groups.append({"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "group": name,
+                               "lr_scale": scale[name]})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
@@ -31,6 +35,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(opt: torch.optim.Optimizer, lr: float, frozen: frozenset[str] = frozenset()) -> None:
     for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        g["lr"] = 0.0 if g["group"] in frozen else lr * g["lr_scale"]
+
+
+def group_params(opt: torch.optim.Optimizer, names: set[str]) -> list[torch.nn.Parameter]:
+    return [p for g in opt.param_groups if g["group"] in names for p in g["params"]]

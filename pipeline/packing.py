@@ -143,13 +143,18 @@ def tokenize_document(doc: Document, tok: Tokenizer, spec: PackSpec, decode: Ima
     return pieces
 
 
-def pack_pieces(pieces: list[Piece], spec: PackSpec, pad_id: int) -> dict[str, np.ndarray]:
-    """First-fit-decreasing packing of pieces into rows; returns the batch columns (numpy)."""
+def pack_pieces(pieces: list[Piece], spec: PackSpec, pad_id: int, one_per_row: bool = False) -> dict[str, np.ndarray]:
+    """First-fit-decreasing packing of pieces into rows (or, with one_per_row, piece i alone in row i);
+    returns the batch columns (numpy)."""
     T, N, S = spec.seq_len, spec.max_images, spec.image_size
-    order = sorted(range(len(pieces)), key=lambda i: (-len(pieces[i].ids), i))
+    order = range(len(pieces)) if one_per_row else sorted(range(len(pieces)), key=lambda i: (-len(pieces[i].ids), i))
     rows: list[list[int]] = []
     free: list[int] = []
     for i in order:
+        if one_per_row:
+            rows.append([i])
+            free.append(0)
+            continue
         n = len(pieces[i].ids)
         for r, room in enumerate(free):
             if n <= room:

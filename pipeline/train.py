@@ -126,7 +126,7 @@ def run(launch: Launch, address: str) -> dict:
     try:
         if run_id is None:
             run_id = open_run(launch.tracking_uri, cfg.tracking.experiment, launch.run_name, flatten(cfg),
-                              tags={"mode": "dense", "git_commit": git_commit(), "config_name": cfg.name})
+                              tags={"mode": cfg.schedule.mode, "git_commit": git_commit(), "config_name": cfg.name})
             launch.run_dir.mkdir(parents=True)
             (launch.run_dir / RUN_INFO).write_text(json.dumps({
                 "config": dataclasses.asdict(cfg), "plan": launch.plan.to_json(), "mlflow_run_id": run_id,

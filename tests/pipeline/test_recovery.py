@@ -18,7 +18,8 @@ def test_worker_killed_then_resume(demo_shards, tmp_path, capsys):
     common = ["--config", "configs/tiny.toml", "--tracking-uri", uri,
               "--set", f"data.shards=['{demo_shards}']", "--set", f"output_dir='{tmp_path / 'out'}'",
               "--set", "tracking.experiment='recovery'", "--set", "model.n_layers=2",
-              "--set", "train.log_every=2", "--set", "train.checkpoint_every=4", "--set", "train.warmup_steps=2"]
+              "--set", "train.log_every=2", "--set", "train.checkpoint_every=4", "--set", "train.warmup_steps=2",
+              "--set", "ray.parallel=fsdp"]  # FSDP2 here (sharded state gathered into the checkpoint); DDP elsewhere
     # 1) rank 1 is SIGKILLed right after step 6; Ray Train restarts the workers from the step-4 checkpoint
     rc = train_main(common + ["--set", "train.max_steps=10", "--set", "debug.kill_worker_at_step=6",
                               "--set", "ray.max_failures=1"])

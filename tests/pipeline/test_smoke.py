@@ -6,7 +6,7 @@ from pipeline.train import main as train_main
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, tmp_path, capsys):
+def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, heldout_shards, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -15,8 +15,10 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, tmp_path, capsys):
         "--set", f"data.shards=['{demo_shards}']",
         "--set", f"output_dir='{tmp_path / 'out'}'",
         "--set", "train.max_steps=30", "--set", "train.log_every=5", "--set", "train.checkpoint_every=15",
-        "--set", "train.warmup_steps=5",
+        "--set", "train.warmup_steps=5", "--set", "schedule.warmup_tokens=81920",  # 10 dense warm-up steps
         "--set", "tracking.experiment='smoke'",
+        "--set", f"data.eval_shards='{heldout_shards}'", "--set", "train.eval_every=15",
+        "--set", "train.eval_documents=40",
         "--tracking-uri", uri,
     ])
     assert rc == 0
@@ -27,13 +29,40 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, tmp_path, capsys):
     exp = client.get_experiment_by_name("smoke")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["mode"] == "dense"
+    assert run.data.tags["mode"] == "msa"
     assert run.data.params["model.d_model"] == "128"
     assert run.data.params["train.max_steps"] == "30"
-    for key in ("train/lm_loss", "train/tokens_per_s", "train/lr", "train/grad_norm", "train/data_wait_frac"):
+    for key in ("train/lm_loss", "train/tokens_per_s", "train/lr", "train/grad_norm", "train/data_wait_frac",
+                "train/kl_index_loss", "train/sparsity", "train/score_recall", "train/block_recall",
+                "train/moe_aux_loss", "train/expert_load_max_over_mean", "train/skipped_steps",
+                "layer/1/sparsity", "layer/1/kl_index_loss", "layer/1/score_recall"):
         assert key in run.data.metrics, key
+    assert "layer/0/sparsity" not in run.data.metrics  # the first layer is dense
+    assert "attention mode -> sparse" in printed and "step 10: attention mode -> sparse" in printed
+    sparsity = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/sparsity")}
+    assert sparsity[5] == 0.0 and sparsity[10] == 0.0  # dense warm-up
+    assert all(0.3 < sparsity[s] < 1.0 for s in (15, 20, 25, 30)), sparsity  # MSA really is sparse
+    kl = [m.value for m in client.get_metric_history(run.info.run_id, "train/kl_index_loss")]
+    assert all(v >= 0 for v in kl)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/training_curves.png" in artifacts
+    assert any(p.startswith("plots/selection_layer") for p in artifacts)
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/lm_loss"),
                                     key=lambda m: m.step)]
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/lm_loss"))
     assert steps == [5, 10, 15, 20, 25, 30]
     assert loss[-1] < loss[0] - 1.0, loss
+    evals = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/lm_loss"))
+    assert evals == [15, 30]
+    assert 0.0 <= run.data.metrics["eval/retrieval_acc"] <= 1.0
+
+    # msa-eval on the last checkpoint logs into the same run
+    from pipeline.evaluate import main as eval_main
+
+    ckpt = printed.split("last checkpoint: ")[1].split()[0]
+    assert eval_main(["--checkpoint", ckpt, "--shards", str(heldout_shards), "--max-documents", "40", "--log",
+                      "--tracking-uri", uri]) == 0
+    text = capsys.readouterr().out
+    assert "eval/retrieval_acc" in text and "distance" in text
+    history = client.get_metric_history(run.info.run_id, "eval/lm_loss")
+    assert [m.step for m in history] == [15, 30]  # step 30 was logged by the loop already: not twice

@@ -1,0 +1,50 @@
+"""Data parallelism applied from outside the model: DDP, or FSDP2 (`fully_shard`) for the larger
+presets — and the state dicts that work for both (full, unsharded, gathered on rank 0).
+
+    ray.parallel = "ddp"    every worker holds the whole model; gradients all-reduced (gloo / NCCL)
+    ray.parallel = "fsdp"   parameters, gradients and optimizer state sharded over the workers; each
+                            transformer block is one FSDP unit, so one block's weights are gathered at a time
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+_SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+
+def wrap(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
+    import ray.train.torch
+
+    if parallel == "ddp":
+        return ray.train.torch.prepare_model(model)
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(device)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)  # the embeddings, the patch encoder and the head: the root unit
+    return model
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """Full state dict on rank 0 (empty elsewhere). A collective under FSDP: call it on every rank."""
+    return get_model_state_dict(model, options=_SAVE)
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return get_optimizer_state_dict(model, optimizer, options=_SAVE)
+
+
+def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a full checkpoint into the wrapped model and its optimizer (rank 0's copy is broadcast)."""
+    set_model_state_dict(model, saved["model"], options=_LOAD)
+    set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=_LOAD)
+
+
+def as_float(norm) -> float:
+    """A gradient norm as a plain float (FSDP returns a DTensor)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

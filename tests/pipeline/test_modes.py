@@ -1,0 +1,45 @@
+"""Every mode through msa-train: the dense baseline, then a retrofit of its checkpoint (native MSA is
+the smoke test's run)."""
+import pytest
+
+from pipeline.train import main as train_main
+
+pytestmark = pytest.mark.slow
+
+
+def test_dense_run_then_retrofit_of_its_checkpoint(demo_shards, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--config", "configs/tiny.toml", "--tracking-uri", uri,
+              "--set", f"data.shards=['{demo_shards}']", "--set", f"output_dir='{tmp_path / 'out'}'",
+              "--set", "tracking.experiment='modes'", "--set", "model.n_layers=2", "--set", "train.log_every=2",
+              "--set", "train.eval_every=0", "--set", "train.warmup_steps=2"]
+    assert train_main(common + ["--set", "schedule.mode=dense", "--set", "train.max_steps=6",
+                                "--set", "tracking.run_name='dense'"]) == 0
+    out = capsys.readouterr().out
+    assert "building the model without the index branch" in out
+    dense_ckpt = out.split("last checkpoint: ")[1].split()[0]
+
+    assert train_main(common + ["--set", "schedule.mode=retrofit", "--set", f"schedule.retrofit_from='{dense_ckpt}'",
+                                "--set", "schedule.retrofit_warmup_tokens=24576",  # 3 steps of 8192 tokens
+                                "--set", "train.max_steps=8", "--set", "tracking.run_name='retrofit'"]) == 0
+    out = capsys.readouterr().out
+    assert "retrofit: loaded the dense checkpoint" in out
+    assert "step 3: attention mode -> sparse" in out
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = {r.data.tags["mlflow.runName"]: r for r in
+            client.search_runs([client.get_experiment_by_name("modes").experiment_id])}
+    assert runs["dense"].data.tags["mode"] == "dense"
+    assert runs["retrofit"].data.tags["mode"] == "retrofit"
+    assert runs["dense"].data.params["model.msa.enabled"] == "False"
+    assert "train/kl_index_loss" not in runs["dense"].data.metrics
+    assert runs["dense"].data.metrics["train/sparsity"] == 0.0
+    r = runs["retrofit"]
+    sparsity = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train/sparsity")}
+    assert sparsity[2] == 0.0 and sparsity[8] > 0.2
+    # the retrofit starts from the dense run's weights: its first loss is far below a fresh model's
+    first_dense = min(client.get_metric_history(runs["dense"].info.run_id, "train/lm_loss"), key=lambda m: m.step)
+    first_retro = min(client.get_metric_history(r.info.run_id, "train/lm_loss"), key=lambda m: m.step)
+    assert first_retro.value < first_dense.value - 1.0
