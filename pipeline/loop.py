@@ -131,9 +131,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"the data plan ran out at step {st.step} before train.max_steps="
                                f"{cfg.train.max_steps}; the plan is sized from the manifests' token estimates")
         win.data_wait_s += time.perf_counter() - t_wait
-        np.add.at(docs_delta, cols["plan_idx"].numpy(), cols["docs_done"].numpy())
+        # the bookkeeping columns arrive on the training device like the rest: one copy back for them
+        book = {k: cols[k].cpu().numpy() for k in ("plan_idx", "docs_done", *(f"dropped_{r}" for r in DROP_REASONS))}
+        np.add.at(docs_delta, book["plan_idx"], book["docs_done"])
         for reason in DROP_REASONS:
-            win.count(f"data/dropped_{reason}", int(cols[f"dropped_{reason}"].sum()))
+            win.count(f"data/dropped_{reason}", int(book[f"dropped_{reason}"].sum()))
         batch = Batch.from_dict(cols).to(device)
 
         mode = attention_mode(cfg, st.step)
