@@ -77,12 +77,22 @@ def _init_model(cfg: RunConfig, rank: int):
     return model
 
 
+def _quiet_report_logging() -> None:
+    """Ray Train logs every report (all metrics) at INFO from the worker context, on a logger outside
+    the `ray.train` tree that LoggingConfig does not reach; the progress line says it once, better."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # another Ray version: its own logging, nothing to quiet
+        pass
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    # Train logs every report at INFO from the worker context; the progress line says it once, better
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_report_logging()
     cfg: RunConfig = config_from_dict(loop_config["config"])
     plan = DataPlan.from_json(loop_config["plan"])
     run_dir = Path(loop_config["run_dir"])
