@@ -162,34 +162,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss = sum(weights[k] * v for k, v in out.losses.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # the KL's gradient reaches only the index branch: it is clipped on its own, so a KL spike
-        # cannot shrink the backbone's update (and the reported grad norm is the backbone's)
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        grad_norm = as_float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"backbone", "experts"}), clip))
-        index_norm = (as_float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"index"}), clip))
-                      if has_index else 0.0)
-        # norms are taken after DDP's all-reduce, so every rank takes the same decision
-        if math.isfinite(grad_norm) and math.isfinite(index_norm):
-            optimizer.step()
+        norms = apply_gradients(optimizer, cfg.train.grad_clip, cfg.train.max_bad_steps, st, has_index)
+        if norms is None:
+            win.count("skipped")
+        else:
             raw.after_optimizer_step()
-            st.bad_in_a_row = 0
             for k, v in out.losses.items():
                 win.add(f"train/{k}_loss", float(v.detach()))
-            win.add("train/grad_norm", grad_norm)
+            win.add("train/grad_norm", norms[0])
             if has_index:
-                win.add("train/index_grad_norm", index_norm)
+                win.add("train/index_grad_norm", norms[1])
             for k, v in out.stats.items():
                 if k not in ("kl_index_loss", "moe_aux_loss"):  # already in the losses
                     win.add(k if k.startswith("layer/") else f"train/{k}", v)
-        else:
-            # never update the weights with non-finite values: drop this step's gradients
-            optimizer.zero_grad(set_to_none=True)
-            st.bad_in_a_row += 1
-            st.skipped_steps += 1
-            win.count("skipped")
-            if st.bad_in_a_row >= cfg.train.max_bad_steps:
-                raise TooManyBadSteps(f"{st.bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                                      f"(last at step {st.step + 1}); stopping (train.max_bad_steps)")
         if out.selection:
             selection = (out.selection, batch.segment_ids_BT[0].cpu())
         st.step += 1
@@ -214,6 +199,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
             docs_delta = _report(st, metrics, checkpoint, model, optimizer, plan, data_state, docs_delta, device,
                                  rank, loop_config["run_id"])
             win = Window()
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, max_bad_steps: int, st: LoopState,
+                    has_index: bool) -> tuple[float, float] | None:
+    """Clip and step, or skip a step whose gradients are not finite; returns the (backbone, index)
+    gradient norms, or None for a skipped step. Raises TooManyBadSteps after max_bad_steps in a row.
+
+    The KL's gradient reaches only the index branch: it is clipped on its own, so a KL spike cannot
+    shrink the backbone's update (and the reported grad norm is the backbone's). The norms are taken
+    after DDP's all-reduce (FSDP's reduce-scatter), so every rank takes the same decision.
+    """
+    clip = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = as_float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"backbone", "experts"}), clip))
+    index_norm = as_float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"index"}), clip)) if has_index else 0.0
+    if math.isfinite(grad_norm) and math.isfinite(index_norm):
+        optimizer.step()
+        st.bad_in_a_row = 0
+        return grad_norm, index_norm
+    # never update the weights with non-finite values: drop this step's gradients
+    optimizer.zero_grad(set_to_none=True)
+    st.bad_in_a_row += 1
+    st.skipped_steps += 1
+    if st.bad_in_a_row >= max_bad_steps:
+        raise TooManyBadSteps(f"{st.bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                              f"(last at step {st.step + 1}); stopping (train.max_bad_steps)")
+    return None
 
 
 def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float | None, world: int) -> dict:

@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
               f"with: msa-train --config {args.config} --resume {launch.run_name}", file=sys.stderr)
         return 1
     uri = out["tracking_uri"]
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
+    ui = f"{mlflow_cmd} ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
     print(f"\n[msa-train] done. Run {out['run_name']} (MLflow run {out['run_id']}, experiment "
           f"'{out['experiment']}').")
     print(f"[msa-train] to look at it:  {ui}   then open http://127.0.0.1:5000")

@@ -19,11 +19,12 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, heldout_shards, tmp_pat
         "--set", "tracking.experiment='smoke'",
         "--set", f"data.eval_shards='{heldout_shards}'", "--set", "train.eval_every=15",
         "--set", "train.eval_documents=40",
+        "--set", "train.peak_tflops=0.05",  # a nominal CPU peak, so that the MFU path runs and logs
         "--tracking-uri", uri,
     ])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "mlflow ui --backend-store-uri" in printed
+    assert "ui --backend-store-uri" in printed
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("smoke")
@@ -34,7 +35,8 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, heldout_shards, tmp_pat
     assert run.data.params["train.max_steps"] == "30"
     for key in ("train/lm_loss", "train/tokens_per_s", "train/lr", "train/grad_norm", "train/data_wait_frac",
                 "train/kl_index_loss", "train/sparsity", "train/score_recall", "train/block_recall",
-                "train/moe_aux_loss", "train/expert_load_max_over_mean", "train/skipped_steps",
+                "train/moe_aux_loss", "train/expert_load_max_over_mean", "train/skipped_steps", "train/mfu",
+                "train/index_grad_norm",
                 "layer/1/sparsity", "layer/1/kl_index_loss", "layer/1/score_recall"):
         assert key in run.data.metrics, key
     assert "layer/0/sparsity" not in run.data.metrics  # the first layer is dense

@@ -1,0 +1,78 @@
+"""The data plan: weighted mixing of shard sets, epochs, determinism, and the consumed-shard state."""
+from collections import Counter
+
+import pytest
+
+from data_prep.cli import main as prep_main
+from pipeline.plan import DataPlan, DataState, build_plan, latest_data_state, write_data_state
+from pipeline.tracking import resolve_tracking_uri
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    for name, n, seed in (("a", 160, 0), ("b", 40, 1)):
+        assert prep_main(["demo", "--output", str(root / name), "--documents", str(n), "--shard-docs", "20",
+                          "--seed", str(seed), "--vocab-size", "0", "--quiet"]) == 0
+    return str(root / "a"), str(root / "b")
+
+
+def _tokens_by_set(plan: DataPlan, epoch: int, a_dir: str) -> tuple[float, float]:
+    a = b = 0
+    for e in plan.entries:
+        if e.epoch == epoch:
+            ref = plan.shards[e.shard]
+            if ref.path.startswith(a_dir):
+                a += ref.est_tokens
+            else:
+                b += ref.est_tokens
+    return a, b
+
+
+def test_weights_set_the_mix_and_epochs_cover_the_tokens(two_sets):
+    a_dir, b_dir = two_sets
+    equal = build_plan([a_dir, b_dir], [1.0, 1.0], tokens_needed=1, image_tokens=18, seed=0)
+    a, b = _tokens_by_set(equal, 0, a_dir)
+    assert 0.8 < a / b < 1.25  # set b (4x smaller) is read ~4 times per epoch to match a
+    skewed = build_plan([a_dir, b_dir], [3.0, 1.0], tokens_needed=1, image_tokens=18, seed=0)
+    a, b = _tokens_by_set(skewed, 0, a_dir)
+    assert 2.4 < a / b < 3.75
+    epoch_tokens = sum(a for a in _tokens_by_set(skewed, 0, a_dir))
+    big = build_plan([a_dir, b_dir], [3.0, 1.0], tokens_needed=int(3.5 * epoch_tokens), image_tokens=18, seed=0)
+    assert max(e.epoch for e in big.entries) + 1 >= 4  # enough epochs (with a margin) for the tokens
+
+
+def test_plan_is_deterministic_and_reshuffled_per_epoch(two_sets):
+    kwargs = dict(tokens_needed=10**7, image_tokens=18, seed=5)
+    p1 = build_plan(list(two_sets), [], **kwargs)
+    p2 = build_plan(list(two_sets), [], **kwargs)
+    assert p1.to_json() == p2.to_json()
+    assert DataPlan.from_json(p1.to_json()).entries == p1.entries
+    order = lambda p, ep: [e.shard for e in p.entries if e.epoch == ep]
+    assert Counter(order(p1, 0)) == Counter(order(p1, 1))  # the same shards every epoch...
+    assert order(p1, 0) != order(p1, 1)  # ...in another order
+    assert order(build_plan(list(two_sets), [], tokens_needed=10**7, image_tokens=18, seed=6), 0) != order(p1, 0)
+
+
+def test_data_state_marks_consumed_entries_and_restarts_the_rest(two_sets, tmp_path):
+    plan = build_plan([two_sets[0]], [], tokens_needed=1, image_tokens=18, seed=0)
+    n = len(plan.entries)
+    assert plan.expected_docs() == [20] * n
+    state = DataState([20, 7] + [0] * (n - 2))
+    assert state.consumed(plan)[:2] == [True, False]
+    assert state.remaining_entries(plan) == list(range(1, n))
+    assert state.restart(plan).docs_done[:2] == [20, 0]  # the half-read shard is read again from its start
+    for step, docs in ((4, [20, 0]), (8, [20, 20])):
+        d = tmp_path / f"checkpoint_{step}"
+        d.mkdir()
+        write_data_state(d, plan, DataState(docs + [0] * (n - 2)), step)
+    step, latest = latest_data_state(tmp_path)
+    assert step == 8 and latest.remaining_entries(plan) == list(range(2, n))
+
+
+def test_tracking_uri_precedence(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, "sqlite:///cfg.db") == "sqlite:///cfg.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None, "sqlite:///cfg.db") == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("http://10.0.0.1:5000", "sqlite:///cfg.db") == "http://10.0.0.1:5000"
