@@ -22,7 +22,7 @@ import torch
 
 from data_prep.reader import iter_documents
 from data_prep.tokenizer import load_tokenizer
-from model.batch import IGNORE_INDEX, Batch
+from model.batch import Batch
 from pipeline.packing import DocumentError, ImageDecoder, PackSpec, Tokenizer, pack_documents, pack_pieces, \
     tokenize_document
 
