@@ -240,6 +240,21 @@ def gpu_launch(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or COMPILE_ONLY
 
 
+def launch_config(table: dict, kernel: str, x: torch.Tensor, block_size: int, rows: int = 16) -> dict:
+    """Launch parameters of one kernel: the op's GPU table entry, or whole blocks per step in the
+    interpreter (fewer Python-level iterations; warps and stages are ignored there)."""
+    if not gpu_launch(x):
+        cfg = {"BN": block_size}
+        if "rows" in table[kernel]:  # the key-block kernels' query rows per step
+            cfg["rows"] = 16
+        return cfg
+    cfg = dict(table[kernel])
+    cfg["BN"] = min(cfg["BN"], block_size)
+    if rows >= 128:  # wide tiles (tokens_per_tile x G >= 128 rows): fp32 accumulators need 8 warps
+        cfg["num_warps"] = max(cfg["num_warps"], 8)
+    return cfg
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise go through TF32 on the GPU (10-bit mantissa).
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -156,12 +156,8 @@ class _MSAAttention(torch.autograd.Function):
 
 
 def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int, rows: int = 16) -> dict:
-    if not _common.gpu_launch(x):
-        # Interpreter: whole blocks per step (fewer Python-level iterations); warps are ignored.
-        cfg = {"BN": block_size}
-        if kernel == "dkdv":
-            cfg["rows"] = 16
-        return cfg
+    # GPU_CONFIG is looked up at call time: kernels.bench overrides it to compare variants
+    return _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
     cfg = dict(GPU_CONFIG[kernel])
     cfg["BN"] = min(cfg["BN"], block_size)
     if rows >= 128:  # wide tiles (tokens_per_tile x G >= 128 rows): fp32 accumulators need 8 warps

@@ -84,11 +84,7 @@ def _flat(x):
 
 
 def _cfg(kernel, x, block_size, rows=16):
-    if not _common.gpu_launch(x):
-        cfg = {"BN": block_size}
-        if kernel == "dki":
-            cfg["rows"] = 16
-        return cfg
+    return _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
     cfg = dict(GPU_CONFIG[kernel])
     cfg["BN"] = min(cfg["BN"], block_size)
     if rows >= 128:

@@ -18,15 +18,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-_CHUNK_ELEMS = 1 << 25
-
-
-def sequences(B: int, T: int, cu_seqlens):
-    """(batch row, start, end) of every non-empty sequence."""
-    if cu_seqlens is None:
-        return [(b, 0, T) for b in range(B)]
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    return [(0, s, e) for s, e in zip(cu[:-1], cu[1:]) if e > s]
+from kernels._reference_common import CHUNK_ELEMS as _CHUNK_ELEMS, sequences
 
 
 def support_mask(block_idx_CHK, q_pos_C, L, block_size, H):

@@ -11,16 +11,7 @@ import math
 
 import torch
 
-# Query rows per chunk: keeps the [H, C, L] score tensor near 32M floats at a few thousand tokens.
-_CHUNK_ELEMS = 1 << 25
-
-
-def sequences(B: int, T: int, cu_seqlens):
-    """(batch row, start, end) of every sequence."""
-    if cu_seqlens is None:
-        return [(b, 0, T) for b in range(B)]
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    return [(0, s, e) for s, e in zip(cu[:-1], cu[1:]) if e > s]
+from kernels._reference_common import CHUNK_ELEMS as _CHUNK_ELEMS, sequences
 
 
 def index_scores(qi_CHI, ki_LI, q_pos_C, scale):
