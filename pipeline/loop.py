@@ -142,7 +142,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                f"{cfg.train.max_steps}; the plan is sized from the manifests' token estimates")
         win.data_wait_s += time.perf_counter() - t_wait
         # the bookkeeping columns arrive on the training device like the rest: one copy back for them
-        book = {k: cols[k].cpu().numpy() for k in ("plan_idx", "docs_done", *(f"dropped_{r}" for r in DROP_REASONS))}
+        book = {k: cols[k].cpu().numpy()
+                for k in ("plan_idx", "docs_done", "segment_ids", *(f"dropped_{r}" for r in DROP_REASONS))}
         np.add.at(docs_delta, book["plan_idx"], book["docs_done"])
         for reason in DROP_REASONS:
             win.count(f"data/dropped_{reason}", int(book[f"dropped_{reason}"].sum()))
@@ -179,8 +180,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             selection = (out.selection, batch.segment_ids_BT[0].cpu())
         st.step += 1
         win.steps += 1
-        win.tokens += int((batch.segment_ids_BT != 0).sum())
-        win.flops += step_flops(cols["segment_ids"], mode)
+        # counted on the host copy: no device round trip for bookkeeping
+        win.tokens += int((book["segment_ids"] != 0).sum())
+        win.flops += step_flops(torch.from_numpy(book["segment_ids"]), mode)
         _kill_once(cfg, run_dir, rank, st.step)
 
         if st.step % cfg.train.log_every == 0 or st.step == cfg.train.max_steps:
