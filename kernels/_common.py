@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -205,10 +206,46 @@ def reverse_index(block_idx_NHK: torch.Tensor, cu_S1: torch.Tensor, block_size: 
     A token's duplicate entries, entries of -1 and blocks after the token's own block (only
     future keys) are dropped.
     """
+    idx = split_index(block_idx_NHK, cu_S1, block_size, chunk_tokens=None)
+    return idx.tokens_E, idx.offsets, idx.C
+
+
+class SplitIndex(NamedTuple):
+    """The reverse index of `split_index` (see there)."""
+    tokens_E: torch.Tensor
+    slots_E: torch.Tensor
+    offsets: torch.Tensor
+    valid_NHK: torch.Tensor
+    C: int
+    n_chunks: int
+    chunk_tokens: int
+
+
+def split_index(block_idx_NHK: torch.Tensor, cu_S1: torch.Tensor, block_size: int, chunk_tokens: int | None):
+    """Key block -> (query token, slot) pairs that selected it, grouped by (group h, chunk of
+    query tokens, key block c): the work lists of the key-block-stationary kernels.
+
+    Query tokens are cut into chunks of `chunk_tokens` consecutive flat tokens (None: one chunk), so
+    that one (chunk, block) list touches a bounded set of queries (they stay in L2) and long lists
+    (the early blocks that every later token may select) are split for load balance. Key blocks are
+    numbered globally as in `tile_table(cu, N, block_size)`. Returns a SplitIndex:
+        tokens_E, slots_E int32: the pairs, grouped by item = (h * n_chunks + chunk) * C + c, and
+            ascending by token inside an item; slot is the position in the token's selection
+            *sorted ascending* (the slot axis of the partial-result buffers);
+        offsets int32 [H * n_chunks * C + 1]: item i holds entries offsets[i] : offsets[i+1];
+        valid_NHK int8 [N, H, K]: 1 where a sorted slot holds a pair (so a merge knows which
+            partials exist);
+        C, n_chunks, chunk_tokens.
+    A token's duplicate entries, entries of -1 and blocks after the token's own block (only future
+    keys) are dropped.
+    """
     N, H, K = block_idx_NHK.shape
     dev = block_idx_NHK.device
     S = cu_S1.numel() - 1
     C = triton.cdiv(N, block_size) + S
+    Tc = N if chunk_tokens is None else int(chunk_tokens)
+    Tc = max(1, Tc)
+    NCH = triton.cdiv(N, Tc)
     cu = cu_S1.long()
     n_blocks_S = (cu[1:] - cu[:-1] + block_size - 1) // block_size
     first_block_S = torch.cumsum(n_blocks_S, 0) - n_blocks_S
@@ -222,13 +259,17 @@ def reverse_index(block_idx_NHK: torch.Tensor, cu_S1: torch.Tensor, block_size: 
     valid = (b_NHK >= 0) & ~dup & (b_NHK <= local_N[:, None, None])
     c_NHK = first_block_S[seq_N][:, None, None] + b_NHK
     h_NHK = torch.arange(H, device=dev)[None, :, None]
-    key = torch.where(valid, h_NHK * C + c_NHK, H * C)  # invalid entries sort last
-    comp_E = (key * N + tok_N[:, None, None]).reshape(-1)
+    chunk_N = (tok_N // Tc)[:, None, None]
+    n_items = H * NCH * C
+    item = torch.where(valid, (h_NHK * NCH + chunk_N) * C + c_NHK, n_items)  # invalid entries sort last
+    slot_K = torch.arange(K, device=dev)
+    comp_E = ((item * N + tok_N[:, None, None]) * K + slot_K).reshape(-1)
     comp_E, _ = torch.sort(comp_E)
-    tokens_E = (comp_E % N).to(torch.int32)
-    bounds = torch.arange(H * C + 1, device=dev) * N
+    slots_E = (comp_E % K).to(torch.int32)
+    tokens_E = ((comp_E // K) % N).to(torch.int32)
+    bounds = torch.arange(n_items + 1, device=dev) * (N * K)
     offsets = torch.searchsorted(comp_E, bounds).to(torch.int32)
-    return tokens_E, offsets, C
+    return SplitIndex(tokens_E, slots_E, offsets, valid.to(torch.int8).contiguous(), C, NCH, Tc)
 
 
 # Set by `kernels.compile_check`: compile the GPU specialisations for CPU tensors without a GPU.

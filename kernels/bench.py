@@ -10,7 +10,7 @@ topk 16, bf16, batch 1. FLOPs follow docs/MSA.md ("Measuring it"): attention for
 backward 10*dh*Hq*E, indexer 2*dI*Hkv*C, KL forward 2*(dh*Hq + dI*Hkv)*E and forward+backward
 2*(dh*Hq + 3*dI*Hkv)*E, with E the attended (token, key) pairs per group and C the causal pairs.
 With --check the GPU tests (`pytest -m gpu tests/kernels`) run first; --sweep times launch
-variants of the attention kernels at 32K and keeps the fastest for the rest of the run.
+variants of the split schedule's kernels at --sweep-t (64K) and keeps the fastest for the rest of the run.
 Writes bench.json, bench.md (and the test log) to --out (default: $OUT or the working directory)
 and prints the table last.
 
@@ -183,14 +183,15 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
           f"of 128 tokens {stats['union_128tok']:.1f}", flush=True)
 
     # Our attention, per-token selection (the default tile of one token x G heads)
-    def our_attention(bidx, tm=None, name="msa attention", pattern="per-token"):
+    def our_attention(bidx, tm=None, name="msa attention", pattern="per-token", schedule=None):
         qq, kk_, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
         Ep = attended_pairs(bidx, bs)
         ff, fb = 4 * dh * hq * Ep, 10 * dh * hq * Ep
-        extra = dict(op="attention", pattern=pattern, tokens_per_tile=tm or 1, **tag)
+        sched = schedule or ("query" if tm else attn_op.GPU_CONFIG["schedule"]["name"])
+        extra = dict(op="attention", pattern=pattern, tokens_per_tile=tm or 1, schedule=sched, **tag)
 
         def fwd():
-            return kernels.msa_attention(qq, kk_, vv, bidx, bs, tokens_per_tile=tm)
+            return kernels.msa_attention(qq, kk_, vv, bidx, bs, tokens_per_tile=tm, schedule=sched)
 
         timed(f"{name} fwd", lambda: bench_ms(fwd), results, pass_="fwd", flops=ff, **extra)
         o, lse = fwd()
@@ -205,8 +206,10 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
         return o
 
     our_attention(block_idx)
+    if attn_op.GPU_CONFIG["schedule"]["name"] != "query":
+        our_attention(block_idx, None, "msa attention [query schedule]", schedule="query")
     for tm in tm_variants:
-        our_attention(block_idx, tm, f"msa attention, {tm}-token tiles")
+        our_attention(block_idx, tm, f"msa attention [query schedule], {tm}-token tiles")
 
     # Selection + attention forward+backward (what a training step pays per layer, minus KL)
     qq, kk_, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
@@ -239,7 +242,7 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
     # Tile-shared selection: our kernel on FlexAttention's pattern, tiles of 1 and of 8 tokens
     shared_idx, other_QHk, n_other = tile_shared_selection(block_idx, bs, K)
     o_shared = our_attention(shared_idx, None, "msa attention, tile-shared sel.", "tile-shared")
-    our_attention(shared_idx, 8, "msa attention, tile-shared sel., 8-token tiles", "tile-shared")
+    our_attention(shared_idx, 8, "msa attention [query schedule], tile-shared sel., 8-token tiles", "tile-shared")
 
     # Dense causal SDPA, GQA (cuDNN and flash backends)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -318,18 +321,21 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
 # ---------------------------------------------------------------------------------------------
 # Launch-variant sweep of the attention kernels
 # ---------------------------------------------------------------------------------------------
-SWEEP = {
-    "fwd": [dict(BN=64, num_warps=4, num_stages=2), dict(BN=128, num_warps=4, num_stages=2),
-            dict(BN=64, num_warps=4, num_stages=3)],
-    "dq": [dict(BN=64, num_warps=4, num_stages=2), dict(BN=128, num_warps=4, num_stages=2),
-           dict(BN=64, num_warps=8, num_stages=2)],
-    "dkdv": [dict(BN=64, rows=64, num_warps=4, num_stages=2), dict(BN=64, rows=64, num_warps=8, num_stages=2),
-             dict(BN=128, rows=32, num_warps=8, num_stages=2), dict(BN=64, rows=128, num_warps=8, num_stages=2)],
+SWEEP = {  # GPU_CONFIG entry -> variants; the pass timed for each (the others' kernels are the same in every variant)
+    "schedule": [dict(name="split", chunk_tokens=4096), dict(name="split", chunk_tokens=2048),
+                 dict(name="split", chunk_tokens=8192)],
+    "fwd_split": [dict(BN=128, rows=64, num_warps=4, num_stages=2), dict(BN=128, rows=64, num_warps=4, num_stages=3),
+                  dict(BN=128, rows=128, num_warps=8, num_stages=2), dict(BN=128, rows=64, num_warps=8, num_stages=2)],
+    "bwd_split": [dict(BN=128, rows=64, num_warps=8, num_stages=2), dict(BN=128, rows=32, num_warps=8, num_stages=2),
+                  dict(BN=128, rows=64, num_warps=8, num_stages=1), dict(BN=128, rows=32, num_warps=4, num_stages=2)],
+    "merge": [dict(BN=128, rows=16, num_warps=4, num_stages=1), dict(BN=128, rows=64, num_warps=4, num_stages=1),
+              dict(BN=128, rows=64, num_warps=8, num_stages=1)],
 }
+SWEEP_PASS = {"schedule": "fwd+bwd", "fwd_split": "fwd", "bwd_split": "bwd", "merge": "fwd+bwd"}
 
 
 def sweep(T, results):
-    """Time each launch variant of fwd, dQ and dK/dV at T and keep the fastest (ties: first)."""
+    """Time each launch variant of the split schedule at T and keep the fastest (ties: first)."""
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(1)
     rnd = lambda *s: torch.randn(*s, generator=g, device=dev).to(torch.bfloat16)  # noqa: E731
@@ -338,22 +344,22 @@ def sweep(T, results):
     q, k, v = (x.requires_grad_(True) for x in (q, k, v))
     print(f"sweep at T={T}", flush=True)
     best = {}
-    base = {key: dict(val) for key, val in attn_op.GPU_CONFIG.items()}
     for kern, variants in SWEEP.items():
         times = []
         for cfg in variants:
-            attn_op.GPU_CONFIG.update(base)
             attn_op.GPU_CONFIG[kern] = dict(cfg)
-            if kern == "fwd":
-                fn = lambda: kernels.msa_attention(q, k, v, bidx, BLOCK)  # noqa: E731
-            else:
-                o, _ = kernels.msa_attention(q, k, v, bidx, BLOCK)
-                # The backward runs dQ and dK/dV; the other kernel's time is the same in every variant.
+            fwd = lambda: kernels.msa_attention(q, k, v, bidx, BLOCK, schedule="split")  # noqa: E731
+            if SWEEP_PASS[kern] == "fwd":
+                fn = fwd
+            elif SWEEP_PASS[kern] == "bwd":
+                o, _ = fwd()
                 fn = lambda o=o: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)  # noqa: E731
+            else:
+                fn = lambda: torch.autograd.grad(fwd()[0], (q, k, v), do)  # noqa: E731
             ms = timed(f"sweep {kern} {cfg}", lambda: bench_ms(fn), results, op="sweep", kernel=kern, cfg=cfg, T=T)
             times.append((ms if ms is not None else float("inf"), cfg))
         best[kern] = min(times, key=lambda x: x[0])[1]
-    attn_op.GPU_CONFIG.update({key: dict(val) for key, val in best.items()})
+        attn_op.GPU_CONFIG[kern] = dict(best[kern])  # later entries are swept with the earlier winners
     print(f"  chosen {attn_op.GPU_CONFIG}", flush=True)
     return best
 
@@ -518,7 +524,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqlens", default="8192,32768,65536,131072")
     ap.add_argument("--check", action="store_true", help="run the GPU tests first")
-    ap.add_argument("--sweep", action="store_true", help="pick attention launch variants at 32K first")
+    ap.add_argument("--sweep", action="store_true", help="pick attention launch variants at --sweep-t first")
+    ap.add_argument("--sweep-t", type=int, default=65536)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks this script")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines")
@@ -554,7 +561,7 @@ def main(argv=None):
     if args.l2_probe and torch.cuda.is_available():
         info.update(l2_probe(results))
     if args.sweep and torch.cuda.is_available():
-        info["chosen_config"] = sweep(32768, results)
+        info["chosen_config"] = sweep(args.sweep_t, results)
     flex_compiled = None
     if torch.cuda.is_available() and not args.no_flex:
         from torch.nn.attention.flex_attention import flex_attention

@@ -61,7 +61,7 @@ def _report(name, params, kernel, bindir):
     mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "no MMA")
     local = "LDL/STL" if ("LDL" in sass or "STL" in sass) else ""
     shown = {k: v for k, v in params.items() if k in ("G", "TM", "TQ", "R", "BN", "BS", "D", "DI", "HB", "BM", "DENSE",
-                                                      "HAS_LSE", "HAS_ILSE", "num_warps", "num_stages")}
+                                                      "HAS_LSE", "HAS_ILSE", "TN", "SOFTMAX", "HAS_DLSE", "num_warps", "num_stages")}
     return f"{name:22s} {mma:6s} {local:7s} {usage}  {shown}"
 
 
@@ -97,8 +97,9 @@ def main(argv=None):
             nb = -(-T // BS)
             sel = torch.arange(min(K, nb), dtype=torch.int32).expand(1, T, Hkv, min(K, nb))
             bidx = torch.nn.functional.pad(sel, (0, K - sel.shape[-1]), value=-1).contiguous()
-            o, lse = kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t)
-            torch.autograd.grad((o.float().sum(), lse.sum()), (q, k, v), allow_unused=True)
+            for schedule in ("split", "query"):
+                o, lse = kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, schedule=schedule)
+                torch.autograd.grad((o.float().sum(), lse.sum()), (q, k, v), allow_unused=True)
             if Hq // Hkv >= 8:
                 kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, tokens_per_tile=8)
             lse0 = torch.zeros(1, T, Hq)

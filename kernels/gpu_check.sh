@@ -7,7 +7,7 @@
 # Run on the GPU machine from the repo root:   bash kernels/gpu_check.sh
 # Knobs: BENCH_ARGS (extra args of kernels.bench), BENCH_BUDGET_S, PROFILE=0|1, LIMIT_S (whole script).
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}

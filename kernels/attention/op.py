@@ -11,9 +11,19 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 
 from kernels import _common
-from kernels.attention.kernel import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
+from kernels.attention.kernel import (
+    attn_bwd_delta_kernel,
+    attn_bwd_dkdv_kernel,
+    attn_bwd_dq_kernel,
+    attn_bwd_split_kernel,
+    attn_bwd_sum_chunks_kernel,
+    attn_fwd_kernel,
+    attn_fwd_split_kernel,
+    attn_merge_slots_kernel,
+)
 from kernels.attention.reference import msa_attention_reference
 
 LOG2E = 1.4426950408889634
@@ -22,13 +32,26 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # Launch parameters on the GPU (the interpreter ignores warps and stages). Tuned in kernels/PERF.md;
 # `kernels.bench` overrides them to compare variants.
 GPU_CONFIG = {
-    "fwd": dict(BN=128, num_warps=4, num_stages=2),  # the sweep's choice on the H100 (kernels/PERF.md)
+    # Which schedule msa_attention uses when the caller does not say (see SCHEDULES).
+    "schedule": dict(name="split", chunk_tokens=4096),
+    # Query-stationary schedule ("query"): the sweep's choices on the H100 (kernels/PERF.md).
+    "fwd": dict(BN=128, num_warps=4, num_stages=2),
     "dq": dict(BN=64, num_warps=4, num_stages=2),
     "dkdv": dict(BN=64, rows=64, num_warps=4, num_stages=2),
+    # Key-block-stationary schedule ("split"): rows = query rows (tokens x G) per step.
+    "fwd_split": dict(BN=128, rows=64, num_warps=4, num_stages=2),
+    "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=2),
+    "merge": dict(BN=128, rows=16, num_warps=4, num_stages=1),
 }
+# "query": one program per (query token tile, KV head) walks the tile's blocks (NSA's layout); K/V
+# are re-read from L2 for every token. "split": one program per (KV head, query chunk, key block)
+# loads K/V once for all the chunk's tokens that selected the block and writes per-slot partials
+# that a second pass merges (kernels/attention/README.md).
+SCHEDULES = ("query", "split")
 
 
-def check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, tokens_per_tile):
+def check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, tokens_per_tile, schedule=None,
+                 chunk_tokens=None):
     _common.check_tensor("q", q, 4, _FLOAT)
     dev = q.device
     _common.check_tensor("k", k, 4, _FLOAT, dev)
@@ -59,6 +82,12 @@ def check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, toke
         tm = tokens_per_tile
         if not isinstance(tm, int) or tm < 1 or tm & (tm - 1) or block_size % tm:
             raise ValueError(f"tokens_per_tile must be a power of two dividing block_size={block_size}, got {tm!r}")
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES} or None, got {schedule!r}")
+    if tokens_per_tile not in (None, 1) and schedule == "split":
+        raise ValueError("tokens_per_tile applies to schedule='query' only")
+    if chunk_tokens is not None and not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     for name, x in (("q", q), ("k", k), ("v", v), ("block_idx", block_idx)):
         _common.check_last_dim_contiguous(name, x)
         _common.check_size(name, x)
@@ -155,14 +184,127 @@ class _MSAAttention(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+class _MSAAttentionSplit(torch.autograd.Function):
+    """The key-block-stationary schedule (see SCHEDULES); same contract as _MSAAttention."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, chunk_tokens):
+        B, T, Hq, D = q.shape
+        Hkv = k.shape[2]
+        G = Hq // Hkv
+        N = B * T
+        TOPK = block_idx.shape[3]
+        dev = q.device
+        q_N, k_N, v_N, b_N = _flat(q), _flat(k), _flat(v), _flat(block_idx)
+        cu = _common.flat_cu_seqlens(B, T, cu_seqlens, dev)
+        idx = _common.split_index(b_N, cu, block_size, chunk_tokens)
+        blk_start_C, _, blk_seq_end_C, _ = _common.tile_table(cu, N, block_size)
+        # Partials: o_s in the input dtype (as FlashInfer's merge_state takes them), lse_s in fp32.
+        op_NHKGD = _common.empty((N, Hkv, TOPK, G, D), q.dtype, dev)
+        lp_NHKG = _common.empty((N, Hkv, TOPK, G), torch.float32, dev)
+        cfg = _launch_cfg("fwd_split", q, block_size)
+        TQ, R = _rows(cfg.pop("rows"), G)
+        cfg.pop("BN")
+        attn_fwd_split_kernel[(idx.n_chunks * idx.C, Hkv)](
+            q_N, k_N, v_N, op_NHKGD, lp_NHKG, idx.tokens_E, idx.slots_E, idx.offsets, blk_start_C, blk_seq_end_C,
+            idx.C,
+            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
+            op_NHKGD.stride(0), op_NHKGD.stride(1), op_NHKGD.stride(2),
+            lp_NHKG.stride(0), lp_NHKG.stride(1), lp_NHKG.stride(2),
+            scale * LOG2E,
+            G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=_common.dot_precision(q.dtype), **cfg,
+        )
+        o_N = _common.empty((N, Hq, D), q.dtype, dev)
+        lse_N = _common.empty((N, Hq), torch.float32, dev)
+        _merge_slots(op_NHKGD, lp_NHKG, idx.valid_NHK, o_N, lse_N, 1.0, G, D, TOPK, block_size)
+        del op_NHKGD, lp_NHKG
+        ctx.save_for_backward(q_N, k_N, v_N, o_N, lse_N, cu, idx.tokens_E, idx.slots_E, idx.offsets, idx.valid_NHK,
+                              blk_start_C, blk_seq_end_C)
+        ctx.meta = (B, T, Hq, Hkv, D, block_size, scale, idx.C, idx.n_chunks, idx.chunk_tokens)
+        ctx.set_materialize_grads(False)
+        return o_N.view(B, T, Hq, D), lse_N.view(B, T, Hq)
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        (q_N, k_N, v_N, o_N, lse_N, cu, tokens_E, slots_E, offsets, valid_NHK,
+         blk_start_C, blk_seq_end_C) = ctx.saved_tensors
+        B, T, Hq, Hkv, D, block_size, scale, C, NCH, Tc = ctx.meta
+        G = Hq // Hkv
+        N = B * T
+        TOPK = valid_NHK.shape[2]
+        dev = q_N.device
+        if do is None:
+            do = torch.zeros((B, T, Hq, D), dtype=q_N.dtype, device=dev)
+        do_N = _flat(do)
+        if do_N.stride(-1) != 1:
+            do_N = do_N.contiguous()
+        delta_N = _common.empty((N, Hq), torch.float32, dev)
+        dlse_N = _flat(dlse).float() if dlse is not None else lse_N
+        rows = 64
+        attn_bwd_delta_kernel[(triton.cdiv(N * Hq, rows),)](
+            o_N, do_N, dlse_N, delta_N, N * Hq, Hq,
+            o_N.stride(0), o_N.stride(1), do_N.stride(0), do_N.stride(1), dlse_N.stride(0),
+            ROWS=rows, D=D, HAS_DLSE=dlse is not None,
+        )
+        dqp_NHKGD = _common.empty((N, Hkv, TOPK, G, D), q_N.dtype, dev)
+        # Per-chunk dK/dV partials; only (chunk, block) pairs a block's queries can reach are written and read.
+        dkp = _common.empty((NCH, N, Hkv, D), torch.float32, dev)
+        dvp = _common.empty((NCH, N, Hkv, D), torch.float32, dev)
+        cfg = _launch_cfg("bwd_split", q_N, block_size)
+        TQ, R = _rows(cfg.pop("rows"), G)
+        cfg.pop("BN")
+        attn_bwd_split_kernel[(NCH * C, Hkv)](
+            q_N, k_N, v_N, do_N, lse_N, delta_N, dqp_NHKGD, dkp, dvp,
+            tokens_E, slots_E, offsets, blk_start_C, blk_seq_end_C, C, Tc,
+            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
+            do_N.stride(0), do_N.stride(1), lse_N.stride(0),
+            dqp_NHKGD.stride(0), dqp_NHKGD.stride(1), dqp_NHKGD.stride(2), dkp.stride(0), dkp.stride(1), dkp.stride(2),
+            scale * LOG2E, scale,
+            G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=_common.dot_precision(q_N.dtype), **cfg,
+        )
+        dq_N = _common.empty((N, Hq, D), q_N.dtype, dev)
+        _merge_slots(dqp_NHKGD, None, valid_NHK, dq_N, None, scale, G, D, TOPK, block_size)
+        del dqp_NHKGD
+        dk_N = _common.empty((N, Hkv, D), k_N.dtype, dev)
+        dv_N = _common.empty((N, Hkv, D), v_N.dtype, dev)
+        BN = min(32, block_size)  # two fp32 [BN, dh] sums per program: no register spills at dh = 128
+        attn_bwd_sum_chunks_kernel[(C * (block_size // BN), Hkv)](
+            dkp, dvp, dk_N, dv_N, blk_start_C, blk_seq_end_C, Tc,
+            dkp.stride(0), dkp.stride(1), dkp.stride(2), dk_N.stride(0), dk_N.stride(1), dv_N.stride(0), dv_N.stride(1),
+            BN=BN, BS=block_size, D=D,
+        )
+        return (dq_N.view(B, T, Hq, D), dk_N.view(B, T, Hkv, D), dv_N.view(B, T, Hkv, D),
+                None, None, None, None, None)
+
+
+def _rows(rows: int, G: int):
+    """(tokens per step, padded rows per step) for a step of `rows` query rows of G heads each."""
+    TQ = max(1, rows // G)
+    return TQ, max(16, _common.next_pow2(TQ * G))
+
+
+def _merge_slots(part, lp, valid_NHK, out_N, lse_N, scale, G, D, TOPK, block_size):
+    """Merge per-slot partials into out_N (softmax-weighted when lp is given, else summed x scale)."""
+    N, Hkv = part.shape[:2]
+    cfg = _launch_cfg("merge", out_N, block_size)
+    TN, R = _rows(cfg.pop("rows"), G)
+    cfg.pop("BN")
+    softmax = lp is not None
+    lp_ = lp if softmax else part  # unused when not softmax
+    lse_ = lse_N if softmax else out_N
+    attn_merge_slots_kernel[(triton.cdiv(N, TN), Hkv)](
+        part, lp_, valid_NHK, out_N, lse_, N,
+        part.stride(0), part.stride(1), part.stride(2),
+        lp_.stride(0), lp_.stride(1), lp_.stride(2),
+        valid_NHK.stride(0), valid_NHK.stride(1), out_N.stride(0), out_N.stride(1), lse_.stride(0),
+        scale,
+        G=G, TN=TN, R=R, D=D, TOPK=TOPK, SOFTMAX=softmax, **cfg,
+    )
+
+
 def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int, rows: int = 16) -> dict:
     # GPU_CONFIG is looked up at call time: kernels.bench overrides it to compare variants
     return _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
-    cfg = dict(GPU_CONFIG[kernel])
-    cfg["BN"] = min(cfg["BN"], block_size)
-    if rows >= 128:  # wide tiles (tokens_per_tile x G >= 128 rows): fp32 accumulators need 8 warps
-        cfg["num_warps"] = max(cfg["num_warps"], 8)
-    return cfg
 
 
 def default_tokens_per_tile(G: int, block_size: int) -> int:
@@ -175,22 +317,33 @@ def default_tokens_per_tile(G: int, block_size: int) -> int:
 
 
 def msa_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, softmax_scale=None, *,
-                  backend: str = "triton", tokens_per_tile: int | None = None):
+                  backend: str = "triton", schedule: str | None = None, tokens_per_tile: int | None = None,
+                  chunk_tokens: int | None = None):
     """Block-sparse GQA attention over the selected blocks, token-causal.
 
     q [B, T, Hq, dh], k/v [B, T, Hkv, dh], block_idx int32 [B, T, Hkv, topk] (block numbers within
     the token's sequence, -1 = unused). Returns o (dtype of q) [B, T, Hq, dh] and lse fp32
-    [B, T, Hq]. Differentiable in q, k, v (and through lse). `tokens_per_tile` (power of two
-    dividing block_size) sets how many consecutive tokens share one pass over their union of
-    blocks; default 1. See kernels/attention/README.md.
+    [B, T, Hq]. Differentiable in q, k, v (and through lse).
+
+    `schedule` picks the kernels ("split": key-block-stationary with per-slot partials, "query":
+    query-stationary; None: GPU_CONFIG's choice, or "query" when tokens_per_tile > 1 is given).
+    `tokens_per_tile` (query schedule; power of two dividing block_size) sets how many consecutive
+    tokens share one pass over their union of blocks. `chunk_tokens` (split schedule) sets the
+    query chunk of one work list. See kernels/attention/README.md.
     """
-    check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, tokens_per_tile)
+    check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, tokens_per_tile, schedule, chunk_tokens)
     _common.check_backend(backend, q.device, q.dtype)
     D = q.shape[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     if backend == "reference":
         o, lse = msa_attention_reference(q, k, v, block_idx, block_size, cu_seqlens, scale)
         return o.to(q.dtype), lse
+    default = GPU_CONFIG["schedule"]
+    if schedule is None:
+        schedule = "query" if tokens_per_tile not in (None, 1) else default["name"]
+    if schedule == "split":
+        return _MSAAttentionSplit.apply(q, k, v, block_idx, block_size, cu_seqlens, scale,
+                                        chunk_tokens or default["chunk_tokens"])
     G = q.shape[2] // k.shape[2]
     tm = tokens_per_tile or default_tokens_per_tile(G, block_size)
     return _MSAAttention.apply(q, k, v, block_idx, block_size, cu_seqlens, scale, tm)

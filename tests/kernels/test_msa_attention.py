@@ -12,27 +12,31 @@ from kernels import _common
 from kernels.attention.reference import msa_attention_reference
 from msa_numerics import assert_close, attention_lowp, gpu, needs_cuda, rand, random_block_idx, support_BHTT
 
-# (B, T, Hq, Hkv, D, block, topk, cu_seqlens, tokens_per_tile) -- awkward on purpose: T not a
+# (B, T, Hq, Hkv, D, block, topk, cu_seqlens, schedule options) -- awkward on purpose: T not a
 # multiple of the block, G = 1..16, packed sequences with one shorter than a block and one of a
-# single token, tokens with fewer visible blocks than topk, and both tile paths.
+# single token, tokens with fewer visible blocks than topk, both schedules, query chunks that split
+# blocks' work lists (chunk_tokens not a multiple of the block) and tiles of several tokens.
+SPLIT, QUERY = dict(schedule="split"), dict(schedule="query")
 CASES = {
-    "batch2_G2_tail": (2, 77, 4, 2, 32, 16, 3, None, None),
-    "G16_one_token_tiles": (1, 70, 16, 1, 64, 32, 2, None, None),
-    "G1": (1, 50, 2, 2, 32, 16, 2, None, None),
-    "packed_G4": (1, 100, 8, 2, 32, 32, 2, [0, 5, 40, 41, 100], None),
-    "G8_block64_D128": (1, 150, 8, 1, 128, 64, 2, None, None),
-    "G2_union_tiles4": (1, 90, 4, 2, 32, 16, 4, None, 4),
+    "batch2_G2_tail": (2, 77, 4, 2, 32, 16, 3, None, SPLIT),
+    "G16_chunks": (1, 70, 16, 1, 64, 32, 2, None, dict(schedule="split", chunk_tokens=24)),
+    "G1_chunks": (1, 50, 2, 2, 32, 16, 2, None, dict(schedule="split", chunk_tokens=7)),
+    "packed_G4_chunks": (1, 100, 8, 2, 32, 32, 2, [0, 5, 40, 41, 100], dict(schedule="split", chunk_tokens=16)),
+    "G8_block64_D128": (1, 150, 8, 1, 128, 64, 2, None, SPLIT),
+    "query_G16": (1, 70, 16, 1, 64, 32, 2, None, QUERY),
+    "query_packed_G4": (1, 100, 8, 2, 32, 32, 2, [0, 5, 40, 41, 100], QUERY),
+    "query_G2_union_tiles4": (1, 90, 4, 2, 32, 16, 4, None, dict(tokens_per_tile=4)),
 }
 
 
 def _run(case, dtype, device):
-    B, T, Hq, Hkv, D, BS, K, cu, tm = case
+    B, T, Hq, Hkv, D, BS, K, cu, opts = case
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
     q = rand(B, T, Hq, D, dtype=dtype, device=device, requires_grad=True)
     k = rand(B, T, Hkv, D, dtype=dtype, device=device, requires_grad=True)
     v = rand(B, T, Hkv, D, dtype=dtype, device=device, requires_grad=True)
     bidx = random_block_idx(B, T, Hkv, K, BS, cu_t, device)
-    o, lse = kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, tokens_per_tile=tm)
+    o, lse = kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, **opts)
     do = torch.randn_like(o)
     dlse = torch.randn_like(lse)  # lse is an output too: check its gradient path
     grads = torch.autograd.grad([o, lse], [q, k, v], [do, dlse])
@@ -57,7 +61,8 @@ def test_matches_reference(case, dtype, device):
     _run(CASES[case], dtype, device)
 
 
-def test_full_selection_equals_dense_causal_sdpa(device):
+@pytest.mark.parametrize("schedule", ["split", "query"])
+def test_full_selection_equals_dense_causal_sdpa(schedule, device):
     # With every visible block selected, MSA attention is dense causal attention.
     B, T, Hq, Hkv, D, BS = 1, 96, 8, 2, 32, 32
     n_blocks = T // BS
@@ -68,7 +73,7 @@ def test_full_selection_equals_dense_causal_sdpa(device):
     blocks = torch.arange(n_blocks, device=device)
     bidx = torch.where(blocks[None, :] <= local[:, None], blocks[None, :], -1).to(torch.int32)
     bidx = bidx[None, :, None, :].expand(B, T, Hkv, n_blocks).contiguous()
-    o, _ = kernels.msa_attention(q, k, v, bidx, BS)
+    o, _ = kernels.msa_attention(q, k, v, bidx, BS, schedule=schedule, chunk_tokens=40)
     G = Hq // Hkv
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.repeat_interleave(G, 2).transpose(1, 2), v.repeat_interleave(G, 2).transpose(1, 2),
@@ -81,7 +86,8 @@ def test_full_selection_equals_dense_causal_sdpa(device):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
 
 
-def test_backward_is_deterministic(device):
+@pytest.mark.parametrize("schedule", ["split", "query"])
+def test_backward_is_deterministic(schedule, device):
     B, T, Hq, Hkv, D, BS, K = 1, 64, 4, 1, 32, 16, 3
     q = rand(B, T, Hq, D, dtype=torch.float16, device=device, requires_grad=True)
     k = rand(B, T, Hkv, D, dtype=torch.float16, device=device, requires_grad=True)
@@ -90,7 +96,7 @@ def test_backward_is_deterministic(device):
     do = torch.randn(B, T, Hq, D, device=device).half()
     runs = []
     for _ in range(2):
-        o, _ = kernels.msa_attention(q, k, v, bidx, BS)
+        o, _ = kernels.msa_attention(q, k, v, bidx, BS, schedule=schedule, chunk_tokens=24)
         runs.append(torch.autograd.grad(o, [q, k, v], do))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -129,6 +135,9 @@ def _inputs(device, dtype=torch.float16):
     (lambda a: a.update(q=torch.randn(1, 32, 6, 16).half()), "multiple of k/v heads|power of two"),
     (lambda a: a.update(cu_seqlens=torch.tensor([0, 32], dtype=torch.int64)), "cu_seqlens must have dtype"),
     (lambda a: a.update(backend="cuda"), "backend"),
+    (lambda a: a.update(schedule="tiles"), "schedule must be one of"),
+    (lambda a: a.update(schedule="split", tokens_per_tile=4), "tokens_per_tile applies to schedule='query'"),
+    (lambda a: a.update(chunk_tokens=0), "chunk_tokens must be a positive int"),
 ])
 def test_input_errors_name_the_argument(mutate, match, device):
     q, k, v, bidx = _inputs(device)
@@ -165,7 +174,9 @@ GPU_CASES = [  # (B, T, Hq, Hkv, D, block, topk, cu_seqlens), dtype
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("opts", [dict(schedule="split"), dict(schedule="split", chunk_tokens=1024), QUERY],
+                         ids=["split", "split_chunks1024", "query"])
 @pytest.mark.parametrize("shape, dtype", GPU_CASES)
-def test_gpu_matches_reference(shape, dtype):
+def test_gpu_matches_reference(shape, dtype, opts):
     B, T, Hq, Hkv, D, BS, K, cu = shape
-    _run((B, T, Hq, Hkv, D, BS, K, cu, None), dtype, "cuda")
+    _run((B, T, Hq, Hkv, D, BS, K, cu, opts), dtype, "cuda")

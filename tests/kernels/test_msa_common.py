@@ -46,6 +46,38 @@ def test_union_lists_and_reverse_index_match_brute_force():
             assert got == want
 
 
+def test_split_index_matches_brute_force():
+    # Work lists of the split schedule: (group, query chunk, key block) -> (token, sorted slot).
+    T, H, K, BS, Tc = 70, 2, 4, 16, 24
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    bidx = random_block_idx(1, T, H, K, BS, cu)[0]
+    bidx[7, 1, 0] = bidx[7, 1, 1]  # a duplicate must count once
+    bidx[50, 0, 0] = 9  # a block after the token's own one (future keys only) is dropped
+    idx = _common.split_index(bidx, cu, BS, Tc)
+    bstart, _, bend, _ = _common.tile_table(cu, T, BS)
+    assert idx.n_chunks == 3 and idx.offsets.numel() == H * idx.n_chunks * idx.C + 1
+    seq = lambda t: 0 if t < 30 else 1  # noqa: E731
+    n_pairs = 0
+    for h in range(H):
+        for ch in range(idx.n_chunks):
+            for c in range(idx.C):
+                i = (h * idx.n_chunks + ch) * idx.C + c
+                lo, hi = int(idx.offsets[i]), int(idx.offsets[i + 1])
+                got = list(zip(idx.tokens_E[lo:hi].tolist(), idx.slots_E[lo:hi].tolist()))
+                want = []
+                if bend[c] > bstart[c]:
+                    s = seq(int(bstart[c]))
+                    blk = (int(bstart[c]) - int(cu[s])) // BS
+                    for t in range(ch * Tc, min(T, (ch + 1) * Tc)):
+                        srt = sorted(set(bidx[t, h].tolist()))
+                        local = (t - int(cu[seq(t)])) // BS
+                        if seq(t) == s and blk in srt and blk <= local:
+                            want.append((t, bidx[t, h].sort().values.tolist().index(blk)))
+                assert got == want, (h, ch, c)
+                n_pairs += len(got)
+    assert int(idx.valid_NHK.sum()) == n_pairs  # one valid slot per pair, nothing else
+
+
 def test_poisoned_outputs_context():
     with _common.poisoned_outputs():
         assert torch.isnan(_common.empty((3,), torch.float32, "cpu")).all()
