@@ -35,6 +35,7 @@ import triton.language as tl
 import kernels
 from kernels.attention import op as attn_op
 from kernels.kl import op as kl_op
+from kernels.select import op as sel_op
 
 HQ, HKV, DH, DI, BLOCK, TOPK = 32, 2, 128, 128, 128, 16
 
@@ -322,16 +323,18 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
 # Launch-variant sweep of the attention kernels
 # ---------------------------------------------------------------------------------------------
 SWEEP = {  # GPU_CONFIG entry -> variants; the pass timed for each (the others' kernels are the same in every variant)
-    "schedule": [dict(name="split", chunk_tokens=4096), dict(name="split", chunk_tokens=2048),
-                 dict(name="split", chunk_tokens=8192)],
-    "fwd_split": [dict(BN=128, rows=64, num_warps=4, num_stages=2), dict(BN=128, rows=64, num_warps=4, num_stages=3),
-                  dict(BN=128, rows=128, num_warps=8, num_stages=2), dict(BN=128, rows=64, num_warps=8, num_stages=2)],
-    "bwd_split": [dict(BN=128, rows=64, num_warps=8, num_stages=2), dict(BN=128, rows=32, num_warps=8, num_stages=2),
-                  dict(BN=128, rows=64, num_warps=8, num_stages=1), dict(BN=128, rows=32, num_warps=4, num_stages=2)],
-    "merge": [dict(BN=128, rows=16, num_warps=4, num_stages=1), dict(BN=128, rows=64, num_warps=4, num_stages=1),
-              dict(BN=128, rows=64, num_warps=8, num_stages=1)],
+    "schedule": [dict(name="split", chunk_tokens=None, waves=4), dict(name="split", chunk_tokens=None, waves=1),
+                 dict(name="split", chunk_tokens=None, waves=8), dict(name="split", chunk_tokens=None, waves=16),
+                 dict(name="split", chunk_tokens=2048, waves=8), dict(name="split", chunk_tokens=8192, waves=4)],
+    "fwd_split": [dict(BN=128, rows=64, num_warps=4, num_stages=2), dict(BN=128, rows=64, num_warps=4, num_stages=1),
+                  dict(BN=128, rows=32, num_warps=4, num_stages=2), dict(BN=128, rows=128, num_warps=8, num_stages=2)],
+    "bwd_split": [dict(BN=128, rows=64, num_warps=8, num_stages=2), dict(BN=128, rows=64, num_warps=8, num_stages=3),
+                  dict(BN=128, rows=64, num_warps=8, num_stages=1)],
+    "merge": [dict(BN=128, rows=64, num_warps=4, num_stages=1), dict(BN=128, rows=16, num_warps=4, num_stages=1),
+              dict(BN=128, rows=128, num_warps=8, num_stages=1)],
+    "select": [3, 2, 4],  # num_stages of the selection kernel
 }
-SWEEP_PASS = {"schedule": "fwd+bwd", "fwd_split": "fwd", "bwd_split": "bwd", "merge": "fwd+bwd"}
+SWEEP_PASS = {"schedule": "fwd+bwd", "fwd_split": "fwd", "bwd_split": "bwd", "merge": "fwd+bwd", "select": "select"}
 
 
 def sweep(T, results):
@@ -344,12 +347,18 @@ def sweep(T, results):
     q, k, v = (x.requires_grad_(True) for x in (q, k, v))
     print(f"sweep at T={T}", flush=True)
     best = {}
+    qi, ki = rnd(1, T, HKV, DI), rnd(1, T, DI)
     for kern, variants in SWEEP.items():
         times = []
         for cfg in variants:
-            attn_op.GPU_CONFIG[kern] = dict(cfg)
+            if kern == "select":
+                sel_op.GPU_CONFIG["num_stages"] = cfg
+            else:
+                attn_op.GPU_CONFIG[kern] = dict(cfg)
             fwd = lambda: kernels.msa_attention(q, k, v, bidx, BLOCK, schedule="split")  # noqa: E731
-            if SWEEP_PASS[kern] == "fwd":
+            if SWEEP_PASS[kern] == "select":
+                fn = lambda: kernels.msa_select(qi, ki, BLOCK, TOPK)  # noqa: E731
+            elif SWEEP_PASS[kern] == "fwd":
                 fn = fwd
             elif SWEEP_PASS[kern] == "bwd":
                 o, _ = fwd()
@@ -359,8 +368,12 @@ def sweep(T, results):
             ms = timed(f"sweep {kern} {cfg}", lambda: bench_ms(fn), results, op="sweep", kernel=kern, cfg=cfg, T=T)
             times.append((ms if ms is not None else float("inf"), cfg))
         best[kern] = min(times, key=lambda x: x[0])[1]
-        attn_op.GPU_CONFIG[kern] = dict(best[kern])  # later entries are swept with the earlier winners
-    print(f"  chosen {attn_op.GPU_CONFIG}", flush=True)
+        # later entries are swept with the earlier winners
+        if kern == "select":
+            sel_op.GPU_CONFIG["num_stages"] = best[kern]
+        else:
+            attn_op.GPU_CONFIG[kern] = dict(best[kern])
+    print(f"  chosen {attn_op.GPU_CONFIG}, select {sel_op.GPU_CONFIG}", flush=True)
     return best
 
 
@@ -520,6 +533,49 @@ def profile_run(T):
     torch.cuda.cudart().cudaProfilerStop()
 
 
+def breakdown(T, results, chunks=()):
+    """Where the split schedule's time goes at T: CUDA time per kernel (torch.profiler) of one
+    forward+backward, and fwd / bwd / fwd+bwd for each query-chunk size in `chunks`."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
+    q, k, v, do = rnd(1, T, HQ, DH), rnd(1, T, HKV, DH), rnd(1, T, HKV, DH), rnd(1, T, HQ, DH)
+    bidx, _ = kernels.msa_select(rnd(1, T, HKV, DI), rnd(1, T, DI), BLOCK, TOPK)
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    print(f"breakdown at T={T}", flush=True)
+    for ch in chunks:
+        fwd = lambda ch=ch: kernels.msa_attention(q, k, v, bidx, BLOCK, schedule="split", chunk_tokens=ch)  # noqa: E731
+        o, _ = fwd()
+        tag = dict(op="chunk-scan", T=T, chunk_tokens=ch)
+        timed(f"chunk {ch} fwd", lambda: bench_ms(fwd), results, pass_="fwd", **tag)
+        timed(f"chunk {ch} bwd", lambda: bench_ms(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)),
+              results, pass_="bwd", **tag)
+        timed(f"chunk {ch} fwd+bwd", lambda: bench_ms(lambda: torch.autograd.grad(fwd()[0], (q, k, v), do)),
+              results, pass_="fwd+bwd", **tag)
+        del o
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        o, _ = kernels.msa_attention(q, k, v, bidx, BLOCK)
+        torch.autograd.grad(o, (q, k, v), do)
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    rows = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            rows[ev.key] = rows.get(ev.key, 0.0) + t / 3 / 1e3
+    total = sum(rows.values())
+    for name, ms in sorted(rows.items(), key=lambda x: -x[1])[:14]:
+        results.append(dict(name=f"kernel {name[:60]}", ms=ms, op="breakdown", T=T))
+        print(f"  {ms:8.3f} ms {100 * ms / total:5.1f}%  {name[:90]}", flush=True)
+    print(f"  {total:8.3f} ms in kernels (one fwd+bwd)", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqlens", default="8192,32768,65536,131072")
@@ -531,12 +587,22 @@ def main(argv=None):
     ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines")
     ap.add_argument("--tm-variants", default="", help="also time per-token selection with these tokens_per_tile")
     ap.add_argument("--l2-probe", action="store_true", help="measure gather bandwidth by buffer size")
+    ap.add_argument("--breakdown", default="", help="T values: per-kernel time of the split schedule, then exit")
+    ap.add_argument("--chunks", default="", help="with --breakdown: query-chunk sizes to time")
     ap.add_argument("--profile", type=int, default=0, help="run one training step of the ops at this T for ncu")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip sequence lengths that start after this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     if args.profile:
         profile_run(args.profile)
+        return 0
+    if args.breakdown:
+        results = []
+        for T in (int(x) for x in args.breakdown.split(",")):
+            breakdown(T, results, [int(x) for x in args.chunks.split(",") if x])
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "breakdown.json"), "w") as f:
+            json.dump(dict(info=device_info(), results=results), f, indent=1)
         return 0
     t_begin = time.time()
     os.makedirs(args.out, exist_ok=True)

@@ -203,7 +203,7 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def attn_fwd_split_kernel(
     q_ptr, k_ptr, v_ptr, op_ptr, lp_ptr, tokens_ptr, slots_ptr, offsets_ptr, blk_start_ptr, blk_seq_end_ptr,
-    n_blocks,
+    n_blocks, n_items, item0,
     stride_q_n, stride_q_h, stride_k_n, stride_k_h, stride_v_n, stride_v_h,
     stride_op_n, stride_op_h, stride_op_k, stride_lp_n, stride_lp_h, stride_lp_k,
     qk_scale_log2,
@@ -212,11 +212,11 @@ def attn_fwd_split_kernel(
 ):
     # Partial result of one (token, slot): o_s = softmax over the slot's block's visible keys @ V
     # (normalised, in the partial buffer's dtype) and its base-2 log-sum-exp, per head of the group.
-    item = tl.program_id(0)  # chunk * n_blocks + c
+    item = item0 + tl.program_id(0)  # chunk * n_blocks + c; a launch covers a range of chunks
     h = tl.program_id(1)
     c = item % n_blocks
-    lo = tl.load(offsets_ptr + h * tl.num_programs(0) + item)
-    hi = tl.load(offsets_ptr + h * tl.num_programs(0) + item + 1)
+    lo = tl.load(offsets_ptr + h * n_items + item)
+    hi = tl.load(offsets_ptr + h * n_items + item + 1)
     if hi > lo:
         b0 = tl.load(blk_start_ptr + c)
         e0 = tl.load(blk_seq_end_ptr + c)
@@ -253,7 +253,7 @@ def attn_fwd_split_kernel(
 
 @triton.jit
 def attn_merge_slots_kernel(
-    part_ptr, lp_ptr, valid_ptr, out_ptr, lse_ptr, n_tokens,
+    part_ptr, lp_ptr, valid_ptr, out_ptr, lse_ptr, tok0, tok_end,
     stride_p_n, stride_p_h, stride_p_k, stride_lp_n, stride_lp_h, stride_lp_k,
     stride_v_n, stride_v_h, stride_out_n, stride_out_h, stride_lse_n,
     scale,
@@ -266,9 +266,9 @@ def attn_merge_slots_kernel(
     pid = tl.program_id(0)
     h = tl.program_id(1)
     r = tl.arange(0, R)
-    tok_R = pid * TN + r // G
+    tok_R = tok0 + pid * TN + r // G
     g_R = r % G
-    valid_R = (r < TN * G) & (tok_R < n_tokens)
+    valid_R = (r < TN * G) & (tok_R < tok_end)
     d = tl.arange(0, D)
     acc = tl.zeros([R, D], tl.float32)
     if SOFTMAX:
@@ -328,7 +328,7 @@ def attn_bwd_delta_kernel(
 @triton.jit
 def attn_bwd_split_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dkp_ptr, dvp_ptr,
-    tokens_ptr, slots_ptr, offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, chunk_tokens,
+    tokens_ptr, slots_ptr, offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items, item0, chunk_tokens,
     stride_q_n, stride_q_h, stride_k_n, stride_k_h, stride_v_n, stride_v_h, stride_do_n, stride_do_h, stride_l_n,
     stride_dqp_n, stride_dqp_h, stride_dqp_k, stride_dkp_c, stride_dkp_n, stride_dkp_h,
     qk_scale_log2, sm_scale,
@@ -339,7 +339,7 @@ def attn_bwd_split_kernel(
     # (keys are the rows of S^T, as in FlashAttention's dK/dV loop): dK, dV of the block summed over
     # the chunk's rows (fp32 partial per chunk, written even when the list is empty), and
     # dQ of each (token, slot) = scale * dS K, a partial that `attn_merge_slots_kernel` sums.
-    item = tl.program_id(0)
+    item = item0 + tl.program_id(0)
     h = tl.program_id(1)
     chunk = item // n_blocks
     c = item % n_blocks
@@ -348,8 +348,8 @@ def attn_bwd_split_kernel(
     # Chunks that may hold queries of this block: from the block's start to its sequence's end.
     active = (e0 > b0) & (chunk >= b0 // chunk_tokens) & (chunk <= (e0 - 1) // chunk_tokens)
     if active:
-        lo = tl.load(offsets_ptr + h * tl.num_programs(0) + item)
-        hi = tl.load(offsets_ptr + h * tl.num_programs(0) + item + 1)
+        lo = tl.load(offsets_ptr + h * n_items + item)
+        hi = tl.load(offsets_ptr + h * n_items + item + 1)
         j = tl.arange(0, BS)
         kpos = b0 + j
         kvalid = kpos < e0

@@ -8,6 +8,7 @@ block_idx), D head dim, K top-k slots, P query tiles, U union slots, C key block
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -33,7 +34,8 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # `kernels.bench` overrides them to compare variants.
 GPU_CONFIG = {
     # Which schedule msa_attention uses when the caller does not say (see SCHEDULES).
-    "schedule": dict(name="split", chunk_tokens=4096),
+    # chunk_tokens None: N / 16 rounded to a power of two in [256, 16384] (split_chunk_tokens).
+    "schedule": dict(name="split", chunk_tokens=None, waves=4),
     # Query-stationary schedule ("query"): the sweep's choices on the H100 (kernels/PERF.md).
     "fwd": dict(BN=128, num_warps=4, num_stages=2),
     "dq": dict(BN=64, num_warps=4, num_stages=2),
@@ -185,10 +187,16 @@ class _MSAAttention(torch.autograd.Function):
 
 
 class _MSAAttentionSplit(torch.autograd.Function):
-    """The key-block-stationary schedule (see SCHEDULES); same contract as _MSAAttention."""
+    """The key-block-stationary schedule (see SCHEDULES); same contract as _MSAAttention.
+
+    The chunks are launched in `waves` groups; on CUDA each group's merge runs on a side stream
+    while the next group's attention kernel runs, so the merges' memory traffic overlaps the
+    attention's math (the merge of a group needs only that group's partials: they are indexed by
+    query token, and a chunk's tokens are listed only in that chunk's work lists).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, chunk_tokens):
+    def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, chunk_tokens, waves):
         B, T, Hq, D = q.shape
         Hkv = k.shape[2]
         G = Hq // Hkv
@@ -198,29 +206,35 @@ class _MSAAttentionSplit(torch.autograd.Function):
         q_N, k_N, v_N, b_N = _flat(q), _flat(k), _flat(v), _flat(block_idx)
         cu = _common.flat_cu_seqlens(B, T, cu_seqlens, dev)
         idx = _common.split_index(b_N, cu, block_size, chunk_tokens)
+        C, NCH, Tc = idx.C, idx.n_chunks, idx.chunk_tokens
         blk_start_C, _, blk_seq_end_C, _ = _common.tile_table(cu, N, block_size)
         # Partials: o_s in the input dtype (as FlashInfer's merge_state takes them), lse_s in fp32.
         op_NHKGD = _common.empty((N, Hkv, TOPK, G, D), q.dtype, dev)
         lp_NHKG = _common.empty((N, Hkv, TOPK, G), torch.float32, dev)
+        o_N = _common.empty((N, Hq, D), q.dtype, dev)
+        lse_N = _common.empty((N, Hq), torch.float32, dev)
         cfg = _launch_cfg("fwd_split", q, block_size)
         TQ, R = _rows(cfg.pop("rows"), G)
         cfg.pop("BN")
-        attn_fwd_split_kernel[(idx.n_chunks * idx.C, Hkv)](
-            q_N, k_N, v_N, op_NHKGD, lp_NHKG, idx.tokens_E, idx.slots_E, idx.offsets, blk_start_C, blk_seq_end_C,
-            idx.C,
-            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
-            op_NHKGD.stride(0), op_NHKGD.stride(1), op_NHKGD.stride(2),
-            lp_NHKG.stride(0), lp_NHKG.stride(1), lp_NHKG.stride(2),
-            scale * LOG2E,
-            G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=_common.dot_precision(q.dtype), **cfg,
-        )
-        o_N = _common.empty((N, Hq, D), q.dtype, dev)
-        lse_N = _common.empty((N, Hq), torch.float32, dev)
-        _merge_slots(op_NHKGD, lp_NHKG, idx.valid_NHK, o_N, lse_N, 1.0, G, D, TOPK, block_size)
+        prec = _common.dot_precision(q.dtype)
+        with _Waves(dev) as w:
+            for ch0, ch1 in _wave_ranges(NCH, waves):
+                attn_fwd_split_kernel[((ch1 - ch0) * C, Hkv)](
+                    q_N, k_N, v_N, op_NHKGD, lp_NHKG, idx.tokens_E, idx.slots_E, idx.offsets,
+                    blk_start_C, blk_seq_end_C, C, NCH * C, ch0 * C,
+                    q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
+                    op_NHKGD.stride(0), op_NHKGD.stride(1), op_NHKGD.stride(2),
+                    lp_NHKG.stride(0), lp_NHKG.stride(1), lp_NHKG.stride(2),
+                    scale * LOG2E,
+                    G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=prec, **cfg,
+                )
+                with w.side():
+                    _merge_slots(op_NHKGD, lp_NHKG, idx.valid_NHK, o_N, lse_N, 1.0, G, D, TOPK, block_size,
+                                 ch0 * Tc, min(N, ch1 * Tc))
         del op_NHKGD, lp_NHKG
         ctx.save_for_backward(q_N, k_N, v_N, o_N, lse_N, cu, idx.tokens_E, idx.slots_E, idx.offsets, idx.valid_NHK,
                               blk_start_C, blk_seq_end_C)
-        ctx.meta = (B, T, Hq, Hkv, D, block_size, scale, idx.C, idx.n_chunks, idx.chunk_tokens)
+        ctx.meta = (B, T, Hq, Hkv, D, block_size, scale, C, NCH, Tc, waves)
         ctx.set_materialize_grads(False)
         return o_N.view(B, T, Hq, D), lse_N.view(B, T, Hq)
 
@@ -228,7 +242,7 @@ class _MSAAttentionSplit(torch.autograd.Function):
     def backward(ctx, do, dlse):
         (q_N, k_N, v_N, o_N, lse_N, cu, tokens_E, slots_E, offsets, valid_NHK,
          blk_start_C, blk_seq_end_C) = ctx.saved_tensors
-        B, T, Hq, Hkv, D, block_size, scale, C, NCH, Tc = ctx.meta
+        B, T, Hq, Hkv, D, block_size, scale, C, NCH, Tc, waves = ctx.meta
         G = Hq // Hkv
         N = B * T
         TOPK = valid_NHK.shape[2]
@@ -250,31 +264,86 @@ class _MSAAttentionSplit(torch.autograd.Function):
         # Per-chunk dK/dV partials; only (chunk, block) pairs a block's queries can reach are written and read.
         dkp = _common.empty((NCH, N, Hkv, D), torch.float32, dev)
         dvp = _common.empty((NCH, N, Hkv, D), torch.float32, dev)
+        dq_N = _common.empty((N, Hq, D), q_N.dtype, dev)
         cfg = _launch_cfg("bwd_split", q_N, block_size)
         TQ, R = _rows(cfg.pop("rows"), G)
         cfg.pop("BN")
-        attn_bwd_split_kernel[(NCH * C, Hkv)](
-            q_N, k_N, v_N, do_N, lse_N, delta_N, dqp_NHKGD, dkp, dvp,
-            tokens_E, slots_E, offsets, blk_start_C, blk_seq_end_C, C, Tc,
-            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
-            do_N.stride(0), do_N.stride(1), lse_N.stride(0),
-            dqp_NHKGD.stride(0), dqp_NHKGD.stride(1), dqp_NHKGD.stride(2), dkp.stride(0), dkp.stride(1), dkp.stride(2),
-            scale * LOG2E, scale,
-            G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=_common.dot_precision(q_N.dtype), **cfg,
-        )
-        dq_N = _common.empty((N, Hq, D), q_N.dtype, dev)
-        _merge_slots(dqp_NHKGD, None, valid_NHK, dq_N, None, scale, G, D, TOPK, block_size)
-        del dqp_NHKGD
-        dk_N = _common.empty((N, Hkv, D), k_N.dtype, dev)
-        dv_N = _common.empty((N, Hkv, D), v_N.dtype, dev)
-        BN = min(32, block_size)  # two fp32 [BN, dh] sums per program: no register spills at dh = 128
-        attn_bwd_sum_chunks_kernel[(C * (block_size // BN), Hkv)](
-            dkp, dvp, dk_N, dv_N, blk_start_C, blk_seq_end_C, Tc,
-            dkp.stride(0), dkp.stride(1), dkp.stride(2), dk_N.stride(0), dk_N.stride(1), dv_N.stride(0), dv_N.stride(1),
-            BN=BN, BS=block_size, D=D,
-        )
+        prec = _common.dot_precision(q_N.dtype)
+        with _Waves(dev) as w:
+            for ch0, ch1 in _wave_ranges(NCH, waves):
+                attn_bwd_split_kernel[((ch1 - ch0) * C, Hkv)](
+                    q_N, k_N, v_N, do_N, lse_N, delta_N, dqp_NHKGD, dkp, dvp,
+                    tokens_E, slots_E, offsets, blk_start_C, blk_seq_end_C, C, NCH * C, ch0 * C, Tc,
+                    q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
+                    do_N.stride(0), do_N.stride(1), lse_N.stride(0),
+                    dqp_NHKGD.stride(0), dqp_NHKGD.stride(1), dqp_NHKGD.stride(2),
+                    dkp.stride(0), dkp.stride(1), dkp.stride(2),
+                    scale * LOG2E, scale,
+                    G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=prec, **cfg,
+                )
+                with w.side():
+                    _merge_slots(dqp_NHKGD, None, valid_NHK, dq_N, None, scale, G, D, TOPK, block_size,
+                                 ch0 * Tc, min(N, ch1 * Tc))
+            dk_N = _common.empty((N, Hkv, D), k_N.dtype, dev)
+            dv_N = _common.empty((N, Hkv, D), v_N.dtype, dev)
+            BN = min(32, block_size)  # two fp32 [BN, dh] sums per program: no register spills at dh = 128
+            attn_bwd_sum_chunks_kernel[(C * (block_size // BN), Hkv)](
+                dkp, dvp, dk_N, dv_N, blk_start_C, blk_seq_end_C, Tc,
+                dkp.stride(0), dkp.stride(1), dkp.stride(2), dk_N.stride(0), dk_N.stride(1),
+                dv_N.stride(0), dv_N.stride(1),
+                BN=BN, BS=block_size, D=D,
+            )
+        del dqp_NHKGD, dkp, dvp
         return (dq_N.view(B, T, Hq, D), dk_N.view(B, T, Hkv, D), dv_N.view(B, T, Hkv, D),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
+
+
+class _Waves:
+    """Side stream for the merges of the split schedule (CUDA only; elsewhere a no-op).
+
+    `side()` runs its launches on the side stream after everything issued so far on the main
+    stream; leaving the `with _Waves(...)` block makes the main stream wait for the side stream,
+    so every buffer the merges read or write is safe to free or use afterwards.
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.main = torch.cuda.current_stream()
+            self.stream = _side_stream(self.main.device)
+        return self
+
+    @contextlib.contextmanager
+    def side(self):
+        if not self.cuda:
+            yield
+            return
+        self.stream.wait_stream(self.main)
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.main.wait_stream(self.stream)
+        return False
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
+def _wave_ranges(n_chunks: int, waves: int):
+    """Split chunks 0..n_chunks-1 into `waves` contiguous, near-equal ranges [ch0, ch1)."""
+    waves = max(1, min(waves, n_chunks))
+    bounds = [round(i * n_chunks / waves) for i in range(waves + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def _rows(rows: int, G: int):
@@ -283,17 +352,18 @@ def _rows(rows: int, G: int):
     return TQ, max(16, _common.next_pow2(TQ * G))
 
 
-def _merge_slots(part, lp, valid_NHK, out_N, lse_N, scale, G, D, TOPK, block_size):
-    """Merge per-slot partials into out_N (softmax-weighted when lp is given, else summed x scale)."""
-    N, Hkv = part.shape[:2]
+def _merge_slots(part, lp, valid_NHK, out_N, lse_N, scale, G, D, TOPK, block_size, tok0, tok_end):
+    """Merge per-slot partials of tokens [tok0, tok_end) into out_N (softmax-weighted when lp is
+    given, else summed x scale)."""
+    Hkv = part.shape[1]
     cfg = _launch_cfg("merge", out_N, block_size)
     TN, R = _rows(cfg.pop("rows"), G)
     cfg.pop("BN")
     softmax = lp is not None
     lp_ = lp if softmax else part  # unused when not softmax
     lse_ = lse_N if softmax else out_N
-    attn_merge_slots_kernel[(triton.cdiv(N, TN), Hkv)](
-        part, lp_, valid_NHK, out_N, lse_, N,
+    attn_merge_slots_kernel[(triton.cdiv(tok_end - tok0, TN), Hkv)](
+        part, lp_, valid_NHK, out_N, lse_, tok0, tok_end,
         part.stride(0), part.stride(1), part.stride(2),
         lp_.stride(0), lp_.stride(1), lp_.stride(2),
         valid_NHK.stride(0), valid_NHK.stride(1), out_N.stride(0), out_N.stride(1), lse_.stride(0),
@@ -305,6 +375,13 @@ def _merge_slots(part, lp, valid_NHK, out_N, lse_N, scale, G, D, TOPK, block_siz
 def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int, rows: int = 16) -> dict:
     # GPU_CONFIG is looked up at call time: kernels.bench overrides it to compare variants
     return _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
+
+
+def split_chunk_tokens(n_tokens: int) -> int:
+    """Default query chunk of the split schedule: about 16 chunks (enough (chunk, block) work lists
+    to fill the GPU at 8K, few enough that per-chunk dK/dV partials stay small), each small enough
+    that its queries stay in L2 (measured in kernels/PERF.md)."""
+    return min(16384, max(256, _common.next_pow2(-(-n_tokens // 16))))
 
 
 def default_tokens_per_tile(G: int, block_size: int) -> int:
@@ -342,8 +419,9 @@ def msa_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, softmax_
     if schedule is None:
         schedule = "query" if tokens_per_tile not in (None, 1) else default["name"]
     if schedule == "split":
-        return _MSAAttentionSplit.apply(q, k, v, block_idx, block_size, cu_seqlens, scale,
-                                        chunk_tokens or default["chunk_tokens"])
+        N = q.shape[0] * q.shape[1]
+        tc = chunk_tokens or default["chunk_tokens"] or split_chunk_tokens(N)
+        return _MSAAttentionSplit.apply(q, k, v, block_idx, block_size, cu_seqlens, scale, tc, default["waves"])
     G = q.shape[2] // k.shape[2]
     tm = tokens_per_tile or default_tokens_per_tile(G, block_size)
     return _MSAAttention.apply(q, k, v, block_idx, block_size, cu_seqlens, scale, tm)

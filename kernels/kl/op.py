@@ -85,11 +85,6 @@ def _flat(x):
 
 def _cfg(kernel, x, block_size, rows=16):
     return _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
-    cfg = dict(GPU_CONFIG[kernel])
-    cfg["BN"] = min(cfg["BN"], block_size)
-    if rows >= 128:
-        cfg["num_warps"] = max(cfg["num_warps"], 8)
-    return cfg
 
 
 class _MSAKLLoss(torch.autograd.Function):

@@ -19,6 +19,9 @@ from kernels.select.reference import msa_select_reference
 LOG2E = 1.4426950408889634
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
+# Launch parameters on the GPU (the interpreter ignores them); `kernels.bench --sweep` compares variants.
+GPU_CONFIG = {"num_stages": 3}
+
 
 def _check(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens):
     _common.check_tensor("qi", qi_BTHI, 4, _FLOAT)
@@ -83,7 +86,7 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, backend: 
         LOG2E / math.sqrt(I),
         BS=block_size, TOPK=topk, KP=max(2, _common.next_pow2(topk)), BM=BM, HB=HB, DI=I,
         DOT_PREC=_common.dot_precision(qi.dtype),
-        num_warps=8 if BM * HB >= 128 else 4, num_stages=3,
+        num_warps=8 if BM * HB >= 128 else 4, num_stages=GPU_CONFIG["num_stages"],
     )
     return block_idx_NHK.view(B, T, H, topk), index_lse_NH.view(B, T, H)
 
