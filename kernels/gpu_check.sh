@@ -22,7 +22,7 @@ grep -v "^|" "$OUT/bench.log" | grep -v "^Selection" | tail -60
 left=$(( LIMIT_S - ($(date +%s) - start) ))
 if [ "${PROFILE:-1}" = "1" ] && command -v ncu >/dev/null && [ $left -gt 60 ]; then
   t=$(( left - 20 < 150 ? left - 20 : 150 ))
-  timeout $t ncu --profile-from-start off --clock-control none \
+  timeout $t ncu --profile-from-start off --clock-control none -k "regex:select_kernel|attn_|kl_" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     $PY -m kernels.bench --profile 65536 > "$OUT/ncu.txt" 2>&1
   echo "ncu exit $? (timeout ${t}s)"

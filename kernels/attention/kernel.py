@@ -203,7 +203,7 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def attn_fwd_split_kernel(
     q_ptr, k_ptr, v_ptr, op_ptr, lp_ptr, tokens_ptr, slots_ptr, offsets_ptr, blk_start_ptr, blk_seq_end_ptr,
-    n_blocks, n_items, item0,
+    n_blocks, n_items,
     stride_q_n, stride_q_h, stride_k_n, stride_k_h, stride_v_n, stride_v_h,
     stride_op_n, stride_op_h, stride_op_k, stride_lp_n, stride_lp_h, stride_lp_k,
     qk_scale_log2,
@@ -212,7 +212,7 @@ def attn_fwd_split_kernel(
 ):
     # Partial result of one (token, slot): o_s = softmax over the slot's block's visible keys @ V
     # (normalised, in the partial buffer's dtype) and its base-2 log-sum-exp, per head of the group.
-    item = item0 + tl.program_id(0)  # chunk * n_blocks + c; a launch covers a range of chunks
+    item = tl.program_id(0)  # chunk * n_blocks + c
     h = tl.program_id(1)
     c = item % n_blocks
     lo = tl.load(offsets_ptr + h * n_items + item)
@@ -237,14 +237,17 @@ def attn_fwd_split_kernel(
             q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
                         mask=valid_R[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2
-            # A listed token selected this block, which starts at or before it: its row sees at
-            # least key b0, so m is finite and masked keys (-1e30) get p = 0 exactly.
-            ok = kvalid[None, :] & (kpos[None, :] <= tok_R[:, None])
-            s = tl.where(ok, s, -1.0e30)
+            # Tokens are ascending in a list, so when the step's first token comes after the
+            # block's last key, every row sees every key and the mask is skipped (padding rows
+            # are never stored). Otherwise: a listed token selected this block, which starts at or
+            # before it, so its row sees at least key b0, m is finite and masked keys get p = 0.
+            if b0 + BS > tl.minimum(tl.load(tokens_ptr + e) + 1, e0):
+                ok = kvalid[None, :] & (kpos[None, :] <= tok_R[:, None])
+                s = tl.where(ok, s, -1.0e30)
             m_R = tl.max(s, 1)
             p = tl.exp2(s - m_R[:, None])
             l_R = tl.sum(p, 1)
-            o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC) / l_R[:, None]
+            o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC) * (1.0 / l_R)[:, None]
             part_R = tok_R.to(tl.int64) * stride_op_n + h * stride_op_h + slot_R * stride_op_k + g_R * D
             tl.store(op_ptr + part_R[:, None] + d[None, :], o.to(op_ptr.dtype.element_ty), mask=valid_R[:, None])
             tl.store(lp_ptr + tok_R.to(tl.int64) * stride_lp_n + h * stride_lp_h + slot_R * stride_lp_k + g_R,
@@ -253,7 +256,7 @@ def attn_fwd_split_kernel(
 
 @triton.jit
 def attn_merge_slots_kernel(
-    part_ptr, lp_ptr, valid_ptr, out_ptr, lse_ptr, tok0, tok_end,
+    part_ptr, lp_ptr, valid_ptr, out_ptr, lse_ptr, n_tokens,
     stride_p_n, stride_p_h, stride_p_k, stride_lp_n, stride_lp_h, stride_lp_k,
     stride_v_n, stride_v_h, stride_out_n, stride_out_h, stride_lse_n,
     scale,
@@ -266,9 +269,9 @@ def attn_merge_slots_kernel(
     pid = tl.program_id(0)
     h = tl.program_id(1)
     r = tl.arange(0, R)
-    tok_R = tok0 + pid * TN + r // G
+    tok_R = pid * TN + r // G
     g_R = r % G
-    valid_R = (r < TN * G) & (tok_R < tok_end)
+    valid_R = (r < TN * G) & (tok_R < n_tokens)
     d = tl.arange(0, D)
     acc = tl.zeros([R, D], tl.float32)
     if SOFTMAX:
@@ -296,7 +299,7 @@ def attn_merge_slots_kernel(
     head_R = h * G + g_R
     if SOFTMAX:
         den_safe = tl.where(den_R > 0, den_R, 1.0)
-        acc = acc / den_safe[:, None]
+        acc = acc * (1.0 / den_safe)[:, None]
         lse_R = tl.where(den_R > 0, (m_R + tl.log2(den_safe)) * LN2, -float("inf"))
         tl.store(lse_ptr + tok_R * stride_lse_n + head_R, lse_R, mask=valid_R)
     else:
@@ -328,7 +331,7 @@ def attn_bwd_delta_kernel(
 @triton.jit
 def attn_bwd_split_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dqp_ptr, dkp_ptr, dvp_ptr,
-    tokens_ptr, slots_ptr, offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items, item0, chunk_tokens,
+    tokens_ptr, slots_ptr, offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items, chunk_tokens,
     stride_q_n, stride_q_h, stride_k_n, stride_k_h, stride_v_n, stride_v_h, stride_do_n, stride_do_h, stride_l_n,
     stride_dqp_n, stride_dqp_h, stride_dqp_k, stride_dkp_c, stride_dkp_n, stride_dkp_h,
     qk_scale_log2, sm_scale,
@@ -339,7 +342,7 @@ def attn_bwd_split_kernel(
     # (keys are the rows of S^T, as in FlashAttention's dK/dV loop): dK, dV of the block summed over
     # the chunk's rows (fp32 partial per chunk, written even when the list is empty), and
     # dQ of each (token, slot) = scale * dS K, a partial that `attn_merge_slots_kernel` sums.
-    item = item0 + tl.program_id(0)
+    item = tl.program_id(0)
     h = tl.program_id(1)
     chunk = item // n_blocks
     c = item % n_blocks
@@ -372,9 +375,13 @@ def attn_bwd_split_kernel(
                          mask=valid_R[:, None], other=0.0)
             lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
             delta_R = tl.load(delta_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0)
-            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale_log2
-            ok = kvalid[:, None] & valid_R[None, :] & (kpos[:, None] <= tok_R[None, :])
-            pT = tl.exp2(tl.where(ok, sT - lse2_R[None, :], float("-inf")))
+            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale_log2 - lse2_R[None, :]
+            # As in the forward, the mask is needed only where the step reaches into the block;
+            # padding rows have q = dO = 0 (and lse = delta = 0), so they add nothing to dK, dV.
+            if b0 + BS > tl.minimum(tl.load(tokens_ptr + e) + 1, e0):
+                ok = kvalid[:, None] & valid_R[None, :] & (kpos[:, None] <= tok_R[None, :])
+                sT = tl.where(ok, sT, float("-inf"))
+            pT = tl.exp2(sT)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dsT = (pT * (dpT - delta_R[None, :])).to(q.dtype)

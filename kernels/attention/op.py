@@ -8,7 +8,6 @@ block_idx), D head dim, K top-k slots, P query tiles, U union slots, C key block
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -35,14 +34,15 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 GPU_CONFIG = {
     # Which schedule msa_attention uses when the caller does not say (see SCHEDULES).
     # chunk_tokens None: N / 16 rounded to a power of two in [256, 16384] (split_chunk_tokens).
-    "schedule": dict(name="split", chunk_tokens=None, waves=4),
+    "schedule": dict(name="split", chunk_tokens=None),
     # Query-stationary schedule ("query"): the sweep's choices on the H100 (kernels/PERF.md).
     "fwd": dict(BN=128, num_warps=4, num_stages=2),
     "dq": dict(BN=64, num_warps=4, num_stages=2),
     "dkdv": dict(BN=64, rows=64, num_warps=4, num_stages=2),
-    # Key-block-stationary schedule ("split"): rows = query rows (tokens x G) per step.
-    "fwd_split": dict(BN=128, rows=64, num_warps=4, num_stages=2),
-    "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=2),
+    # Key-block-stationary schedule ("split"), rows = query rows (tokens x G) per step: the sweep's
+    # choices on the H100 (kernels/PERF.md).
+    "fwd_split": dict(BN=128, rows=64, num_warps=4, num_stages=1),
+    "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=3),
     "merge": dict(BN=128, rows=16, num_warps=4, num_stages=1),
 }
 # "query": one program per (query token tile, KV head) walks the tile's blocks (NSA's layout); K/V
@@ -187,16 +187,10 @@ class _MSAAttention(torch.autograd.Function):
 
 
 class _MSAAttentionSplit(torch.autograd.Function):
-    """The key-block-stationary schedule (see SCHEDULES); same contract as _MSAAttention.
-
-    The chunks are launched in `waves` groups; on CUDA each group's merge runs on a side stream
-    while the next group's attention kernel runs, so the merges' memory traffic overlaps the
-    attention's math (the merge of a group needs only that group's partials: they are indexed by
-    query token, and a chunk's tokens are listed only in that chunk's work lists).
-    """
+    """The key-block-stationary schedule (see SCHEDULES); same contract as _MSAAttention."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, chunk_tokens, waves):
+    def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, chunk_tokens):
         B, T, Hq, D = q.shape
         Hkv = k.shape[2]
         G = Hq // Hkv
@@ -217,24 +211,20 @@ class _MSAAttentionSplit(torch.autograd.Function):
         TQ, R = _rows(cfg.pop("rows"), G)
         cfg.pop("BN")
         prec = _common.dot_precision(q.dtype)
-        with _Waves(dev) as w:
-            for ch0, ch1 in _wave_ranges(NCH, waves):
-                attn_fwd_split_kernel[((ch1 - ch0) * C, Hkv)](
-                    q_N, k_N, v_N, op_NHKGD, lp_NHKG, idx.tokens_E, idx.slots_E, idx.offsets,
-                    blk_start_C, blk_seq_end_C, C, NCH * C, ch0 * C,
-                    q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
-                    op_NHKGD.stride(0), op_NHKGD.stride(1), op_NHKGD.stride(2),
-                    lp_NHKG.stride(0), lp_NHKG.stride(1), lp_NHKG.stride(2),
-                    scale * LOG2E,
-                    G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=prec, **cfg,
-                )
-                with w.side():
-                    _merge_slots(op_NHKGD, lp_NHKG, idx.valid_NHK, o_N, lse_N, 1.0, G, D, TOPK, block_size,
-                                 ch0 * Tc, min(N, ch1 * Tc))
+        attn_fwd_split_kernel[(NCH * C, Hkv)](
+            q_N, k_N, v_N, op_NHKGD, lp_NHKG, idx.tokens_E, idx.slots_E, idx.offsets,
+            blk_start_C, blk_seq_end_C, C, NCH * C,
+            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
+            op_NHKGD.stride(0), op_NHKGD.stride(1), op_NHKGD.stride(2),
+            lp_NHKG.stride(0), lp_NHKG.stride(1), lp_NHKG.stride(2),
+            scale * LOG2E,
+            G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=prec, **cfg,
+        )
+        _merge_slots(op_NHKGD, lp_NHKG, idx.valid_NHK, o_N, lse_N, 1.0, G, D, TOPK, block_size)
         del op_NHKGD, lp_NHKG
         ctx.save_for_backward(q_N, k_N, v_N, o_N, lse_N, cu, idx.tokens_E, idx.slots_E, idx.offsets, idx.valid_NHK,
                               blk_start_C, blk_seq_end_C)
-        ctx.meta = (B, T, Hq, Hkv, D, block_size, scale, C, NCH, Tc, waves)
+        ctx.meta = (B, T, Hq, Hkv, D, block_size, scale, C, NCH, Tc)
         ctx.set_materialize_grads(False)
         return o_N.view(B, T, Hq, D), lse_N.view(B, T, Hq)
 
@@ -242,7 +232,7 @@ class _MSAAttentionSplit(torch.autograd.Function):
     def backward(ctx, do, dlse):
         (q_N, k_N, v_N, o_N, lse_N, cu, tokens_E, slots_E, offsets, valid_NHK,
          blk_start_C, blk_seq_end_C) = ctx.saved_tensors
-        B, T, Hq, Hkv, D, block_size, scale, C, NCH, Tc, waves = ctx.meta
+        B, T, Hq, Hkv, D, block_size, scale, C, NCH, Tc = ctx.meta
         G = Hq // Hkv
         N = B * T
         TOPK = valid_NHK.shape[2]
@@ -269,81 +259,29 @@ class _MSAAttentionSplit(torch.autograd.Function):
         TQ, R = _rows(cfg.pop("rows"), G)
         cfg.pop("BN")
         prec = _common.dot_precision(q_N.dtype)
-        with _Waves(dev) as w:
-            for ch0, ch1 in _wave_ranges(NCH, waves):
-                attn_bwd_split_kernel[((ch1 - ch0) * C, Hkv)](
-                    q_N, k_N, v_N, do_N, lse_N, delta_N, dqp_NHKGD, dkp, dvp,
-                    tokens_E, slots_E, offsets, blk_start_C, blk_seq_end_C, C, NCH * C, ch0 * C, Tc,
-                    q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
-                    do_N.stride(0), do_N.stride(1), lse_N.stride(0),
-                    dqp_NHKGD.stride(0), dqp_NHKGD.stride(1), dqp_NHKGD.stride(2),
-                    dkp.stride(0), dkp.stride(1), dkp.stride(2),
-                    scale * LOG2E, scale,
-                    G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=prec, **cfg,
-                )
-                with w.side():
-                    _merge_slots(dqp_NHKGD, None, valid_NHK, dq_N, None, scale, G, D, TOPK, block_size,
-                                 ch0 * Tc, min(N, ch1 * Tc))
-            dk_N = _common.empty((N, Hkv, D), k_N.dtype, dev)
-            dv_N = _common.empty((N, Hkv, D), v_N.dtype, dev)
-            BN = min(32, block_size)  # two fp32 [BN, dh] sums per program: no register spills at dh = 128
-            attn_bwd_sum_chunks_kernel[(C * (block_size // BN), Hkv)](
-                dkp, dvp, dk_N, dv_N, blk_start_C, blk_seq_end_C, Tc,
-                dkp.stride(0), dkp.stride(1), dkp.stride(2), dk_N.stride(0), dk_N.stride(1),
-                dv_N.stride(0), dv_N.stride(1),
-                BN=BN, BS=block_size, D=D,
-            )
+        attn_bwd_split_kernel[(NCH * C, Hkv)](
+            q_N, k_N, v_N, do_N, lse_N, delta_N, dqp_NHKGD, dkp, dvp,
+            tokens_E, slots_E, offsets, blk_start_C, blk_seq_end_C, C, NCH * C, Tc,
+            q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
+            do_N.stride(0), do_N.stride(1), lse_N.stride(0),
+            dqp_NHKGD.stride(0), dqp_NHKGD.stride(1), dqp_NHKGD.stride(2),
+            dkp.stride(0), dkp.stride(1), dkp.stride(2),
+            scale * LOG2E, scale,
+            G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=prec, **cfg,
+        )
+        _merge_slots(dqp_NHKGD, None, valid_NHK, dq_N, None, scale, G, D, TOPK, block_size)
+        dk_N = _common.empty((N, Hkv, D), k_N.dtype, dev)
+        dv_N = _common.empty((N, Hkv, D), v_N.dtype, dev)
+        BN = min(32, block_size)  # two fp32 [BN, dh] sums per program: no register spills at dh = 128
+        attn_bwd_sum_chunks_kernel[(C * (block_size // BN), Hkv)](
+            dkp, dvp, dk_N, dv_N, blk_start_C, blk_seq_end_C, Tc,
+            dkp.stride(0), dkp.stride(1), dkp.stride(2), dk_N.stride(0), dk_N.stride(1),
+            dv_N.stride(0), dv_N.stride(1),
+            BN=BN, BS=block_size, D=D,
+        )
         del dqp_NHKGD, dkp, dvp
         return (dq_N.view(B, T, Hq, D), dk_N.view(B, T, Hkv, D), dv_N.view(B, T, Hkv, D),
-                None, None, None, None, None, None)
-
-
-class _Waves:
-    """Side stream for the merges of the split schedule (CUDA only; elsewhere a no-op).
-
-    `side()` runs its launches on the side stream after everything issued so far on the main
-    stream; leaving the `with _Waves(...)` block makes the main stream wait for the side stream,
-    so every buffer the merges read or write is safe to free or use afterwards.
-    """
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            self.main = torch.cuda.current_stream()
-            self.stream = _side_stream(self.main.device)
-        return self
-
-    @contextlib.contextmanager
-    def side(self):
-        if not self.cuda:
-            yield
-            return
-        self.stream.wait_stream(self.main)
-        with torch.cuda.stream(self.stream):
-            yield
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.main.wait_stream(self.stream)
-        return False
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device):
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return _SIDE_STREAMS[device]
-
-
-def _wave_ranges(n_chunks: int, waves: int):
-    """Split chunks 0..n_chunks-1 into `waves` contiguous, near-equal ranges [ch0, ch1)."""
-    waves = max(1, min(waves, n_chunks))
-    bounds = [round(i * n_chunks / waves) for i in range(waves + 1)]
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+                None, None, None, None, None)
 
 
 def _rows(rows: int, G: int):
@@ -352,18 +290,17 @@ def _rows(rows: int, G: int):
     return TQ, max(16, _common.next_pow2(TQ * G))
 
 
-def _merge_slots(part, lp, valid_NHK, out_N, lse_N, scale, G, D, TOPK, block_size, tok0, tok_end):
-    """Merge per-slot partials of tokens [tok0, tok_end) into out_N (softmax-weighted when lp is
-    given, else summed x scale)."""
-    Hkv = part.shape[1]
+def _merge_slots(part, lp, valid_NHK, out_N, lse_N, scale, G, D, TOPK, block_size):
+    """Merge per-slot partials into out_N (softmax-weighted when lp is given, else summed x scale)."""
+    N, Hkv = part.shape[:2]
     cfg = _launch_cfg("merge", out_N, block_size)
     TN, R = _rows(cfg.pop("rows"), G)
     cfg.pop("BN")
     softmax = lp is not None
     lp_ = lp if softmax else part  # unused when not softmax
     lse_ = lse_N if softmax else out_N
-    attn_merge_slots_kernel[(triton.cdiv(tok_end - tok0, TN), Hkv)](
-        part, lp_, valid_NHK, out_N, lse_, tok0, tok_end,
+    attn_merge_slots_kernel[(triton.cdiv(N, TN), Hkv)](
+        part, lp_, valid_NHK, out_N, lse_, N,
         part.stride(0), part.stride(1), part.stride(2),
         lp_.stride(0), lp_.stride(1), lp_.stride(2),
         valid_NHK.stride(0), valid_NHK.stride(1), out_N.stride(0), out_N.stride(1), lse_.stride(0),
@@ -421,7 +358,7 @@ def msa_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, softmax_
     if schedule == "split":
         N = q.shape[0] * q.shape[1]
         tc = chunk_tokens or default["chunk_tokens"] or split_chunk_tokens(N)
-        return _MSAAttentionSplit.apply(q, k, v, block_idx, block_size, cu_seqlens, scale, tc, default["waves"])
+        return _MSAAttentionSplit.apply(q, k, v, block_idx, block_size, cu_seqlens, scale, tc)
     G = q.shape[2] // k.shape[2]
     tm = tokens_per_tile or default_tokens_per_tile(G, block_size)
     return _MSAAttention.apply(q, k, v, block_idx, block_size, cu_seqlens, scale, tm)
