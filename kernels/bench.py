@@ -533,7 +533,7 @@ def profile_run(T):
 
 def breakdown(T, results, chunks=()):
     """Where the split schedule's time goes at T: CUDA time per kernel (torch.profiler) of one
-    forward+backward, and fwd / bwd / fwd+bwd for each query-chunk size in `chunks`."""
+    selection + attention forward+backward, and fwd / bwd / fwd+bwd for each query-chunk size in `chunks`."""
     g = torch.Generator(device="cuda").manual_seed(2)
     rnd = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
     q, k, v, do = rnd(1, T, HQ, DH), rnd(1, T, HKV, DH), rnd(1, T, HKV, DH), rnd(1, T, HQ, DH)
@@ -552,7 +552,12 @@ def breakdown(T, results, chunks=()):
         del o
     from torch.profiler import ProfilerActivity, profile
 
+    qi, ki = rnd(1, T, HKV, DI), rnd(1, T, DI)
+    timed("select fwd (alone)", lambda: bench_ms(lambda: kernels.msa_select(qi, ki, BLOCK, TOPK)), results,
+          op="breakdown", T=T)
+
     def step():
+        kernels.msa_select(qi, ki, BLOCK, TOPK)
         o, _ = kernels.msa_attention(q, k, v, bidx, BLOCK)
         torch.autograd.grad(o, (q, k, v), do)
 
