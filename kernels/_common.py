@@ -14,6 +14,7 @@ Shape legend (suffixes of tensor names):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import NamedTuple
 
@@ -129,10 +130,22 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int, device) -> None:
 
 
 def flat_cu_seqlens(B: int, T: int, cu_seqlens, device) -> torch.Tensor:
-    """cu_seqlens of the flat token axis: the given one, or one sequence per batch row."""
+    """cu_seqlens of the flat token axis: the given one, or one sequence per batch row.
+
+    The batch-row form is cached per (B, T, device), and so are the tile tables built from it
+    (`tile_table`): at short T the handful of small launches they cost is visible in a step.
+    Cached tensors are only ever read.
+    """
     if cu_seqlens is not None:
         return cu_seqlens
-    return torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+    return _batch_cu(B, T, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _batch_cu(B: int, T: int, device: str) -> torch.Tensor:
+    cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+    cu._msa_batch_key = (B, T, device)
+    return cu
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +158,18 @@ def tile_table(cu_S1: torch.Tensor, N: int, tile: int):
     (cdiv(N, tile) + S) so that no host sync is needed; unused tiles have start = seq_end = 0
     and therefore no valid rows. With tile = block_size these are exactly the key blocks.
     """
+    key = getattr(cu_S1, "_msa_batch_key", None)
+    if key is not None:
+        return _batch_tile_table(key, N, tile)
+    return _tile_table(cu_S1, N, tile)
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_tile_table(key, N: int, tile: int):
+    return _tile_table(_batch_cu(*key), N, tile)
+
+
+def _tile_table(cu_S1: torch.Tensor, N: int, tile: int):
     S = cu_S1.numel() - 1
     P = triton.cdiv(N, tile) + S
     cu = cu_S1.long()
