@@ -38,13 +38,13 @@ def _run(case, mode, dtype, device):
     dense = mode.startswith("dense")
     bidx = None if dense else random_block_idx(B, T, Hkv, K, BS, cu_t, device)
     lse = index_lse = None
-    if mode.endswith("given") or mode == "dense_given_lse":
+    if mode in ("sparse_given", "sparse_given_lse", "dense_given_lse"):
         att_idx = bidx
         if dense:  # every visible block: lse of dense causal attention
             n = -(-T // BS)
             att_idx = torch.arange(n, dtype=torch.int32, device=device).expand(B, T, Hkv, n).contiguous()
         _, lse = kernels.msa_attention(q.detach(), k.detach(), v, att_idx, BS, cu_seqlens=cu_t)
-    if mode == "sparse_given":
+    if mode in ("sparse_given", "sparse_given_index_lse"):
         from kernels.select.reference import index_lse_reference
         index_lse = index_lse_reference(qi.detach(), ki.detach(), bidx, BS, cu_t)
 
@@ -73,6 +73,11 @@ def _run(case, mode, dtype, device):
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_matches_reference(case, mode, dtype, device):
     _run(CASES[case], mode, dtype, device)
+
+
+@pytest.mark.parametrize("mode", ["sparse_given_lse", "sparse_given_index_lse"])
+def test_one_of_lse_and_index_lse_given(mode, device):
+    _run(CASES["packed_G4"], mode, torch.float32, device)
 
 
 def test_no_gradient_reaches_q_k_or_lse(device):
