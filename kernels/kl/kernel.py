@@ -327,8 +327,7 @@ def kl_bwd_dki_kernel(
 # sum over its selected keys, so each (token, slot) needs only two fp32 partials (the KL terms and
 # the teacher mass of the slot's block), summed in slot order afterwards. Every partial has one
 # writer and every sum runs in a fixed order: deterministic, no atomics.
-# Extra legend: E work-list entries ((token, slot) pairs), J keys of the block (= BS), W width of a
-# partial, C chunks (in the d ki partials).
+# Extra legend: E work-list entries ((token, slot) pairs), W width of a partial.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def kl_lse_split_kernel(

@@ -5,7 +5,7 @@ Tests: `pytest -q tests/kernels/test_kl.py`.
 
 Shape legend: B batch, T tokens, N = B*T, H heads (query heads for q/lse, KV = index heads for
 k/qi/block_idx/index_lse), D head dim, I index dim, K top-k slots, P query tiles, U union slots,
-C key blocks (or query chunks in the split schedule's d ki partials), E reverse-index entries.
+C key blocks, E reverse-index entries, X query chunks (split schedule).
 """
 from __future__ import annotations
 
@@ -294,17 +294,17 @@ class _MSAKLLossSplit(torch.autograd.Function):
         dqip_NHKI = _common.empty((N, Hkv, TOPK, I), torch.float32, dev)
         # Per-(chunk, group) d ki partials; only the (chunk, block) pairs that a block's queries can
         # reach are written and read.
-        dkip_CNHI = _common.empty((NCH, N, Hkv, I), torch.float32, dev)
+        dkip_XNHI = _common.empty((NCH, N, Hkv, I), torch.float32, dev)
         cfg = _cfg("bwd_split", q_N, block_size)
         TQ, R = _rows(cfg.pop("rows"), G)
         cfg.pop("BN")
         kl_bwd_split_kernel[(NCH * C, Hkv)](
-            q_N, k_N, qi_N, ki_N, lse_N, ilse_N, psum_NH, dqip_NHKI, dkip_CNHI,
+            q_N, k_N, qi_N, ki_N, lse_N, ilse_N, psum_NH, dqip_NHKI, dkip_XNHI,
             tokens_E, slots_E, offsets, blk_start_C, blk_seq_end_C, C, NCH * C, Tc,
             q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), qi_N.stride(0), qi_N.stride(1), ki_N.stride(0),
             lse_N.stride(0), ilse_N.stride(0), psum_NH.stride(0), psum_NH.stride(1),
             dqip_NHKI.stride(0), dqip_NHKI.stride(1), dqip_NHKI.stride(2),
-            dkip_CNHI.stride(0), dkip_CNHI.stride(1), dkip_CNHI.stride(2),
+            dkip_XNHI.stride(0), dkip_XNHI.stride(1), dkip_XNHI.stride(2),
             scale * LOG2E, LOG2E / math.sqrt(I),
             G=G, TQ=TQ, R=R, BS=block_size, D=D, DI=I, DOT_PREC=_common.dot_precision(q_N.dtype), **cfg,
         )
@@ -314,8 +314,8 @@ class _MSAKLLossSplit(torch.autograd.Function):
         dki_N = _common.empty((N, I), ki_N.dtype, dev)
         BN = min(32, block_size)  # one fp32 [BN, dI] sum per program: few registers, many programs
         kl_bwd_sum_chunks_kernel[(C * (block_size // BN),)](
-            dkip_CNHI, dki_N, grad, blk_start_C, blk_seq_end_C, Tc, Hkv, grad_scale,
-            dkip_CNHI.stride(0), dkip_CNHI.stride(1), dkip_CNHI.stride(2), dki_N.stride(0),
+            dkip_XNHI, dki_N, grad, blk_start_C, blk_seq_end_C, Tc, Hkv, grad_scale,
+            dkip_XNHI.stride(0), dkip_XNHI.stride(1), dkip_XNHI.stride(2), dki_N.stride(0),
             BN=BN, BS=block_size, DI=I,
         )
         return (dqi_N.view(B, T, Hkv, I), dki_N.view(B, T, I)) + (None,) * 9
