@@ -330,7 +330,7 @@ def _rows(rows: int, G: int):
 def _merge_lse(lp, valid_NHK, lse_N, G):
     """lse_N [N, H] (natural log) from the base-2 partials lp [N, H, K] of its valid slots."""
     n_rows = lse_N.numel()
-    rows = _SUM_ELEMS  # width 1
+    rows = 512  # 4 per thread at 4 warps: ~30 registers (2048 rows took up to 127)
     kl_merge_lse_kernel[(triton.cdiv(n_rows, rows),)](lp, valid_NHK, lse_N, n_rows, G=G, ROWS=rows,
                                                       TOPK=lp.shape[-1])
 
