@@ -227,18 +227,22 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
     with torch.no_grad():
         _, lse = kernels.msa_attention(q, k, v, block_idx, bs)
     qi_g, ki_g = qi.detach().requires_grad_(True), ki.detach().requires_grad_(True)
-
-    def kl_fwd():
-        return kernels.msa_kl_loss(q, k, qi_g, ki_g, block_idx, bs, lse=lse, index_lse=index_lse)
-
     kf, kfb = 2 * (dh * hq + di * hkv) * E, 2 * (dh * hq + 3 * di * hkv) * E
-    kx = dict(op="kl", **tag)
-    timed("kl fwd", lambda: bench_ms(kl_fwd), results, pass_="fwd", flops=kf, **kx)
-    loss = kl_fwd()
-    timed("kl bwd", lambda: bench_ms(lambda: torch.autograd.grad(loss, (qi_g, ki_g), retain_graph=True)), results,
-          pass_="bwd", flops=kfb - kf, **kx)
-    timed("kl fwd+bwd", lambda: bench_ms(lambda: torch.autograd.grad(kl_fwd(), (qi_g, ki_g))), results,
-          pass_="fwd+bwd", flops=kfb, **kx)
+    kl_default = kl_op.GPU_CONFIG["schedule"]["name"]
+    for sched in [kl_default] + (["query"] if kl_default != "query" else []):
+        name = "kl" if sched == kl_default else f"kl [{sched} schedule]"
+
+        def kl_fwd(sched=sched):
+            return kernels.msa_kl_loss(q, k, qi_g, ki_g, block_idx, bs, lse=lse, index_lse=index_lse, schedule=sched)
+
+        kx = dict(op="kl", schedule=sched, **tag)
+        timed(f"{name} fwd", lambda: bench_ms(kl_fwd), results, pass_="fwd", flops=kf, **kx)
+        loss = kl_fwd()
+        timed(f"{name} bwd",
+              lambda loss=loss: bench_ms(lambda: torch.autograd.grad(loss, (qi_g, ki_g), retain_graph=True)),
+              results, pass_="bwd", flops=kfb - kf, **kx)
+        timed(f"{name} fwd+bwd", lambda: bench_ms(lambda: torch.autograd.grad(kl_fwd(), (qi_g, ki_g))), results,
+              pass_="fwd+bwd", flops=kfb, **kx)
 
     # Tile-shared selection: our kernel on FlexAttention's pattern, tiles of 1 and of 8 tokens
     shared_idx, other_QHk, n_other = tile_shared_selection(block_idx, bs, K)

@@ -61,7 +61,8 @@ def _report(name, params, kernel, bindir):
     mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "no MMA")
     local = "LDL/STL" if ("LDL" in sass or "STL" in sass) else ""
     shown = {k: v for k, v in params.items() if k in ("G", "TM", "TQ", "R", "BN", "BS", "D", "DI", "HB", "BM", "DENSE",
-                                                      "HAS_LSE", "HAS_ILSE", "TN", "SOFTMAX", "HAS_DLSE", "num_warps", "num_stages")}
+                                                      "HAS_LSE", "HAS_ILSE", "TN", "SOFTMAX", "HAS_DLSE", "W",
+                                                      "HAS_GRAD", "num_warps", "num_stages")}
     return f"{name:22s} {mma:6s} {local:7s} {usage}  {shown}"
 
 
@@ -104,9 +105,11 @@ def main(argv=None):
                 kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, tokens_per_tile=8)
             lse0 = torch.zeros(1, T, Hq)
             ilse0 = torch.zeros(1, T, Hkv)
-            for b_, l_, il_ in ((bidx, lse0, ilse0), (bidx, None, None), (None, None, None)):
-                kl = kernels.msa_kl_loss(q, k, qi, ki, b_, BS, cu_seqlens=cu_t, lse=l_, index_lse=il_)
-                torch.autograd.grad(kl, (qi, ki))
+            for b_, l_, il_ in ((bidx, lse0, ilse0), (bidx, None, None), (bidx, lse0, None), (None, None, None)):
+                for schedule in ("split", "query") if b_ is not None else ("query",):
+                    kl = kernels.msa_kl_loss(q, k, qi, ki, b_, BS, cu_seqlens=cu_t, lse=l_, index_lse=il_,
+                                             schedule=schedule)
+                    torch.autograd.grad(kl, (qi, ki))
         except Exception as e:  # report every failing case, not just the first
             fails += 1
             print(f"FAILED case T={T} Hq={Hq} Hkv={Hkv} dh={D} dI={I} block={BS} {dt}: {type(e).__name__}: {e}")

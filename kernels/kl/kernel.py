@@ -1,5 +1,8 @@
-"""Triton kernels of the MSA KL alignment loss: forward (per-token KL and teacher mass), d(qi) per
-query tile, and d(ki) per key block through the key-block -> query reverse index (deterministic).
+"""Triton kernels of the MSA KL alignment loss. Query-stationary schedule: forward (per-token KL
+and teacher mass), d(qi) per query tile, and d(ki) per key block through the key-block -> query
+reverse index. Key-block-stationary ("split") schedule of the sparse form: per-(token, slot)
+partial log-sum-exps, KL terms and d(qi), per-(group, chunk) d(ki) partials, and the fixed-order
+sums that combine them. Both are deterministic (no atomics).
 
 Not runnable by itself; called by `kernels.kl.op`. Tests: `pytest -q tests/kernels/test_kl.py`.
 
@@ -314,3 +317,293 @@ def kl_bwd_dki_kernel(
     tl.store(dki_ptr + h * stride_dki_h + kpos[:, None] * stride_dki_n + di[None, :],
              dki * (tl.load(grad_ptr) * grad_scale),
              mask=kvalid[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Key-block-stationary ("split") schedule of the sparse form, as in the attention: one program per
+# (KV group h, chunk of query tokens, key block) loads the block's k and ki once and streams the
+# chunk's tokens that selected it (kernels._common.split_index), TQ tokens (TQ x G rows) a step.
+# Once the teacher lse and the student index_lse are known, the KL of a (token, group) is a plain
+# sum over its selected keys, so each (token, slot) needs only two fp32 partials (the KL terms and
+# the teacher mass of the slot's block), summed in slot order afterwards. Every partial has one
+# writer and every sum runs in a fixed order: deterministic, no atomics.
+# Extra legend: E work-list entries ((token, slot) pairs), W width of a partial.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def kl_lse_split_kernel(
+    q_ptr, k_ptr, qi_ptr, ki_ptr, lp_ptr, lip_ptr, tokens_ptr, slots_ptr, offsets_ptr, blk_start_ptr,
+    blk_seq_end_ptr, n_blocks, n_items,
+    stride_q_n, stride_q_h, stride_k_n, stride_k_h, stride_qi_n, stride_qi_h, stride_ki_n,
+    stride_lp_n, stride_lp_h, stride_lip_n, stride_lip_h,
+    qk_scale_log2, iscale_log2,
+    G: tl.constexpr, TQ: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+    HAS_LSE: tl.constexpr, HAS_ILSE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # Only when the caller has no lse / index_lse: per (token, slot) the base-2 log-sum-exp over the
+    # slot's block's visible keys, of the teacher per head (lp [N, Hq, K]) and of the student
+    # (lip [N, Hkv, K]); `kl_merge_lse_kernel` combines the slots.
+    TP: tl.constexpr = R // G
+    item = tl.program_id(0)  # chunk * n_blocks + c
+    h = tl.program_id(1)
+    c = item % n_blocks
+    lo = tl.load(offsets_ptr + h * n_items + item)
+    hi = tl.load(offsets_ptr + h * n_items + item + 1)
+    if hi > lo:
+        b0 = tl.load(blk_start_ptr + c)
+        e0 = tl.load(blk_seq_end_ptr + c)
+        kpos = b0 + tl.arange(0, BS)
+        kvalid = kpos < e0
+        r = tl.arange(0, R)
+        head_R = h * G + r % G
+        i = tl.arange(0, TP)
+        d = tl.arange(0, D)
+        di = tl.arange(0, DI)
+        if not HAS_LSE:
+            k = tl.load(k_ptr + kpos[:, None] * stride_k_n + h * stride_k_h + d[None, :], mask=kvalid[:, None],
+                        other=0.0)
+        if not HAS_ILSE:
+            ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + di[None, :], mask=kvalid[:, None], other=0.0)
+        for e in range(lo, hi, TQ):
+            ent_R = e + r // G
+            valid_R = (r < TQ * G) & (ent_R < hi)
+            tok_R = tl.load(tokens_ptr + ent_R, mask=valid_R, other=0)
+            # Tokens ascend in a list: when the step's first token is past the block, every key is
+            # visible to every row. Otherwise a listed token sees at least key b0, so its maximum
+            # is finite; -1e30 (not -inf) keeps the padding rows free of NaN.
+            masked = b0 + BS > tl.minimum(tl.load(tokens_ptr + e) + 1, e0)
+            if not HAS_LSE:
+                slot_R = tl.load(slots_ptr + ent_R, mask=valid_R, other=0)
+                q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
+                            mask=valid_R[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2
+                if masked:
+                    s = tl.where(kvalid[None, :] & (kpos[None, :] <= tok_R[:, None]), s, -1.0e30)
+                m_R = tl.max(s, 1)
+                l_R = tl.sum(tl.exp2(s - m_R[:, None]), 1)
+                tl.store(lp_ptr + tok_R.to(tl.int64) * stride_lp_n + head_R * stride_lp_h + slot_R,
+                         m_R + tl.log2(l_R), mask=valid_R)
+            if not HAS_ILSE:
+                ent_T = e + i
+                valid_T = (i < TQ) & (ent_T < hi)
+                tok_T = tl.load(tokens_ptr + ent_T, mask=valid_T, other=0)
+                slot_T = tl.load(slots_ptr + ent_T, mask=valid_T, other=0)
+                # Row space (G equal rows per token) keeps the product a tensor-core tile.
+                qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
+                             mask=valid_R[:, None], other=0.0)
+                z = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * iscale_log2
+                z_T = tl.max(tl.reshape(z, [TP, G, BS]), 1)
+                if masked:
+                    z_T = tl.where(kvalid[None, :] & (kpos[None, :] <= tok_T[:, None]), z_T, -1.0e30)
+                mi_T = tl.max(z_T, 1)
+                li_T = tl.sum(tl.exp2(z_T - mi_T[:, None]), 1)
+                tl.store(lip_ptr + tok_T.to(tl.int64) * stride_lip_n + h * stride_lip_h + slot_T,
+                         mi_T + tl.log2(li_T), mask=valid_T)
+
+
+@triton.jit
+def kl_merge_lse_kernel(
+    lp_ptr, valid_ptr, lse_ptr, n_rows,
+    G: tl.constexpr, ROWS: tl.constexpr, TOPK: tl.constexpr,
+):
+    # lse of a row (token, head) of the [N, H, K] base-2 partials = ln 2 * log2 sum over its valid
+    # slots of exp2(partial), in slot order. Head h belongs to group h // G (valid [N, Hkv, K]); a
+    # row without a valid slot (hand-made block_idx only) gets -inf and is never read.
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = row < n_rows
+    row = row.to(tl.int64)  # rows x slots may pass 2**31
+    m = tl.full([ROWS], -float("inf"), tl.float32)
+    for s in range(TOPK):
+        v = ok & (tl.load(valid_ptr + (row // G) * TOPK + s, mask=ok, other=0) != 0)
+        m = tl.maximum(m, tl.load(lp_ptr + row * TOPK + s, mask=v, other=-float("inf")))
+    m = tl.where(m == -float("inf"), 0.0, m)
+    den = tl.zeros([ROWS], tl.float32)
+    for s in range(TOPK):
+        v = ok & (tl.load(valid_ptr + (row // G) * TOPK + s, mask=ok, other=0) != 0)
+        den += tl.exp2(tl.load(lp_ptr + row * TOPK + s, mask=v, other=-float("inf")) - m)
+    lse = tl.where(den > 0, (m + tl.log2(tl.where(den > 0, den, 1.0))) * LN2, -float("inf"))
+    tl.store(lse_ptr + row, lse, mask=ok)
+
+
+@triton.jit
+def kl_fwd_split_kernel(
+    q_ptr, k_ptr, qi_ptr, ki_ptr, lse_ptr, ilse_ptr, klp_ptr, tokens_ptr, slots_ptr, offsets_ptr, blk_start_ptr,
+    blk_seq_end_ptr, n_blocks, n_items,
+    stride_q_n, stride_q_h, stride_k_n, stride_k_h, stride_qi_n, stride_qi_h, stride_ki_n,
+    stride_l_n, stride_il_n, stride_klp_n, stride_klp_h, stride_klp_k,
+    qk_scale_log2, iscale_log2,
+    G: tl.constexpr, TQ: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # Per (token, slot), over the slot's block's visible keys j: klp[tok, h, slot] =
+    # (sum_j p (log p - log pI), sum_j p), p the head-averaged teacher, pI the student, both with
+    # the full (merged or given) log-sum-exps; `kl_sum_slots_kernel` sums the slots.
+    TP: tl.constexpr = R // G
+    item = tl.program_id(0)
+    h = tl.program_id(1)
+    c = item % n_blocks
+    lo = tl.load(offsets_ptr + h * n_items + item)
+    hi = tl.load(offsets_ptr + h * n_items + item + 1)
+    if hi > lo:
+        b0 = tl.load(blk_start_ptr + c)
+        e0 = tl.load(blk_seq_end_ptr + c)
+        kpos = b0 + tl.arange(0, BS)
+        kvalid = kpos < e0
+        d = tl.arange(0, D)
+        di = tl.arange(0, DI)
+        k = tl.load(k_ptr + kpos[:, None] * stride_k_n + h * stride_k_h + d[None, :], mask=kvalid[:, None], other=0.0)
+        ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + di[None, :], mask=kvalid[:, None], other=0.0)
+        r = tl.arange(0, R)
+        head_R = h * G + r % G
+        i = tl.arange(0, TP)
+        for e in range(lo, hi, TQ):
+            ent_R = e + r // G
+            valid_R = (r < TQ * G) & (ent_R < hi)
+            tok_R = tl.load(tokens_ptr + ent_R, mask=valid_R, other=0)
+            ent_T = e + i
+            valid_T = (i < TQ) & (ent_T < hi)
+            tok_T = tl.load(tokens_ptr + ent_T, mask=valid_T, other=0)
+            slot_T = tl.load(slots_ptr + ent_T, mask=valid_T, other=0)
+            q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
+                        mask=valid_R[:, None], other=0.0)
+            qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
+                         mask=valid_R[:, None], other=0.0)
+            lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
+            ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2 - lse2_R[:, None]
+            # The mask only where the step reaches into the block (see kl_lse_split_kernel); padding
+            # rows are never stored, so whatever they hold does not matter.
+            if b0 + BS > tl.minimum(tl.load(tokens_ptr + e) + 1, e0):
+                s = tl.where(kvalid[None, :] & (kpos[None, :] <= tok_R[:, None]), s, -float("inf"))
+            p_T = _rows_to_tokens_sum(tl.exp2(s), TP, G, BS) * (1.0 / G)
+            z = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * iscale_log2
+            log_pi_T = (tl.max(tl.reshape(z, [TP, G, BS]), 1) - ilse2_T[:, None]) * LN2
+            # p = 0 exactly on the masked keys, where log pI (finite: masked keys load ki = 0) is unused.
+            pos = p_T > 0
+            term = tl.where(pos, p_T * (tl.log(tl.where(pos, p_T, 1.0)) - log_pi_T), 0.0)
+            part_T = tok_T.to(tl.int64) * stride_klp_n + h * stride_klp_h + slot_T * stride_klp_k
+            tl.store(klp_ptr + part_T, tl.sum(term, 1), mask=valid_T)
+            tl.store(klp_ptr + part_T + 1, tl.sum(p_T, 1), mask=valid_T)
+
+
+@triton.jit
+def kl_sum_slots_kernel(
+    part_ptr, valid_ptr, out_ptr, grad_ptr, n_rows, scale,
+    ROWS: tl.constexpr, W: tl.constexpr, TOPK: tl.constexpr, HAS_GRAD: tl.constexpr,
+):
+    # out[row] = scale (x upstream gradient) x the sum over the row's valid slots of part[row, slot],
+    # in slot order; rows are (token, group), part [rows, K, W] and out [rows, W] contiguous.
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = row < n_rows
+    row = row.to(tl.int64)  # rows x slots x W may pass 2**31
+    w = tl.arange(0, W)
+    acc = tl.zeros([ROWS, W], tl.float32)
+    for s in range(TOPK):
+        v = ok & (tl.load(valid_ptr + row * TOPK + s, mask=ok, other=0) != 0)
+        acc += tl.load(part_ptr + (row * TOPK + s)[:, None] * W + w[None, :], mask=v[:, None], other=0.0)
+    if HAS_GRAD:
+        scale = scale * tl.load(grad_ptr)
+    tl.store(out_ptr + row[:, None] * W + w[None, :], (acc * scale).to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def kl_bwd_split_kernel(
+    q_ptr, k_ptr, qi_ptr, ki_ptr, lse_ptr, ilse_ptr, psum_ptr, dqip_ptr, dkip_ptr,
+    tokens_ptr, slots_ptr, offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items, chunk_tokens,
+    stride_q_n, stride_q_h, stride_k_n, stride_k_h, stride_qi_n, stride_qi_h, stride_ki_n,
+    stride_l_n, stride_il_n, stride_ps_n, stride_ps_h,
+    stride_dqip_n, stride_dqip_h, stride_dqip_k, stride_dkip_c, stride_dkip_n, stride_dkip_h,
+    qk_scale_log2, iscale_log2,
+    G: tl.constexpr, TQ: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # One pass over each (chunk, key block) list in the transposed form (keys are the rows, as in
+    # the attention's backward): with dz = pI * sum(p) - p (the upstream factor is applied by the
+    # sums), d ki of the block summed over the chunk's tokens (fp32 partial per (group, chunk),
+    # written even when the list is empty) and d qi of each (token, slot) = dz ki, an fp32 partial
+    # that `kl_sum_slots_kernel` sums. 1/sqrt(dI) is part of the upstream factor too.
+    TP: tl.constexpr = R // G
+    item = tl.program_id(0)
+    h = tl.program_id(1)
+    chunk = item // n_blocks
+    c = item % n_blocks
+    b0 = tl.load(blk_start_ptr + c)
+    e0 = tl.load(blk_seq_end_ptr + c)
+    # Chunks that may hold queries of this block: from the block's start to its sequence's end.
+    active = (e0 > b0) & (chunk >= b0 // chunk_tokens) & (chunk <= (e0 - 1) // chunk_tokens)
+    if active:
+        lo = tl.load(offsets_ptr + h * n_items + item)
+        hi = tl.load(offsets_ptr + h * n_items + item + 1)
+        kpos = b0 + tl.arange(0, BS)
+        kvalid = kpos < e0
+        d = tl.arange(0, D)
+        di = tl.arange(0, DI)
+        k = tl.load(k_ptr + kpos[:, None] * stride_k_n + h * stride_k_h + d[None, :], mask=kvalid[:, None], other=0.0)
+        ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + di[None, :], mask=kvalid[:, None], other=0.0)
+        r = tl.arange(0, R)
+        g_R = r % G
+        head_R = h * G + g_R
+        i = tl.arange(0, TP)
+        dki = tl.zeros([BS, DI], tl.float32)
+        for e in range(lo, hi, TQ):
+            ent_R = e + r // G
+            valid_R = (r < TQ * G) & (ent_R < hi)
+            tok_R = tl.load(tokens_ptr + ent_R, mask=valid_R, other=0)
+            slot_R = tl.load(slots_ptr + ent_R, mask=valid_R, other=0)
+            ent_T = e + i
+            valid_T = (i < TQ) & (ent_T < hi)
+            tok_T = tl.load(tokens_ptr + ent_T, mask=valid_T, other=0)
+            q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
+                        mask=valid_R[:, None], other=0.0)
+            qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
+                         mask=valid_R[:, None], other=0.0)
+            lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
+            ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E
+            ps_T = tl.load(psum_ptr + tok_T * stride_ps_n + h * stride_ps_h, mask=valid_T, other=0.0)
+            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale_log2 - lse2_R[None, :]
+            zT = tl.dot(ki, tl.trans(qi), input_precision=DOT_PREC) * iscale_log2
+            zT_T = tl.max(tl.reshape(zT, [BS, TP, G]), 2) - ilse2_T[None, :]
+            # Masked as in the forward. Padding rows have qi = 0, so they add nothing to d ki, and
+            # their d qi is not stored.
+            if b0 + BS > tl.minimum(tl.load(tokens_ptr + e) + 1, e0):
+                sT = tl.where(kvalid[:, None] & (kpos[:, None] <= tok_R[None, :]), sT, -float("inf"))
+                zT_T = tl.where(kvalid[:, None] & (kpos[:, None] <= tok_T[None, :]), zT_T, -float("inf"))
+            pT_T = tl.sum(tl.reshape(tl.exp2(sT), [BS, TP, G]), 2) * (1.0 / G)
+            # d KL / d z = pI * sum(p) - p (sum(p) = 1 up to rounding when lse matches the support).
+            dzT_T = tl.exp2(zT_T) * ps_T[None, :] - pT_T
+            dzT_R = tl.reshape(tl.broadcast_to(dzT_T[:, :, None], [BS, TP, G]), [BS, R])
+            # The dot sums over rows: keep each token's gradient on its first row only.
+            dki += tl.dot(tl.where((g_R == 0)[None, :], dzT_R, 0.0).to(qi.dtype), qi, input_precision=DOT_PREC)
+            dqi = tl.dot(tl.trans(dzT_R.to(ki.dtype)), ki, input_precision=DOT_PREC)
+            part_R = tok_R.to(tl.int64) * stride_dqip_n + h * stride_dqip_h + slot_R * stride_dqip_k
+            tl.store(dqip_ptr + part_R[:, None] + di[None, :], dqi, mask=(valid_R & (g_R == 0))[:, None])
+        row = chunk.to(tl.int64) * stride_dkip_c + kpos[:, None] * stride_dkip_n + h * stride_dkip_h + di[None, :]
+        tl.store(dkip_ptr + row, dki, mask=kvalid[:, None])
+
+
+@triton.jit
+def kl_bwd_sum_chunks_kernel(
+    dkip_ptr, dki_ptr, grad_ptr, blk_start_ptr, blk_seq_end_ptr, chunk_tokens, n_groups, grad_scale,
+    stride_dkip_c, stride_dkip_n, stride_dkip_h, stride_dki_n,
+    BN: tl.constexpr, BS: tl.constexpr, DI: tl.constexpr,
+):
+    # d ki of a key sub-block = upstream factor x the sum of its (group, chunk) partials, groups
+    # outer and chunks inner, over the chunks that can reach the block (those the backward wrote).
+    NSUB: tl.constexpr = BS // BN
+    c = tl.program_id(0) // NSUB
+    sub = tl.program_id(0) % NSUB
+    b0 = tl.load(blk_start_ptr + c)
+    e0 = tl.load(blk_seq_end_ptr + c)
+    kpos = b0 + sub * BN + tl.arange(0, BN)
+    kvalid = kpos < e0
+    di = tl.arange(0, DI)
+    dki = tl.zeros([BN, DI], tl.float32)
+    first = b0 // chunk_tokens
+    last = tl.where(e0 > b0, (e0 - 1) // chunk_tokens, first - 1)
+    rows = first.to(tl.int64) * stride_dkip_c + kpos[:, None] * stride_dkip_n + di[None, :]
+    for h in range(n_groups):
+        ptrs = dkip_ptr + rows + h * stride_dkip_h
+        for _ in range(first, last + 1):
+            dki += tl.load(ptrs, mask=kvalid[:, None], other=0.0)
+            ptrs += stride_dkip_c
+    tl.store(dki_ptr + kpos[:, None] * stride_dki_n + di[None, :],
+             (dki * (tl.load(grad_ptr) * grad_scale)).to(dki_ptr.dtype.element_ty), mask=kvalid[:, None])
