@@ -326,56 +326,62 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
 # ---------------------------------------------------------------------------------------------
 # Launch-variant sweep of the attention kernels
 # ---------------------------------------------------------------------------------------------
-SWEEP = {  # GPU_CONFIG entry -> variants; the pass timed for each (the others' kernels are the same in every variant)
-    "schedule": [dict(name="split", chunk_tokens=None), dict(name="split", chunk_tokens=2048),
-                 dict(name="split", chunk_tokens=8192)],
-    "fwd_split": [dict(BN=128, rows=64, num_warps=4, num_stages=1),
-                  dict(BN=128, rows=64, num_warps=4, num_stages=1, maxnreg=168),
-                  dict(BN=128, rows=64, num_warps=4, num_stages=2), dict(BN=128, rows=128, num_warps=8, num_stages=1)],
-    "bwd_split": [dict(BN=128, rows=64, num_warps=8, num_stages=3), dict(BN=128, rows=64, num_warps=8, num_stages=2)],
-    "merge": [dict(BN=128, rows=16, num_warps=4, num_stages=1), dict(BN=128, rows=64, num_warps=4, num_stages=1)],
-    "select": [3, 4],  # num_stages of the selection kernel
-}
-SWEEP_PASS = {"schedule": "fwd+bwd", "fwd_split": "fwd", "bwd_split": "bwd", "merge": "fwd+bwd", "select": "select"}
+SWEEP = [  # (op, its GPU_CONFIG key, variants, pass timed); the other kernels are the same in every variant
+    ("attention", "schedule", [dict(name="split", chunk_tokens=None), dict(name="split", chunk_tokens=2048)],
+     "fwd+bwd"),
+    ("attention", "fwd_split", [dict(BN=128, rows=64, num_warps=4, num_stages=1),
+                                dict(BN=128, rows=64, num_warps=4, num_stages=2)], "fwd"),
+    ("attention", "bwd_split", [dict(BN=128, rows=64, num_warps=8, num_stages=3),
+                                dict(BN=128, rows=64, num_warps=8, num_stages=2)], "bwd"),
+    ("attention", "merge", [dict(BN=128, rows=16, num_warps=4, num_stages=1),
+                            dict(BN=128, rows=64, num_warps=4, num_stages=1)], "fwd+bwd"),
+    ("kl", "fwd_split", [dict(BN=128, rows=64, num_warps=4, num_stages=1), dict(BN=128, rows=64, num_warps=8, num_stages=1),
+                         dict(BN=128, rows=64, num_warps=4, num_stages=2)], "fwd"),
+    ("kl", "bwd_split", [dict(BN=128, rows=64, num_warps=8, num_stages=2),
+                         dict(BN=128, rows=64, num_warps=8, num_stages=3)], "bwd"),
+    ("select", "num_stages", [3, 4], "fwd"),
+]
 
 
 def sweep(T, results):
-    """Time each launch variant of the split schedule at T and keep the fastest (ties: first)."""
-    dev = "cuda"
+    """Time each launch variant of the split schedules (and the selection's stages) at T and keep
+    the fastest (ties: the first, the current default)."""
+    configs = {"attention": attn_op.GPU_CONFIG, "kl": kl_op.GPU_CONFIG, "select": sel_op.GPU_CONFIG}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (a check of this function)
+    dt = torch.bfloat16 if dev == "cuda" else torch.float16
     g = torch.Generator(device=dev).manual_seed(1)
-    rnd = lambda *s: torch.randn(*s, generator=g, device=dev).to(torch.bfloat16)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=g, device=dev).to(dt)  # noqa: E731
     q, k, v, do = rnd(1, T, HQ, DH), rnd(1, T, HKV, DH), rnd(1, T, HKV, DH), rnd(1, T, HQ, DH)
-    bidx, _ = kernels.msa_select(rnd(1, T, HKV, DI), rnd(1, T, DI), BLOCK, TOPK)
-    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    qi, ki = rnd(1, T, HKV, DI), rnd(1, T, DI)
+    bidx, ilse = kernels.msa_select(qi, ki, BLOCK, TOPK)
+    with torch.no_grad():
+        _, lse = kernels.msa_attention(q, k, v, bidx, BLOCK)
+    q, k, v, qi, ki = (x.requires_grad_(True) for x in (q, k, v, qi, ki))
+    passes = {
+        "attention": (lambda: kernels.msa_attention(q, k, v, bidx, BLOCK)[0], (q, k, v), do),
+        "kl": (lambda: kernels.msa_kl_loss(q.detach(), k.detach(), qi, ki, bidx, BLOCK, lse=lse, index_lse=ilse),
+               (qi, ki), None),
+        "select": (lambda: kernels.msa_select(qi.detach(), ki.detach(), BLOCK, TOPK), None, None),
+    }
     print(f"sweep at T={T}", flush=True)
     best = {}
-    qi, ki = rnd(1, T, HKV, DI), rnd(1, T, DI)
-    for kern, variants in SWEEP.items():
+    for op, key, variants, pass_ in SWEEP:
+        fwd, inputs, grad_out = passes[op]
         times = []
         for cfg in variants:
-            if kern == "select":
-                sel_op.GPU_CONFIG["num_stages"] = cfg
-            else:
-                attn_op.GPU_CONFIG[kern] = dict(cfg)
-            fwd = lambda: kernels.msa_attention(q, k, v, bidx, BLOCK, schedule="split")  # noqa: E731
-            if SWEEP_PASS[kern] == "select":
-                fn = lambda: kernels.msa_select(qi, ki, BLOCK, TOPK)  # noqa: E731
-            elif SWEEP_PASS[kern] == "fwd":
+            configs[op][key] = cfg
+            if pass_ == "fwd":
                 fn = fwd
-            elif SWEEP_PASS[kern] == "bwd":
-                o, _ = fwd()
-                fn = lambda o=o: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)  # noqa: E731
+            elif pass_ == "bwd":
+                out = fwd()
+                fn = lambda out=out: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)  # noqa: E731
             else:
-                fn = lambda: torch.autograd.grad(fwd()[0], (q, k, v), do)  # noqa: E731
-            ms = timed(f"sweep {kern} {cfg}", lambda: bench_ms(fn), results, op="sweep", kernel=kern, cfg=cfg, T=T)
+                fn = lambda: torch.autograd.grad(fwd(), inputs, grad_out)  # noqa: E731
+            ms = timed(f"sweep {op} {key} {cfg}", lambda: bench_ms(fn), results, op="sweep", kernel=f"{op}.{key}",
+                       cfg=cfg, T=T)
             times.append((ms if ms is not None else float("inf"), cfg))
-        best[kern] = min(times, key=lambda x: x[0])[1]
-        # later entries are swept with the earlier winners
-        if kern == "select":
-            sel_op.GPU_CONFIG["num_stages"] = best[kern]
-        else:
-            attn_op.GPU_CONFIG[kern] = dict(best[kern])
-    print(f"  chosen {attn_op.GPU_CONFIG}, select {sel_op.GPU_CONFIG}", flush=True)
+        best[f"{op}.{key}"] = configs[op][key] = min(times, key=lambda x: x[0])[1]  # later entries use the winners
+    print(f"  chosen {best}", flush=True)
     return best
 
 
