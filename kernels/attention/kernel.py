@@ -18,6 +18,8 @@ Online softmax in base 2 with log2(e) folded into the scale; fp32 accumulation.
 import triton
 import triton.language as tl
 
+from kernels._split import split_list, split_step
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -212,14 +214,8 @@ def attn_fwd_split_kernel(
 ):
     # Partial result of one (token, slot): o_s = softmax over the slot's block's visible keys @ V
     # (normalised, in the partial buffer's dtype) and its base-2 log-sum-exp, per head of the group.
-    item = tl.program_id(0)  # chunk * n_blocks + c
-    h = tl.program_id(1)
-    c = item % n_blocks
-    lo = tl.load(offsets_ptr + h * n_items + item)
-    hi = tl.load(offsets_ptr + h * n_items + item + 1)
+    _, h, lo, hi, b0, e0 = split_list(offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items)
     if hi > lo:
-        b0 = tl.load(blk_start_ptr + c)
-        e0 = tl.load(blk_seq_end_ptr + c)
         j = tl.arange(0, BS)
         kpos = b0 + j
         kvalid = kpos < e0
@@ -230,9 +226,7 @@ def attn_fwd_split_kernel(
         g_R = r % G
         head_R = h * G + g_R
         for e in range(lo, hi, TQ):
-            ent_R = e + r // G
-            valid_R = (r < TQ * G) & (ent_R < hi)
-            tok_R = tl.load(tokens_ptr + ent_R, mask=valid_R, other=0)
+            ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
             slot_R = tl.load(slots_ptr + ent_R, mask=valid_R, other=0)
             q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
                         mask=valid_R[:, None], other=0.0)
@@ -342,17 +336,11 @@ def attn_bwd_split_kernel(
     # (keys are the rows of S^T, as in FlashAttention's dK/dV loop): dK, dV of the block summed over
     # the chunk's rows (fp32 partial per chunk, written even when the list is empty), and
     # dQ of each (token, slot) = scale * dS K, a partial that `attn_merge_slots_kernel` sums.
-    item = tl.program_id(0)
-    h = tl.program_id(1)
+    item, h, lo, hi, b0, e0 = split_list(offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items)
     chunk = item // n_blocks
-    c = item % n_blocks
-    b0 = tl.load(blk_start_ptr + c)
-    e0 = tl.load(blk_seq_end_ptr + c)
     # Chunks that may hold queries of this block: from the block's start to its sequence's end.
     active = (e0 > b0) & (chunk >= b0 // chunk_tokens) & (chunk <= (e0 - 1) // chunk_tokens)
     if active:
-        lo = tl.load(offsets_ptr + h * n_items + item)
-        hi = tl.load(offsets_ptr + h * n_items + item + 1)
         j = tl.arange(0, BS)
         kpos = b0 + j
         kvalid = kpos < e0
@@ -365,9 +353,7 @@ def attn_bwd_split_kernel(
         dk = tl.zeros([BS, D], tl.float32)
         dv = tl.zeros([BS, D], tl.float32)
         for e in range(lo, hi, TQ):
-            ent_R = e + r // G
-            valid_R = (r < TQ * G) & (ent_R < hi)
-            tok_R = tl.load(tokens_ptr + ent_R, mask=valid_R, other=0)
+            ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
             slot_R = tl.load(slots_ptr + ent_R, mask=valid_R, other=0)
             q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
                         mask=valid_R[:, None], other=0.0)

@@ -19,6 +19,8 @@ is in nats. DENSE=True is the warm-up form: the support is every causally visibl
 import triton
 import triton.language as tl
 
+from kernels._split import split_list, split_step
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -343,14 +345,8 @@ def kl_lse_split_kernel(
     # slot's block's visible keys, of the teacher per head (lp [N, Hq, K]) and of the student
     # (lip [N, Hkv, K]); `kl_merge_lse_kernel` combines the slots.
     TP: tl.constexpr = R // G
-    item = tl.program_id(0)  # chunk * n_blocks + c
-    h = tl.program_id(1)
-    c = item % n_blocks
-    lo = tl.load(offsets_ptr + h * n_items + item)
-    hi = tl.load(offsets_ptr + h * n_items + item + 1)
+    _, h, lo, hi, b0, e0 = split_list(offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items)
     if hi > lo:
-        b0 = tl.load(blk_start_ptr + c)
-        e0 = tl.load(blk_seq_end_ptr + c)
         kpos = b0 + tl.arange(0, BS)
         kvalid = kpos < e0
         r = tl.arange(0, R)
@@ -364,9 +360,7 @@ def kl_lse_split_kernel(
         if not HAS_ILSE:
             ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + di[None, :], mask=kvalid[:, None], other=0.0)
         for e in range(lo, hi, TQ):
-            ent_R = e + r // G
-            valid_R = (r < TQ * G) & (ent_R < hi)
-            tok_R = tl.load(tokens_ptr + ent_R, mask=valid_R, other=0)
+            ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
             # Tokens ascend in a list: when the step's first token is past the block, every key is
             # visible to every row. Otherwise a listed token sees at least key b0, so its maximum
             # is finite; -1e30 (not -inf) keeps the padding rows free of NaN.
@@ -438,14 +432,8 @@ def kl_fwd_split_kernel(
     # (sum_j p (log p - log pI), sum_j p), p the head-averaged teacher, pI the student, both with
     # the full (merged or given) log-sum-exps; `kl_sum_slots_kernel` sums the slots.
     TP: tl.constexpr = R // G
-    item = tl.program_id(0)
-    h = tl.program_id(1)
-    c = item % n_blocks
-    lo = tl.load(offsets_ptr + h * n_items + item)
-    hi = tl.load(offsets_ptr + h * n_items + item + 1)
+    _, h, lo, hi, b0, e0 = split_list(offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items)
     if hi > lo:
-        b0 = tl.load(blk_start_ptr + c)
-        e0 = tl.load(blk_seq_end_ptr + c)
         kpos = b0 + tl.arange(0, BS)
         kvalid = kpos < e0
         d = tl.arange(0, D)
@@ -456,9 +444,7 @@ def kl_fwd_split_kernel(
         head_R = h * G + r % G
         i = tl.arange(0, TP)
         for e in range(lo, hi, TQ):
-            ent_R = e + r // G
-            valid_R = (r < TQ * G) & (ent_R < hi)
-            tok_R = tl.load(tokens_ptr + ent_R, mask=valid_R, other=0)
+            ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
             ent_T = e + i
             valid_T = (i < TQ) & (ent_T < hi)
             tok_T = tl.load(tokens_ptr + ent_T, mask=valid_T, other=0)
@@ -522,17 +508,11 @@ def kl_bwd_split_kernel(
     # written even when the list is empty) and d qi of each (token, slot) = dz ki, an fp32 partial
     # that `kl_sum_slots_kernel` sums. 1/sqrt(dI) is part of the upstream factor too.
     TP: tl.constexpr = R // G
-    item = tl.program_id(0)
-    h = tl.program_id(1)
+    item, h, lo, hi, b0, e0 = split_list(offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items)
     chunk = item // n_blocks
-    c = item % n_blocks
-    b0 = tl.load(blk_start_ptr + c)
-    e0 = tl.load(blk_seq_end_ptr + c)
     # Chunks that may hold queries of this block: from the block's start to its sequence's end.
     active = (e0 > b0) & (chunk >= b0 // chunk_tokens) & (chunk <= (e0 - 1) // chunk_tokens)
     if active:
-        lo = tl.load(offsets_ptr + h * n_items + item)
-        hi = tl.load(offsets_ptr + h * n_items + item + 1)
         kpos = b0 + tl.arange(0, BS)
         kvalid = kpos < e0
         d = tl.arange(0, D)
@@ -545,9 +525,7 @@ def kl_bwd_split_kernel(
         i = tl.arange(0, TP)
         dki = tl.zeros([BS, DI], tl.float32)
         for e in range(lo, hi, TQ):
-            ent_R = e + r // G
-            valid_R = (r < TQ * G) & (ent_R < hi)
-            tok_R = tl.load(tokens_ptr + ent_R, mask=valid_R, other=0)
+            ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
             slot_R = tl.load(slots_ptr + ent_R, mask=valid_R, other=0)
             ent_T = e + i
             valid_T = (i < TQ) & (ent_T < hi)
