@@ -328,3 +328,22 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+def tile_rows(tokens: int, G: int) -> int:
+    """Rows of a program step holding `tokens` tokens x G heads, padded to a power of two of at
+    least 16 (the smallest tensor-core tile)."""
+    return max(16, next_pow2(tokens * G))
+
+
+def step_rows(rows: int, G: int):
+    """(tokens per step, padded rows per step) for a step of about `rows` query rows of G heads each."""
+    tokens = max(1, rows // G)
+    return tokens, tile_rows(tokens, G)
+
+
+def split_chunk_tokens(n_tokens: int) -> int:
+    """Default query chunk of the split schedules (`split_index`): about 16 chunks (enough
+    (chunk, block) work lists to fill the GPU at 8K, few enough that per-chunk dK/dV partials stay
+    small), each small enough that its queries stay in L2 (measured in kernels/PERF.md)."""
+    return min(16384, max(256, next_pow2(-(-n_tokens // 16))))

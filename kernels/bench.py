@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
@@ -176,7 +175,7 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
     block_idx, index_lse = kernels.msa_select(qi, ki, bs, K)
     E = attended_pairs(block_idx, bs)
     flops_sel = 2 * di * hkv * C
-    ms = timed("select fwd", lambda: bench_ms(lambda: kernels.msa_select(qi, ki, bs, K)), results,
+    timed("select fwd", lambda: bench_ms(lambda: kernels.msa_select(qi, ki, bs, K)), results,
                op="select", pass_="fwd", flops=flops_sel, **tag)
     stats = dict(T=T, E_per_token=E / T, union_8tok=tile_union_size(block_idx, 8),
                  union_128tok=tile_union_size(block_idx, min(128, T)))
@@ -477,8 +476,6 @@ def l2_probe(results):
     """Achievable gather bandwidth for the attention forward's access pattern: programs that each
     read random [128, 128] bf16 blocks (32 KB, like one K or V block) from a buffer of a given size,
     with no math. Buffers below the 50 MB L2 measure L2 -> SM; larger ones mix in DRAM."""
-    import triton.testing
-
     n_prog, n_iter = 132 * 8, 256
     out = {}
     for mb in (16, 32, 64, 128, 1024):

@@ -102,6 +102,16 @@ class MoEConfig:
               f"must be one of {', '.join(MOE_DISPATCH)}, got {self.dispatch!r}")
 
 
+def image_patches(image_size: int, patch_size: int) -> int:
+    """Patch tokens of one image_size x image_size image."""
+    return (image_size // patch_size) ** 2
+
+
+def image_tokens(image_size: int, patch_size: int) -> int:
+    """Tokens one image takes in the sequence: begin + patches + end (the packer and the model agree on it)."""
+    return image_patches(image_size, patch_size) + 2
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096
@@ -133,12 +143,12 @@ class ModelConfig:
 
     @property
     def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return image_patches(self.image_size, self.patch_size)
 
     @property
     def image_tokens(self) -> int:
         """Tokens one image takes in the sequence: begin + patches + end."""
-        return self.n_patches + 2
+        return image_tokens(self.image_size, self.patch_size)
 
     @property
     def effective_rope_dim(self) -> int:

@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 
 from data_prep.schema import DOC, IMG_BEGIN, IMG_END, IMG_PATCH, PAD, Document
 from model.batch import IGNORE_INDEX
+from model.config import image_patches, image_tokens
 
 # Pillow refuses images above this many pixels (decompression bombs); the demo's are 4K pixels and
 # real photos a few megapixels.
@@ -46,11 +47,11 @@ class PackSpec:
 
     @property
     def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return image_patches(self.image_size, self.patch_size)
 
     @property
     def image_tokens(self) -> int:
-        return self.n_patches + 2
+        return image_tokens(self.image_size, self.patch_size)
 
     @property
     def max_images(self) -> int:

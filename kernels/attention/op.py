@@ -33,7 +33,7 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # `kernels.bench` overrides them to compare variants.
 GPU_CONFIG = {
     # Which schedule msa_attention uses when the caller does not say (see SCHEDULES).
-    # chunk_tokens None: N / 16 rounded to a power of two in [256, 16384] (split_chunk_tokens).
+    # chunk_tokens None: N / 16 as a power of two in [256, 16384] (_common.split_chunk_tokens).
     "schedule": dict(name="split", chunk_tokens=None),
     # Query-stationary schedule ("query"): the sweep's choices on the H100 (kernels/PERF.md).
     "fwd": dict(BN=128, num_warps=4, num_stages=2),
@@ -116,7 +116,7 @@ class _MSAAttention(torch.autograd.Function):
         union_PHU, count_PH = _common.union_lists(b_N, start_P, seq_start_P, seq_end_P, TM, block_size)
         o_N = _common.empty((N, Hq, D), q.dtype, q.device)
         lse_N = _common.empty((N, Hq), torch.float32, q.device)
-        R = max(16, _common.next_pow2(TM * G))
+        R = _common.tile_rows(TM, G)
         cfg = _launch_cfg("fwd", q, block_size, R)
         attn_fwd_kernel[(P, Hkv)](
             q_N, k_N, v_N, o_N, lse_N, b_N, union_PHU, count_PH,
@@ -141,22 +141,13 @@ class _MSAAttention(torch.autograd.Function):
         N = B * T
         TOPK = b_N.shape[2]
         dev = q_N.device
-        if do is None:
-            do = torch.zeros((B, T, Hq, D), dtype=q_N.dtype, device=dev)
-        do_N = _flat(do)
-        if do_N.stride(-1) != 1:
-            do_N = do_N.contiguous()
-        # delta = rowsum(dO * O); a gradient on lse enters as -dlse (d lse / d s = p).
-        delta_N = (do_N.float() * o_N.float()).sum(-1)
-        if dlse is not None:
-            delta_N = delta_N - _flat(dlse).float()
-        delta_N = delta_N.contiguous()
+        do_N, delta_N = _grad_out_and_delta(do, dlse, o_N, lse_N)
         dq_N = _common.empty((N, Hq, D), q_N.dtype, dev)
         dk_N = _common.empty((N, Hkv, D), k_N.dtype, dev)
         dv_N = _common.empty((N, Hkv, D), v_N.dtype, dev)
         prec = _common.dot_precision(q_N.dtype)
         P = start_P.numel()
-        R = max(16, _common.next_pow2(TM * G))
+        R = _common.tile_rows(TM, G)
         attn_bwd_dq_kernel[(P, Hkv)](
             q_N, k_N, v_N, do_N, lse_N, delta_N, dq_N, b_N, union_PHU, count_PH,
             start_P, seq_start_P, seq_end_P,
@@ -171,8 +162,7 @@ class _MSAAttention(torch.autograd.Function):
         blk_start_C, _, blk_seq_end_C, _ = _common.tile_table(cu, N, block_size)
         cfg = _launch_cfg("dkdv", q_N, block_size)
         rows = cfg.pop("rows")
-        TQ = max(1, rows // G)
-        Rq = max(16, _common.next_pow2(TQ * G))
+        TQ, Rq = _common.step_rows(rows, G)
         attn_bwd_dkdv_kernel[(C * (block_size // cfg["BN"]), Hkv)](
             q_N, k_N, v_N, do_N, lse_N, delta_N, dk_N, dv_N,
             tokens_E, offsets, blk_start_C, blk_seq_end_C, C,
@@ -208,7 +198,7 @@ class _MSAAttentionSplit(torch.autograd.Function):
         o_N = _common.empty((N, Hq, D), q.dtype, dev)
         lse_N = _common.empty((N, Hq), torch.float32, dev)
         cfg = _launch_cfg("fwd_split", q, block_size)
-        TQ, R = _rows(cfg.pop("rows"), G)
+        TQ, R = _common.step_rows(cfg.pop("rows"), G)
         cfg.pop("BN")
         prec = _common.dot_precision(q.dtype)
         attn_fwd_split_kernel[(NCH * C, Hkv)](
@@ -237,26 +227,14 @@ class _MSAAttentionSplit(torch.autograd.Function):
         N = B * T
         TOPK = valid_NHK.shape[2]
         dev = q_N.device
-        if do is None:
-            do = torch.zeros((B, T, Hq, D), dtype=q_N.dtype, device=dev)
-        do_N = _flat(do)
-        if do_N.stride(-1) != 1:
-            do_N = do_N.contiguous()
-        delta_N = _common.empty((N, Hq), torch.float32, dev)
-        dlse_N = _flat(dlse).float() if dlse is not None else lse_N
-        rows = 64
-        attn_bwd_delta_kernel[(triton.cdiv(N * Hq, rows),)](
-            o_N, do_N, dlse_N, delta_N, N * Hq, Hq,
-            o_N.stride(0), o_N.stride(1), do_N.stride(0), do_N.stride(1), dlse_N.stride(0),
-            ROWS=rows, D=D, HAS_DLSE=dlse is not None,
-        )
+        do_N, delta_N = _grad_out_and_delta(do, dlse, o_N, lse_N)
         dqp_NHKGD = _common.empty((N, Hkv, TOPK, G, D), q_N.dtype, dev)
         # Per-chunk dK/dV partials; only (chunk, block) pairs a block's queries can reach are written and read.
         dkp = _common.empty((NCH, N, Hkv, D), torch.float32, dev)
         dvp = _common.empty((NCH, N, Hkv, D), torch.float32, dev)
         dq_N = _common.empty((N, Hq, D), q_N.dtype, dev)
         cfg = _launch_cfg("bwd_split", q_N, block_size)
-        TQ, R = _rows(cfg.pop("rows"), G)
+        TQ, R = _common.step_rows(cfg.pop("rows"), G)
         cfg.pop("BN")
         prec = _common.dot_precision(q_N.dtype)
         attn_bwd_split_kernel[(NCH * C, Hkv)](
@@ -284,17 +262,31 @@ class _MSAAttentionSplit(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _rows(rows: int, G: int):
-    """(tokens per step, padded rows per step) for a step of `rows` query rows of G heads each."""
-    TQ = max(1, rows // G)
-    return TQ, max(16, _common.next_pow2(TQ * G))
+
+def _grad_out_and_delta(do, dlse, o_N, lse_N):
+    """The backward's dO as [N, Hq, dh] with a unit last stride (zeros when o got no gradient) and
+    delta = rowsum(dO * O) - dlse in fp32 (a gradient on lse enters as -dlse: d lse / d s = p),
+    computed by one kernel straight from the half-precision tensors."""
+    N, Hq, D = o_N.shape
+    do_N = torch.zeros_like(o_N) if do is None else _flat(do)
+    if do_N.stride(-1) != 1:
+        do_N = do_N.contiguous()
+    delta_N = _common.empty((N, Hq), torch.float32, o_N.device)
+    dlse_N = _flat(dlse).float() if dlse is not None else lse_N  # unused when there is no dlse
+    rows = 64
+    attn_bwd_delta_kernel[(triton.cdiv(N * Hq, rows),)](
+        o_N, do_N, dlse_N, delta_N, N * Hq, Hq,
+        o_N.stride(0), o_N.stride(1), do_N.stride(0), do_N.stride(1), dlse_N.stride(0),
+        ROWS=rows, D=D, HAS_DLSE=dlse is not None,
+    )
+    return do_N, delta_N
 
 
 def _merge_slots(part, lp, valid_NHK, out_N, lse_N, scale, G, D, TOPK, block_size):
     """Merge per-slot partials into out_N (softmax-weighted when lp is given, else summed x scale)."""
     N, Hkv = part.shape[:2]
     cfg = _launch_cfg("merge", out_N, block_size)
-    TN, R = _rows(cfg.pop("rows"), G)
+    TN, R = _common.step_rows(cfg.pop("rows"), G)
     cfg.pop("BN")
     softmax = lp is not None
     lp_ = lp if softmax else part  # unused when not softmax
@@ -313,12 +305,6 @@ def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int, rows: int = 16) -
     # GPU_CONFIG is looked up at call time: kernels.bench overrides it to compare variants
     return _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
 
-
-def split_chunk_tokens(n_tokens: int) -> int:
-    """Default query chunk of the split schedule: about 16 chunks (enough (chunk, block) work lists
-    to fill the GPU at 8K, few enough that per-chunk dK/dV partials stay small), each small enough
-    that its queries stay in L2 (measured in kernels/PERF.md)."""
-    return min(16384, max(256, _common.next_pow2(-(-n_tokens // 16))))
 
 
 def default_tokens_per_tile(G: int, block_size: int) -> int:
@@ -357,7 +343,7 @@ def msa_attention(q, k, v, block_idx, block_size: int, cu_seqlens=None, softmax_
         schedule = "query" if tokens_per_tile not in (None, 1) else default["name"]
     if schedule == "split":
         N = q.shape[0] * q.shape[1]
-        tc = chunk_tokens or default["chunk_tokens"] or split_chunk_tokens(N)
+        tc = chunk_tokens or default["chunk_tokens"] or _common.split_chunk_tokens(N)
         return _MSAAttentionSplit.apply(q, k, v, block_idx, block_size, cu_seqlens, scale, tc)
     G = q.shape[2] // k.shape[2]
     tm = tokens_per_tile or default_tokens_per_tile(G, block_size)

@@ -15,7 +15,6 @@ import torch
 import triton
 
 from kernels import _common
-from kernels.attention.op import split_chunk_tokens
 from kernels.kl.kernel import (
     kl_bwd_dki_kernel,
     kl_bwd_dqi_kernel,
@@ -35,7 +34,7 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # Launch parameters on the GPU (the interpreter ignores warps and stages).
 GPU_CONFIG = {
     # Which schedule the sparse form uses when the caller does not say (see SCHEDULES); chunk_tokens
-    # None: the attention's default (kernels.attention.op.split_chunk_tokens).
+    # None: the attention's default (kernels._common.split_chunk_tokens).
     "schedule": dict(name="split", chunk_tokens=None),
     # Query-stationary schedule ("query", and always the dense form).
     "fwd": dict(BN=64, num_warps=4, num_stages=2),
@@ -153,7 +152,7 @@ class _MSAKLLoss(torch.autograd.Function):
         ilse_N = _flat(index_lse) if has_ilse else _common.empty((N, Hkv), torch.float32, dev)
         kl_NH = _common.empty((N, Hkv), torch.float32, dev)
         psum_NH = _common.empty((N, Hkv), torch.float32, dev)
-        R = max(16, _common.next_pow2(TM * G))
+        R = _common.tile_rows(TM, G)
         prec = _common.dot_precision(q.dtype)
         kl_fwd_kernel[(P, Hkv)](
             q_N, k_N, qi_N, ki_N, lse_N, ilse_N, b_N, union_PHU, count_PH,
@@ -183,7 +182,7 @@ class _MSAKLLoss(torch.autograd.Function):
         grad_scale = 1.0 / (N * Hkv * math.sqrt(I))  # mean over (token, group); d z / d (qi.ki)
         prec = _common.dot_precision(q_N.dtype)
         P = start_P.numel()
-        R = max(16, _common.next_pow2(TM * G))
+        R = _common.tile_rows(TM, G)
         dqi_N = _common.empty((N, Hkv, I), qi_N.dtype, dev)
         kl_bwd_dqi_kernel[(P, Hkv)](
             q_N, k_N, qi_N, ki_N, lse_N, ilse_N, psum_NH, dqi_N, b_N, union_PHU, count_PH,
@@ -202,7 +201,7 @@ class _MSAKLLoss(torch.autograd.Function):
             tokens_E, offsets, C = _common.reverse_index(b_N, cu, block_size)
         blk_start_C, _, blk_seq_end_C, _ = _common.tile_table(cu, N, block_size)
         cfg = _cfg("dki", q_N, block_size)
-        TQ, Rq = _rows(cfg.pop("rows"), G)
+        TQ, Rq = _common.step_rows(cfg.pop("rows"), G)
         dki_HNI = _common.empty((Hkv, N, I), torch.float32, dev)
         kl_bwd_dki_kernel[(C * (block_size // cfg["BN"]), Hkv)](
             q_N, k_N, qi_N, ki_N, lse_N, ilse_N, psum_NH, dki_HNI,
@@ -248,7 +247,7 @@ class _MSAKLLossSplit(torch.autograd.Function):
             lp_NHK = lse_N if has_lse else _common.empty((N, Hq, TOPK), torch.float32, dev)
             lip_NHK = ilse_N if has_ilse else _common.empty((N, Hkv, TOPK), torch.float32, dev)
             cfg = _cfg("lse_split", q, block_size)
-            TQ, R = _rows(cfg.pop("rows"), G)
+            TQ, R = _common.step_rows(cfg.pop("rows"), G)
             cfg.pop("BN")
             kl_lse_split_kernel[(NCH * C, Hkv)](
                 q_N, k_N, qi_N, ki_N, lp_NHK, lip_NHK, *work, *strides,
@@ -263,7 +262,7 @@ class _MSAKLLossSplit(torch.autograd.Function):
         # Per (token, slot): the KL terms and the teacher mass over the slot's block (fp32).
         klp_NHK2 = _common.empty((N, Hkv, TOPK, 2), torch.float32, dev)
         cfg = _cfg("fwd_split", q, block_size)
-        TQ, R = _rows(cfg.pop("rows"), G)
+        TQ, R = _common.step_rows(cfg.pop("rows"), G)
         cfg.pop("BN")
         kl_fwd_split_kernel[(NCH * C, Hkv)](
             q_N, k_N, qi_N, ki_N, lse_N, ilse_N, klp_NHK2, *work, *strides,
@@ -297,7 +296,7 @@ class _MSAKLLossSplit(torch.autograd.Function):
         # reach are written and read.
         dkip_XNHI = _common.empty((NCH, N, Hkv, I), torch.float32, dev)
         cfg = _cfg("bwd_split", q_N, block_size)
-        TQ, R = _rows(cfg.pop("rows"), G)
+        TQ, R = _common.step_rows(cfg.pop("rows"), G)
         cfg.pop("BN")
         kl_bwd_split_kernel[(NCH * C, Hkv)](
             q_N, k_N, qi_N, ki_N, lse_N, ilse_N, psum_NH, dqip_NHKI, dkip_XNHI,
@@ -321,11 +320,6 @@ class _MSAKLLossSplit(torch.autograd.Function):
         )
         return (dqi_N.view(B, T, Hkv, I), dki_N.view(B, T, I)) + (None,) * 9
 
-
-def _rows(rows: int, G: int):
-    """(tokens per step, padded rows per step) for a step of `rows` query rows of G heads each."""
-    TQ = max(1, rows // G)
-    return TQ, max(16, _common.next_pow2(TQ * G))
 
 
 def _merge_lse(lp, valid_NHK, lse_N, G):
@@ -380,7 +374,7 @@ def msa_kl_loss(q, k, qi, ki, block_idx, block_size: int, cu_seqlens=None, lse=N
     if schedule is None:
         schedule = "query" if block_idx is None or tokens_per_tile not in (None, 1) else default["name"]
     if schedule == "split":
-        tc = chunk_tokens or default["chunk_tokens"] or split_chunk_tokens(q.shape[0] * q.shape[1])
+        tc = chunk_tokens or default["chunk_tokens"] or _common.split_chunk_tokens(q.shape[0] * q.shape[1])
         return _MSAKLLossSplit.apply(qi, ki, q.detach(), k.detach(), block_idx, lse, index_lse, block_size,
                                      cu_seqlens, scale, tc)
     G = q.shape[2] // k.shape[2]
