@@ -325,20 +325,26 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
 # ---------------------------------------------------------------------------------------------
 # Launch-variant sweep of the attention kernels
 # ---------------------------------------------------------------------------------------------
-SWEEP = [  # (op, its GPU_CONFIG key, variants, pass timed); the other kernels are the same in every variant
-    ("attention", "schedule", [dict(name="split", chunk_tokens=None), dict(name="split", chunk_tokens=2048)],
-     "fwd+bwd"),
-    ("attention", "fwd_split", [dict(BN=128, rows=64, num_warps=4, num_stages=1),
-                                dict(BN=128, rows=64, num_warps=4, num_stages=2)], "fwd"),
-    ("attention", "bwd_split", [dict(BN=128, rows=64, num_warps=8, num_stages=3),
-                                dict(BN=128, rows=64, num_warps=8, num_stages=2)], "bwd"),
-    ("attention", "merge", [dict(BN=128, rows=16, num_warps=4, num_stages=1),
-                            dict(BN=128, rows=64, num_warps=4, num_stages=1)], "fwd+bwd"),
+_FWD = dict(BN=128, rows=64, num_warps=4, num_stages=1, prefetch=0, q_evict="", part_cache="")
+_BWD = dict(BN=128, rows=64, num_warps=8, num_stages=3, q_evict="", part_cache="")
+_MERGE = dict(BN=128, rows=16, num_warps=4, num_stages=1, part_evict="")
+_HINTS = dict(q_evict="evict_last", part_cache=".cs")  # keep the chunk's q in L2, stream the partials
+SWEEP = [  # (op, its GPU_CONFIG key (None: the variant updates the whole table), variants, pass timed);
+    # the other kernels are the same in every variant, and later entries run with the winners
+    ("attention", "fwd_split", [_FWD, {**_FWD, **_HINTS}, {**_FWD, **_HINTS, "prefetch": 1},
+                                {**_FWD, **_HINTS, "prefetch": 2}, {**_FWD, "prefetch": 2},
+                                {**_FWD, **_HINTS, "num_warps": 8}], "fwd"),
+    ("attention", "bwd_split", [_BWD, {**_BWD, **_HINTS}, {**_BWD, **_HINTS, "num_stages": 2}], "bwd"),
+    ("attention", "merge", [_MERGE, {**_MERGE, "part_evict": "evict_first"}], "fwd+bwd"),
+    ("attention", "schedule", [dict(name="split", chunk_tokens=None), dict(name="split", chunk_tokens=2048),
+                               dict(name="split", chunk_tokens=8192)], "fwd+bwd"),
     ("kl", "fwd_split", [dict(BN=128, rows=64, num_warps=4, num_stages=1), dict(BN=128, rows=64, num_warps=8, num_stages=1),
                          dict(BN=128, rows=64, num_warps=4, num_stages=2)], "fwd"),
     ("kl", "bwd_split", [dict(BN=128, rows=64, num_warps=8, num_stages=2),
                          dict(BN=128, rows=64, num_warps=8, num_stages=3)], "bwd"),
-    ("select", "num_stages", [3, 4], "fwd"),
+    ("select", None, [dict(num_stages=3, rows=128, pipe=False), dict(num_stages=3, rows=128, pipe=True),
+                      dict(num_stages=2, rows=64, pipe=False), dict(num_stages=2, rows=64, pipe=True),
+                      dict(num_stages=3, rows=64, pipe=True)], "fwd"),
 ]
 
 
@@ -368,7 +374,10 @@ def sweep(T, results):
         fwd, inputs, grad_out = passes[op]
         times = []
         for cfg in variants:
-            configs[op][key] = cfg
+            if key is None:
+                configs[op].update(cfg)
+            else:
+                configs[op][key] = cfg
             if pass_ == "fwd":
                 fn = fwd
             elif pass_ == "bwd":
@@ -379,7 +388,12 @@ def sweep(T, results):
             ms = timed(f"sweep {op} {key} {cfg}", lambda: bench_ms(fn), results, op="sweep", kernel=f"{op}.{key}",
                        cfg=cfg, T=T)
             times.append((ms if ms is not None else float("inf"), cfg))
-        best[f"{op}.{key}"] = configs[op][key] = min(times, key=lambda x: x[0])[1]  # later entries use the winners
+        won = min(times, key=lambda x: x[0])[1]  # later entries use the winners
+        if key is None:
+            configs[op].update(won)
+        else:
+            configs[op][key] = won
+        best[op if key is None else f"{op}.{key}"] = won
     print(f"  chosen {best}", flush=True)
     return best
 

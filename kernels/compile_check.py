@@ -2,7 +2,8 @@
 GPU, and report each kernel's registers, spills, shared memory and whether its SASS uses the Hopper
 tensor-core instructions (HGMMA) or the older HMMA.
 
-Run: `python -m kernels.compile_check` (no TRITON_INTERPRET; needs only triton's bundled ptxas).
+Run: `python -m kernels.compile_check [--sweep]` (no TRITON_INTERPRET; needs only triton's bundled
+ptxas). --sweep also compiles every launch variant of `kernels.bench --sweep` on the benchmark shape.
 
 It replaces Triton's driver with a stub that reports an sm_90 target and turns every launch into a
 compile-only warm-up, then runs the public functions (forward and backward) on CPU tensors of the
@@ -12,6 +13,7 @@ at no device time. The installed triton may be newer than the GPU machine's.
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -62,8 +64,42 @@ def _report(name, params, kernel, bindir):
     local = "LDL/STL" if ("LDL" in sass or "STL" in sass) else ""
     shown = {k: v for k, v in params.items() if k in ("G", "TM", "TQ", "R", "BN", "BS", "D", "DI", "HB", "BM", "DENSE",
                                                       "HAS_LSE", "HAS_ILSE", "TN", "SOFTMAX", "HAS_DLSE", "W",
-                                                      "HAS_GRAD", "num_warps", "num_stages")}
+                                                      "HAS_GRAD", "PREFETCH", "Q_EVICT", "PART_CACHE", "PART_EVICT",
+                                                      "PIPE", "num_warps", "num_stages")}
     return f"{name:22s} {mma:6s} {local:7s} {usage}  {shown}"
+
+
+def _run_case(kernels, case) -> int:
+    """Compile every kernel the ops launch on one shape (forward and backward); 1 if it failed."""
+    T, Hq, Hkv, D, I, BS, K, cu, dt = case
+    try:
+        cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+        q = torch.randn(1, T, Hq, D).to(dt).requires_grad_(True)
+        k = torch.randn(1, T, Hkv, D).to(dt).requires_grad_(True)
+        v = torch.randn(1, T, Hkv, D).to(dt).requires_grad_(True)
+        qi = torch.randn(1, T, Hkv, I).to(dt).requires_grad_(True)
+        ki = torch.randn(1, T, I).to(dt).requires_grad_(True)
+        # Outputs are never written (nothing runs), so feed a valid selection by hand.
+        bidx, ilse = kernels.msa_select(qi.detach(), ki.detach(), BS, K, cu_seqlens=cu_t)
+        nb = -(-T // BS)
+        sel = torch.arange(min(K, nb), dtype=torch.int32).expand(1, T, Hkv, min(K, nb))
+        bidx = torch.nn.functional.pad(sel, (0, K - sel.shape[-1]), value=-1).contiguous()
+        for schedule in ("split", "query"):
+            o, lse = kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, schedule=schedule)
+            torch.autograd.grad((o.float().sum(), lse.sum()), (q, k, v), allow_unused=True)
+        if Hq // Hkv >= 8:
+            kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, tokens_per_tile=8)
+        lse0 = torch.zeros(1, T, Hq)
+        ilse0 = torch.zeros(1, T, Hkv)
+        for b_, l_, il_ in ((bidx, lse0, ilse0), (bidx, None, None), (bidx, lse0, None), (None, None, None)):
+            for schedule in ("split", "query") if b_ is not None else ("query",):
+                kl = kernels.msa_kl_loss(q, k, qi, ki, b_, BS, cu_seqlens=cu_t, lse=l_, index_lse=il_,
+                                         schedule=schedule)
+                torch.autograd.grad(kl, (qi, ki))
+    except Exception as e:  # report every failing case, not just the first
+        print(f"FAILED case T={T} Hq={Hq} Hkv={Hkv} dh={D} dI={I} block={BS} {dt}: {type(e).__name__}: {e}")
+        return 1
+    return 0
 
 
 def main(argv=None):
@@ -85,34 +121,26 @@ def main(argv=None):
         (256, 8, 8, 64, 128, 64, 2, None, torch.bfloat16),
         (256, 2, 2, 128, 64, 128, 2, None, torch.bfloat16),
     ]
-    for T, Hq, Hkv, D, I, BS, K, cu, dt in cases:
-        try:
-            cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-            q = torch.randn(1, T, Hq, D).to(dt).requires_grad_(True)
-            k = torch.randn(1, T, Hkv, D).to(dt).requires_grad_(True)
-            v = torch.randn(1, T, Hkv, D).to(dt).requires_grad_(True)
-            qi = torch.randn(1, T, Hkv, I).to(dt).requires_grad_(True)
-            ki = torch.randn(1, T, I).to(dt).requires_grad_(True)
-            # Outputs are never written (nothing runs), so feed a valid selection by hand.
-            bidx, ilse = kernels.msa_select(qi.detach(), ki.detach(), BS, K, cu_seqlens=cu_t)
-            nb = -(-T // BS)
-            sel = torch.arange(min(K, nb), dtype=torch.int32).expand(1, T, Hkv, min(K, nb))
-            bidx = torch.nn.functional.pad(sel, (0, K - sel.shape[-1]), value=-1).contiguous()
-            for schedule in ("split", "query"):
-                o, lse = kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, schedule=schedule)
-                torch.autograd.grad((o.float().sum(), lse.sum()), (q, k, v), allow_unused=True)
-            if Hq // Hkv >= 8:
-                kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, tokens_per_tile=8)
-            lse0 = torch.zeros(1, T, Hq)
-            ilse0 = torch.zeros(1, T, Hkv)
-            for b_, l_, il_ in ((bidx, lse0, ilse0), (bidx, None, None), (bidx, lse0, None), (None, None, None)):
-                for schedule in ("split", "query") if b_ is not None else ("query",):
-                    kl = kernels.msa_kl_loss(q, k, qi, ki, b_, BS, cu_seqlens=cu_t, lse=l_, index_lse=il_,
-                                             schedule=schedule)
-                    torch.autograd.grad(kl, (qi, ki))
-        except Exception as e:  # report every failing case, not just the first
-            fails += 1
-            print(f"FAILED case T={T} Hq={Hq} Hkv={Hkv} dh={D} dI={I} block={BS} {dt}: {type(e).__name__}: {e}")
+    for case in cases:
+        fails += _run_case(kernels, case)
+    if "--sweep" in (argv if argv is not None else sys.argv[1:]):
+        # Every launch variant `kernels.bench --sweep` may pick, on the benchmark shape.
+        from kernels.bench import SWEEP
+        from kernels.attention import op as attn_op
+        from kernels.kl import op as kl_op
+        from kernels.select import op as sel_op
+
+        configs = {"attention": attn_op.GPU_CONFIG, "kl": kl_op.GPU_CONFIG, "select": sel_op.GPU_CONFIG}
+        for op, key, variants, _ in SWEEP:
+            saved = copy.deepcopy(configs[op])
+            for cfg in variants:
+                if key is None:
+                    configs[op].update(cfg)
+                else:
+                    configs[op][key] = cfg
+                fails += _run_case(kernels, cases[0])
+            configs[op].clear()
+            configs[op].update(saved)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     seen = set()
     for name, params, kernel in COMPILED:

@@ -210,10 +210,14 @@ def attn_fwd_split_kernel(
     stride_op_n, stride_op_h, stride_op_k, stride_lp_n, stride_lp_h, stride_lp_k,
     qk_scale_log2,
     G: tl.constexpr, TQ: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr, Q_EVICT: tl.constexpr, PART_CACHE: tl.constexpr,
 ):
     # Partial result of one (token, slot): o_s = softmax over the slot's block's visible keys @ V
     # (normalised, in the partial buffer's dtype) and its base-2 log-sum-exp, per head of the group.
+    # PREFETCH 1: load each step's token list one step ahead; 2: also its q rows one step ahead
+    # (and the tokens two ahead), so the gathers' latency hides behind the current step's products.
+    # Q_EVICT / PART_CACHE: cache hints, e.g. "evict_last" for the chunk's q rows (read by every
+    # list of the chunk) and ".cs" (streaming) for the partials, written once and read once.
     _, h, lo, hi, b0, e0 = split_list(offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items)
     if hi > lo:
         j = tl.arange(0, BS)
@@ -225,11 +229,25 @@ def attn_fwd_split_kernel(
         r = tl.arange(0, R)
         g_R = r % G
         head_R = h * G + g_R
-        for e in range(lo, hi, TQ):
-            ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
-            slot_R = tl.load(slots_ptr + ent_R, mask=valid_R, other=0)
+        if PREFETCH > 0:
+            ent_R, valid_R, tok_R = split_step(tokens_ptr, lo, hi, r, G, TQ)
+        if PREFETCH > 1:
             q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
-                        mask=valid_R[:, None], other=0.0)
+                        mask=valid_R[:, None], other=0.0, eviction_policy=Q_EVICT)
+            ent_n, valid_n, tok_n = split_step(tokens_ptr, lo + TQ, hi, r, G, TQ)
+        for e in range(lo, hi, TQ):
+            if PREFETCH > 1:
+                q_n = tl.load(q_ptr + tok_n[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
+                              mask=valid_n[:, None], other=0.0, eviction_policy=Q_EVICT)
+                ent_nn, valid_nn, tok_nn = split_step(tokens_ptr, e + 2 * TQ, hi, r, G, TQ)
+            else:
+                if PREFETCH > 0:
+                    ent_n, valid_n, tok_n = split_step(tokens_ptr, e + TQ, hi, r, G, TQ)
+                else:
+                    ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
+                q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
+                            mask=valid_R[:, None], other=0.0, eviction_policy=Q_EVICT)
+            slot_R = tl.load(slots_ptr + ent_R, mask=valid_R, other=0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2
             # Tokens are ascending in a list, so when the step's first token comes after the
             # block's last key, every row sees every key and the mask is skipped (padding rows
@@ -243,9 +261,15 @@ def attn_fwd_split_kernel(
             l_R = tl.sum(p, 1)
             o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC) * (1.0 / l_R)[:, None]
             part_R = tok_R.to(tl.int64) * stride_op_n + h * stride_op_h + slot_R * stride_op_k + g_R * D
-            tl.store(op_ptr + part_R[:, None] + d[None, :], o.to(op_ptr.dtype.element_ty), mask=valid_R[:, None])
+            tl.store(op_ptr + part_R[:, None] + d[None, :], o.to(op_ptr.dtype.element_ty), mask=valid_R[:, None],
+                     cache_modifier=PART_CACHE)
             tl.store(lp_ptr + tok_R.to(tl.int64) * stride_lp_n + h * stride_lp_h + slot_R * stride_lp_k + g_R,
-                     m_R + tl.log2(l_R), mask=valid_R)
+                     m_R + tl.log2(l_R), mask=valid_R, cache_modifier=PART_CACHE)
+            if PREFETCH > 1:
+                ent_R, valid_R, tok_R, q = ent_n, valid_n, tok_n, q_n
+                ent_n, valid_n, tok_n = ent_nn, valid_nn, tok_nn
+            elif PREFETCH > 0:
+                ent_R, valid_R, tok_R = ent_n, valid_n, tok_n
 
 
 @triton.jit
@@ -255,7 +279,7 @@ def attn_merge_slots_kernel(
     stride_v_n, stride_v_h, stride_out_n, stride_out_h, stride_lse_n,
     scale,
     G: tl.constexpr, TN: tl.constexpr, R: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
-    SOFTMAX: tl.constexpr,
+    SOFTMAX: tl.constexpr, PART_EVICT: tl.constexpr,
 ):
     # Per (TN tokens, KV head): merge the per-slot partials of each row in slot order.
     # SOFTMAX: o = sum_s exp2(lse_s - M) o_s / sum_s exp2(lse_s - M), lse = ln 2 * (M + log2 sum);
@@ -281,7 +305,8 @@ def attn_merge_slots_kernel(
     for s in range(TOPK):
         ok_R = valid_R & (tl.load(valid_ptr + tok_R * stride_v_n + h * stride_v_h + s, mask=valid_R, other=0) != 0)
         part_R = tok_R.to(tl.int64) * stride_p_n + h * stride_p_h + s * stride_p_k + g_R * D
-        x = tl.load(part_ptr + part_R[:, None] + d[None, :], mask=ok_R[:, None], other=0.0).to(tl.float32)
+        x = tl.load(part_ptr + part_R[:, None] + d[None, :], mask=ok_R[:, None], other=0.0,
+                    eviction_policy=PART_EVICT).to(tl.float32)
         if SOFTMAX:
             l_R = tl.load(lp_ptr + tok_R.to(tl.int64) * stride_lp_n + h * stride_lp_h + s * stride_lp_k + g_R, mask=ok_R,
                           other=-float("inf"))
@@ -330,7 +355,7 @@ def attn_bwd_split_kernel(
     stride_dqp_n, stride_dqp_h, stride_dqp_k, stride_dkp_c, stride_dkp_n, stride_dkp_h,
     qk_scale_log2, sm_scale,
     G: tl.constexpr, TQ: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, Q_EVICT: tl.constexpr, PART_CACHE: tl.constexpr,
 ):
     # All of the backward in one pass over each (chunk, key block) list, in the transposed form
     # (keys are the rows of S^T, as in FlashAttention's dK/dV loop): dK, dV of the block summed over
@@ -356,9 +381,9 @@ def attn_bwd_split_kernel(
             ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
             slot_R = tl.load(slots_ptr + ent_R, mask=valid_R, other=0)
             q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
-                        mask=valid_R[:, None], other=0.0)
+                        mask=valid_R[:, None], other=0.0, eviction_policy=Q_EVICT)
             do = tl.load(do_ptr + tok_R[:, None] * stride_do_n + head_R[:, None] * stride_do_h + d[None, :],
-                         mask=valid_R[:, None], other=0.0)
+                         mask=valid_R[:, None], other=0.0, eviction_policy=Q_EVICT)
             lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
             delta_R = tl.load(delta_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0)
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale_log2 - lse2_R[None, :]
@@ -374,7 +399,8 @@ def attn_bwd_split_kernel(
             dk += tl.dot(dsT, q, input_precision=DOT_PREC)
             dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC)
             part_R = tok_R.to(tl.int64) * stride_dqp_n + h * stride_dqp_h + slot_R * stride_dqp_k + g_R * D
-            tl.store(dqp_ptr + part_R[:, None] + d[None, :], dq.to(dqp_ptr.dtype.element_ty), mask=valid_R[:, None])
+            tl.store(dqp_ptr + part_R[:, None] + d[None, :], dq.to(dqp_ptr.dtype.element_ty), mask=valid_R[:, None],
+                     cache_modifier=PART_CACHE)
         row = chunk.to(tl.int64) * stride_dkp_c + kpos[:, None] * stride_dkp_n + h * stride_dkp_h + d[None, :]
         tl.store(dkp_ptr + row, dk * sm_scale, mask=kvalid[:, None])
         tl.store(dvp_ptr + row, dv, mask=kvalid[:, None])

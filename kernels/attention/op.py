@@ -41,10 +41,14 @@ GPU_CONFIG = {
     "dkdv": dict(BN=64, rows=64, num_warps=4, num_stages=2),
     # Key-block-stationary schedule ("split"), rows = query rows (tokens x G) per step: the sweep's
     # choices on the H100 (kernels/PERF.md).
-    "fwd_split": dict(BN=128, rows=64, num_warps=4, num_stages=1),
-    "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=3),
-    "merge": dict(BN=128, rows=16, num_warps=4, num_stages=1),
+    # prefetch: the forward loads the next step's token list (1) and also its q rows (2) a step
+    # ahead (a code path, so the interpreter follows it too); q_evict, part_cache, part_evict: cache hints for the q/dO gathers (read by
+    # every list of a chunk), the partials' stores and their loads in the merge (read once).
+    "fwd_split": dict(BN=128, rows=64, num_warps=4, num_stages=1, prefetch=0, q_evict="", part_cache=""),
+    "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=3, q_evict="", part_cache=""),
+    "merge": dict(BN=128, rows=16, num_warps=4, num_stages=1, part_evict=""),
 }
+_HINTS = {"prefetch": "PREFETCH", "q_evict": "Q_EVICT", "part_cache": "PART_CACHE", "part_evict": "PART_EVICT"}
 # "query": one program per (query token tile, KV head) walks the tile's blocks (NSA's layout); K/V
 # are re-read from L2 for every token. "split": one program per (KV head, query chunk, key block)
 # loads K/V once for all the chunk's tokens that selected the block and writes per-slot partials
@@ -302,8 +306,14 @@ def _merge_slots(part, lp, valid_NHK, out_N, lse_N, scale, G, D, TOPK, block_siz
 
 
 def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int, rows: int = 16) -> dict:
-    # GPU_CONFIG is looked up at call time: kernels.bench overrides it to compare variants
-    return _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
+    # GPU_CONFIG is looked up at call time: kernels.bench overrides it to compare variants. The
+    # prefetch switch and the cache hints become the kernels' constexprs on the GPU and in the
+    # interpreter alike (the interpreter ignores the hints but runs the prefetching code path).
+    cfg = _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
+    for key in _HINTS:
+        cfg.pop(key, None)
+    cfg.update({name: GPU_CONFIG[kernel][key] for key, name in _HINTS.items() if key in GPU_CONFIG[kernel]})
+    return cfg
 
 
 

@@ -21,13 +21,30 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _rank_block(s_RJ, blk, top_v, top_z, top_i, slot, qk_scale_log2, KP: tl.constexpr):
+    """Offer one fully visible block to each row's running top-(k-1): its max-pooled score and its
+    log-sum-exp, both in log2 units, from the unscaled scores s_RJ (the ranking is unchanged by the
+    positive scale, so the scale is applied once per row and inside one FMA per score)."""
+    m_R = tl.max(s_RJ, 1) * qk_scale_log2
+    z_R = m_R + tl.log2(tl.sum(tl.exp2(s_RJ * qk_scale_log2 - m_R[:, None]), 1))
+    # Replace the smallest kept score if this block beats it (first slot on ties).
+    cur_min = tl.min(top_v, 1)
+    pos = tl.min(tl.where(top_v == cur_min[:, None], slot[None, :], KP), 1)
+    hit = (slot[None, :] == pos[:, None]) & (m_R > cur_min)[:, None]
+    top_v = tl.where(hit, m_R[:, None], top_v)
+    top_z = tl.where(hit, z_R[:, None], top_z)
+    top_i = tl.where(hit, blk, top_i)
+    return top_v, top_z, top_i
+
+
+@triton.jit
 def select_kernel(
     qi_ptr, ki_ptr, bidx_ptr, lse_ptr,
     start_ptr, seq_start_ptr, seq_end_ptr, n_tiles,
     stride_qi_n, stride_qi_h, stride_ki_n, stride_b_n, stride_b_h, stride_l_n,
     qk_scale_log2,
     BS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, HB: tl.constexpr,
-    DI: tl.constexpr, DOT_PREC: tl.constexpr,
+    DI: tl.constexpr, DOT_PREC: tl.constexpr, PIPE: tl.constexpr,
 ):
     R: tl.constexpr = BM * HB
     # Late tiles see the most blocks: launch them first so the long programs do not trail.
@@ -52,20 +69,25 @@ def select_kernel(
     top_z = tl.full([R, KP], float("-inf"), tl.float32)
     top_i = tl.full([R, KP], -1, tl.int32)
     j = tl.arange(0, BS)
-    for blk in range(0, local):
-        kpos = s0 + blk * BS + j
-        ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + d[None, :])
-        # Scores in log2 units (the ranking is unchanged by the positive factor log2(e)).
-        s_RJ = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * qk_scale_log2
-        m_R = tl.max(s_RJ, 1)
-        z_R = m_R + tl.log2(tl.sum(tl.exp2(s_RJ - m_R[:, None]), 1))
-        # Replace the smallest kept score if this block beats it (first slot on ties).
-        cur_min = tl.min(top_v, 1)
-        pos = tl.min(tl.where(top_v == cur_min[:, None], slot[None, :], KP), 1)
-        hit = (slot[None, :] == pos[:, None]) & (m_R > cur_min)[:, None]
-        top_v = tl.where(hit, m_R[:, None], top_v)
-        top_z = tl.where(hit, z_R[:, None], top_z)
-        top_i = tl.where(hit, blk, top_i)
+    if PIPE:
+        # Software pipelining: the tensor cores compute block blk's scores (an asynchronous
+        # product) while the row reductions rank block blk - 1, instead of waiting for each other.
+        ki = tl.load(ki_ptr + (s0 + j)[:, None] * stride_ki_n + d[None, :], mask=(j < BS * local)[:, None], other=0.0)
+        s_cur = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC)
+        for blk in range(1, local):
+            kpos = s0 + blk * BS + j
+            ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + d[None, :])
+            s_next = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC)
+            top_v, top_z, top_i = _rank_block(s_cur, blk - 1, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+            s_cur = s_next
+        if local > 0:
+            top_v, top_z, top_i = _rank_block(s_cur, local - 1, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+    else:
+        for blk in range(0, local):
+            kpos = s0 + blk * BS + j
+            ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + d[None, :])
+            s_RJ = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC)
+            top_v, top_z, top_i = _rank_block(s_RJ, blk, top_v, top_z, top_i, slot, qk_scale_log2, KP)
 
     # Local block: token-causal.
     kpos = s0 + local * BS + j

@@ -20,7 +20,10 @@ LOG2E = 1.4426950408889634
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 # Launch parameters on the GPU (the interpreter ignores them); `kernels.bench --sweep` compares variants.
-GPU_CONFIG = {"num_stages": 3}
+# rows: query rows (tokens x index heads) per program, 8 warps from 128 rows; pipe: rank block
+# b - 1 while the tensor cores compute block b's scores. rows and pipe change the code path, so
+# the interpreter follows them too.
+GPU_CONFIG = {"num_stages": 3, "rows": 128, "pipe": False}
 
 
 def _check(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens):
@@ -72,10 +75,11 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, backend: 
 
     # Rows per program = BM tokens x HB heads; ~128 rows fill the tensor cores and amortise each
     # key-block load, and BM must divide block_size so a tile has one local block.
+    rows = GPU_CONFIG["rows"]
     HB = 1
     while HB < 4 and H % (2 * HB) == 0:
         HB *= 2
-    BM = min(block_size, max(16, 128 // HB))
+    BM = min(block_size, max(16, rows // HB))
     start_P, seq_start_P, seq_end_P, P = _common.tile_table(cu, N, BM)
     grid = (P, H // HB)
     select_kernel[grid](
@@ -85,7 +89,7 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, backend: 
         index_lse_NH.stride(0),
         LOG2E / math.sqrt(I),
         BS=block_size, TOPK=topk, KP=max(2, _common.next_pow2(topk)), BM=BM, HB=HB, DI=I,
-        DOT_PREC=_common.dot_precision(qi.dtype),
+        DOT_PREC=_common.dot_precision(qi.dtype), PIPE=bool(GPU_CONFIG.get("pipe", False)),
         num_warps=8 if BM * HB >= 128 else 4, num_stages=GPU_CONFIG["num_stages"],
     )
     return block_idx_NHK.view(B, T, H, topk), index_lse_NH.view(B, T, H)

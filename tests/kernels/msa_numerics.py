@@ -15,6 +15,8 @@ Shape legend: B batch, T tokens, H heads, G heads per group, D head dim, I index
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 
 import pytest
@@ -27,6 +29,20 @@ FLOOR = {torch.float32: 32 * torch.finfo(torch.float32).eps, torch.float16: torc
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bf16 and large shapes)")
+
+
+@contextlib.contextmanager
+def launch_variant(table: dict, updates: dict | None):
+    """Run with entries of an op's GPU_CONFIG updated (code-path switches such as the forward's
+    prefetch take effect in the interpreter too), restoring the table afterwards."""
+    saved = copy.deepcopy(table)
+    for key, upd in (updates or {}).items():
+        table[key] = {**table[key], **upd} if isinstance(table[key], dict) else upd
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
 
 
 def support_BHTT(block_idx_BTHK, B, T, H, block_size, cu_seqlens, device):

@@ -7,7 +7,8 @@ import torch
 
 import kernels
 from kernels.select import reference as ref
-from msa_numerics import assert_close, gpu, needs_cuda, rand
+from kernels.select import op as sel_op
+from msa_numerics import assert_close, gpu, launch_variant, needs_cuda, rand
 
 # (B, T, H, dI, block, topk, cu_seqlens): T not a multiple of the block, packed sequences with one
 # shorter than a block and one of a single token, topk = 1, several index heads per program (H=8)
@@ -55,14 +56,25 @@ def check_selection(bidx, qi, ki, block_size, topk, cu):
     return same.float().mean().item()
 
 
+# Launch variants that change the kernel's code path: software-pipelined ranking, 64-row tiles.
+VARIANTS = {"rows128": dict(rows=128, pipe=False), "rows128_pipe": dict(rows=128, pipe=True),
+            "rows64_pipe": dict(rows=64, pipe=True)}
+
+
+def _select(qi, ki, BS, K, cu_t, variant):
+    with launch_variant(sel_op.GPU_CONFIG, VARIANTS[variant]):
+        return kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_matches_reference(case, dtype, device):
+@pytest.mark.parametrize("case, variant", [(c, "rows128") for c in CASES] +
+                         [("packed", "rows128_pipe"), ("H3", "rows64_pipe"), ("dI128_block64", "rows128_pipe")])
+def test_matches_reference(case, variant, dtype, device):
     B, T, H, I, BS, K, cu = CASES[case]
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
     qi = rand(B, T, H, I, dtype=dtype, device=device)
     ki = rand(B, T, I, dtype=dtype, device=device)
-    bidx, lse = kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t)
+    bidx, lse = _select(qi, ki, BS, K, cu_t, variant)
     assert bidx.dtype == torch.int32 and bidx.shape == (B, T, H, K)
     assert lse.dtype == torch.float32 and lse.shape == (B, T, H)
     frac = check_selection(bidx.cpu(), qi.cpu(), ki.cpu(), BS, K, None if cu is None else cu_t.cpu())
@@ -110,13 +122,14 @@ GPU_CASES = [  # (B, T, H, dI, block, topk, cu_seqlens), dtype
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("shape, dtype", GPU_CASES)
-def test_gpu_matches_reference(shape, dtype):
+def test_gpu_matches_reference(shape, dtype, variant):
     B, T, H, I, BS, K, cu = shape
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
     qi = rand(B, T, H, I, dtype=dtype, device="cuda")
     ki = rand(B, T, I, dtype=dtype, device="cuda")
-    bidx, lse = kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t)
+    bidx, lse = _select(qi, ki, BS, K, cu_t, variant)
     frac = check_selection(bidx.cpu(), qi.float().cpu(), ki.float().cpu(), BS, K, None if cu is None else cu_t.cpu())
     assert frac > 0.99
     rlse = ref.index_lse_reference(qi, ki, bidx, BS, cu_t)
