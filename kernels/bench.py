@@ -325,16 +325,15 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
 # ---------------------------------------------------------------------------------------------
 # Launch-variant sweep of the attention kernels
 # ---------------------------------------------------------------------------------------------
-_FWD = dict(BN=128, rows=64, num_warps=4, num_stages=1, prefetch=0, q_evict="", part_cache="")
+_FWD = dict(BN=128, rows=64, num_warps=4, num_stages=1, prefetch=False, q_evict="", part_cache="")
 _BWD = dict(BN=128, rows=64, num_warps=8, num_stages=3, q_evict="", part_cache="")
 _MERGE = dict(BN=128, rows=16, num_warps=4, num_stages=1, part_evict="")
 _HINTS = dict(q_evict="evict_last", part_cache=".cs")  # keep the chunk's q in L2, stream the partials
 SWEEP = [  # (op, its GPU_CONFIG key (None: the variant updates the whole table), variants, pass timed);
     # the other kernels are the same in every variant, and later entries run with the winners
-    ("attention", "fwd_split", [_FWD, {**_FWD, **_HINTS}, {**_FWD, **_HINTS, "prefetch": 1},
-                                {**_FWD, **_HINTS, "prefetch": 2}, {**_FWD, "prefetch": 2},
-                                {**_FWD, **_HINTS, "num_warps": 8}], "fwd"),
-    ("attention", "bwd_split", [_BWD, {**_BWD, **_HINTS}, {**_BWD, **_HINTS, "num_stages": 2}], "bwd"),
+    ("attention", "fwd_split", [{**_FWD, **_HINTS, "prefetch": True}, _FWD, {**_FWD, **_HINTS}], "fwd"),
+    ("attention", "bwd_split", [{**_BWD, "part_cache": ".cs"}, _BWD, {**_BWD, "part_cache": ".cs", "num_stages": 2}],
+     "bwd"),
     ("attention", "merge", [_MERGE, {**_MERGE, "part_evict": "evict_first"}], "fwd+bwd"),
     ("attention", "schedule", [dict(name="split", chunk_tokens=None), dict(name="split", chunk_tokens=2048),
                                dict(name="split", chunk_tokens=8192)], "fwd+bwd"),
@@ -342,9 +341,8 @@ SWEEP = [  # (op, its GPU_CONFIG key (None: the variant updates the whole table)
                          dict(BN=128, rows=64, num_warps=4, num_stages=2)], "fwd"),
     ("kl", "bwd_split", [dict(BN=128, rows=64, num_warps=8, num_stages=2),
                          dict(BN=128, rows=64, num_warps=8, num_stages=3)], "bwd"),
-    ("select", None, [dict(num_stages=3, rows=128, pipe=False), dict(num_stages=3, rows=128, pipe=True),
-                      dict(num_stages=2, rows=64, pipe=False), dict(num_stages=2, rows=64, pipe=True),
-                      dict(num_stages=3, rows=64, pipe=True)], "fwd"),
+    ("select", None, [dict(num_stages=3, rows=64, pipe=True), dict(num_stages=3, rows=128, pipe=True),
+                      dict(num_stages=3, rows=128, pipe=False)], "fwd"),
 ]
 
 

@@ -214,8 +214,8 @@ def attn_fwd_split_kernel(
 ):
     # Partial result of one (token, slot): o_s = softmax over the slot's block's visible keys @ V
     # (normalised, in the partial buffer's dtype) and its base-2 log-sum-exp, per head of the group.
-    # PREFETCH 1: load each step's token list one step ahead; 2: also its q rows one step ahead
-    # (and the tokens two ahead), so the gathers' latency hides behind the current step's products.
+    # PREFETCH: load each step's token list one step ahead, so the q gather's addresses are ready
+    # (also prefetching the q rows a step ahead measured slower: kernels/PERF.md).
     # Q_EVICT / PART_CACHE: cache hints, e.g. "evict_last" for the chunk's q rows (read by every
     # list of the chunk) and ".cs" (streaming) for the partials, written once and read once.
     _, h, lo, hi, b0, e0 = split_list(offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items)
@@ -229,24 +229,15 @@ def attn_fwd_split_kernel(
         r = tl.arange(0, R)
         g_R = r % G
         head_R = h * G + g_R
-        if PREFETCH > 0:
+        if PREFETCH:
             ent_R, valid_R, tok_R = split_step(tokens_ptr, lo, hi, r, G, TQ)
-        if PREFETCH > 1:
+        for e in range(lo, hi, TQ):
+            if PREFETCH:
+                ent_n, valid_n, tok_n = split_step(tokens_ptr, e + TQ, hi, r, G, TQ)
+            else:
+                ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
             q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
                         mask=valid_R[:, None], other=0.0, eviction_policy=Q_EVICT)
-            ent_n, valid_n, tok_n = split_step(tokens_ptr, lo + TQ, hi, r, G, TQ)
-        for e in range(lo, hi, TQ):
-            if PREFETCH > 1:
-                q_n = tl.load(q_ptr + tok_n[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
-                              mask=valid_n[:, None], other=0.0, eviction_policy=Q_EVICT)
-                ent_nn, valid_nn, tok_nn = split_step(tokens_ptr, e + 2 * TQ, hi, r, G, TQ)
-            else:
-                if PREFETCH > 0:
-                    ent_n, valid_n, tok_n = split_step(tokens_ptr, e + TQ, hi, r, G, TQ)
-                else:
-                    ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
-                q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
-                            mask=valid_R[:, None], other=0.0, eviction_policy=Q_EVICT)
             slot_R = tl.load(slots_ptr + ent_R, mask=valid_R, other=0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2
             # Tokens are ascending in a list, so when the step's first token comes after the
@@ -265,10 +256,7 @@ def attn_fwd_split_kernel(
                      cache_modifier=PART_CACHE)
             tl.store(lp_ptr + tok_R.to(tl.int64) * stride_lp_n + h * stride_lp_h + slot_R * stride_lp_k + g_R,
                      m_R + tl.log2(l_R), mask=valid_R, cache_modifier=PART_CACHE)
-            if PREFETCH > 1:
-                ent_R, valid_R, tok_R, q = ent_n, valid_n, tok_n, q_n
-                ent_n, valid_n, tok_n = ent_nn, valid_nn, tok_nn
-            elif PREFETCH > 0:
+            if PREFETCH:
                 ent_R, valid_R, tok_R = ent_n, valid_n, tok_n
 
 

@@ -41,11 +41,14 @@ GPU_CONFIG = {
     "dkdv": dict(BN=64, rows=64, num_warps=4, num_stages=2),
     # Key-block-stationary schedule ("split"), rows = query rows (tokens x G) per step: the sweep's
     # choices on the H100 (kernels/PERF.md).
-    # prefetch: the forward loads the next step's token list (1) and also its q rows (2) a step
-    # ahead (a code path, so the interpreter follows it too); q_evict, part_cache, part_evict: cache hints for the q/dO gathers (read by
-    # every list of a chunk), the partials' stores and their loads in the merge (read once).
-    "fwd_split": dict(BN=128, rows=64, num_warps=4, num_stages=1, prefetch=0, q_evict="", part_cache=""),
-    "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=3, q_evict="", part_cache=""),
+    # prefetch: the forward loads each step's token list a step ahead (a code path, so the
+    # interpreter follows it too); q_evict, part_cache, part_evict: cache hints for the q/dO
+    # gathers (read by every list of a chunk: keep them in L2; the pipelined backward gathers
+    # them with asynchronous copies, which take no hint), the partials' stores (".cs", streamed:
+    # written once, read once by the merge) and the partials' loads in the merge.
+    "fwd_split": dict(BN=128, rows=64, num_warps=4, num_stages=1, prefetch=True, q_evict="evict_last",
+                      part_cache=".cs"),
+    "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=3, q_evict="", part_cache=".cs"),
     "merge": dict(BN=128, rows=16, num_warps=4, num_stages=1, part_evict=""),
 }
 _HINTS = {"prefetch": "PREFETCH", "q_evict": "Q_EVICT", "part_cache": "PART_CACHE", "part_evict": "PART_EVICT"}

@@ -19,13 +19,13 @@ from msa_numerics import (assert_close, attention_lowp, gpu, launch_variant, nee
 # single token, tokens with fewer visible blocks than topk, both schedules, query chunks that split
 # blocks' work lists (chunk_tokens not a multiple of the block) and tiles of several tokens.
 SPLIT, QUERY = dict(schedule="split"), dict(schedule="query")
-# Launch variants of the split kernels that change their code path (the forward's prefetch depth)
+# Launch variants of the split kernels that change their code path (the forward's token prefetch)
 # or only add cache hints (ignored by the interpreter): each is checked whichever is the default.
-PLAIN = {"fwd_split": dict(prefetch=0, q_evict="", part_cache=""), "bwd_split": dict(q_evict="", part_cache=""),
+PLAIN = {"fwd_split": dict(prefetch=False, q_evict="", part_cache=""), "bwd_split": dict(q_evict="", part_cache=""),
          "merge": dict(part_evict="")}
-PREFETCH1 = {**PLAIN, "fwd_split": dict(prefetch=1, q_evict="evict_last", part_cache=".cs")}
-PREFETCH2 = {"fwd_split": dict(prefetch=2, q_evict="evict_last", part_cache=".cs"),
-             "bwd_split": dict(q_evict="evict_last", part_cache=".cs"), "merge": dict(part_evict="evict_first")}
+PREFETCH = {"fwd_split": dict(prefetch=True, q_evict="evict_last", part_cache=".cs"),
+            "bwd_split": dict(q_evict="evict_last", part_cache=".cs", num_stages=1),
+            "merge": dict(part_evict="evict_first")}
 CASES = {
     "batch2_G2_tail": (2, 77, 4, 2, 32, 16, 3, None, SPLIT),
     "G16_chunks": (1, 70, 16, 1, 64, 32, 2, None, dict(schedule="split", chunk_tokens=24)),
@@ -33,10 +33,10 @@ CASES = {
     "packed_G4_chunks": (1, 100, 8, 2, 32, 32, 2, [0, 5, 40, 41, 100], dict(schedule="split", chunk_tokens=16)),
     "packed_G4_chunks_plain": (1, 100, 8, 2, 32, 32, 2, [0, 5, 40, 41, 100],
                                dict(schedule="split", chunk_tokens=16, variant=PLAIN)),
-    "packed_G4_chunks_prefetch1": (1, 100, 8, 2, 32, 32, 2, [0, 5, 40, 41, 100],
-                                   dict(schedule="split", chunk_tokens=16, variant=PREFETCH1)),
-    "G16_chunks_prefetch2": (1, 70, 16, 1, 64, 32, 2, None, dict(schedule="split", chunk_tokens=24, variant=PREFETCH2)),
-    "batch2_G2_tail_prefetch2": (2, 77, 4, 2, 32, 16, 3, None, dict(schedule="split", variant=PREFETCH2)),
+    "packed_G4_chunks_prefetch": (1, 100, 8, 2, 32, 32, 2, [0, 5, 40, 41, 100],
+                                  dict(schedule="split", chunk_tokens=16, variant=PREFETCH)),
+    "G16_chunks_prefetch": (1, 70, 16, 1, 64, 32, 2, None, dict(schedule="split", chunk_tokens=24, variant=PREFETCH)),
+    "batch2_G2_tail_plain": (2, 77, 4, 2, 32, 16, 3, None, dict(schedule="split", variant=PLAIN)),
     "G8_block64_D128": (1, 150, 8, 1, 128, 64, 2, None, SPLIT),
     "query_G16": (1, 70, 16, 1, 64, 32, 2, None, QUERY),
     "query_packed_G4": (1, 100, 8, 2, 32, 32, 2, [0, 5, 40, 41, 100], QUERY),
@@ -192,9 +192,8 @@ GPU_CASES = [  # (B, T, Hq, Hkv, D, block, topk, cu_seqlens), dtype
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("opts", [dict(schedule="split"), dict(schedule="split", chunk_tokens=1024), QUERY,
-                                  dict(schedule="split", variant=PLAIN), dict(schedule="split", variant=PREFETCH1),
-                                  dict(schedule="split", variant=PREFETCH2)],
-                         ids=["split", "split_chunks1024", "query", "split_plain", "split_prefetch1", "split_prefetch2"])
+                                  dict(schedule="split", variant=PLAIN), dict(schedule="split", variant=PREFETCH)],
+                         ids=["split", "split_chunks1024", "query", "split_plain", "split_prefetch_hints"])
 @pytest.mark.parametrize("shape, dtype", GPU_CASES)
 def test_gpu_matches_reference(shape, dtype, opts):
     B, T, Hq, Hkv, D, BS, K, cu = shape
