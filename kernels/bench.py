@@ -341,7 +341,7 @@ SWEEP = [  # (op, its GPU_CONFIG key (None: the variant updates the whole table)
                          dict(BN=128, rows=64, num_warps=4, num_stages=2)], "fwd"),
     ("kl", "bwd_split", [dict(BN=128, rows=64, num_warps=8, num_stages=2),
                          dict(BN=128, rows=64, num_warps=8, num_stages=3)], "bwd"),
-    ("select", None, [dict(num_stages=3, rows=64, pipe=True), dict(num_stages=3, rows=128, pipe=True),
+    ("select", None, [dict(num_stages=3, rows=128, pipe=True), dict(num_stages=3, rows=64, pipe=True),
                       dict(num_stages=3, rows=128, pipe=False)], "fwd"),
 ]
 

@@ -23,7 +23,7 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # rows: query rows (tokens x index heads) per program, 8 warps from 128 rows; pipe: rank block
 # b - 1 while the tensor cores compute block b's scores. rows and pipe change the code path, so
 # the interpreter follows them too.
-GPU_CONFIG = {"num_stages": 3, "rows": 64, "pipe": True}
+GPU_CONFIG = {"num_stages": 3, "rows": 128, "pipe": True}
 
 
 def _check(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens):
