@@ -30,3 +30,16 @@ def split_step(tokens_ptr, e, hi, r, G: tl.constexpr, TQ: tl.constexpr):
     valid_R = (r < TQ * G) & (ent_R < hi)
     tok_R = tl.load(tokens_ptr + ent_R, mask=valid_R, other=0)
     return ent_R, valid_R, tok_R
+
+
+@triton.jit
+def split_block_kv(k_ptr, v_ptr, b0, e0, h, stride_k_n, stride_k_h, stride_v_n, stride_v_h,
+                   BS: tl.constexpr, D: tl.constexpr):
+    """K and V [BS, D] of the key block starting at flat token b0 for KV head h (rows past the
+    sequence end e0 read as 0), with the block's key positions, their validity and the dh range."""
+    kpos = b0 + tl.arange(0, BS)
+    kvalid = kpos < e0
+    d = tl.arange(0, D)
+    k = tl.load(k_ptr + kpos[:, None] * stride_k_n + h * stride_k_h + d[None, :], mask=kvalid[:, None], other=0.0)
+    v = tl.load(v_ptr + kpos[:, None] * stride_v_n + h * stride_v_h + d[None, :], mask=kvalid[:, None], other=0.0)
+    return k, v, kpos, kvalid, d

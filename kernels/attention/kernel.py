@@ -18,7 +18,7 @@ Online softmax in base 2 with log2(e) folded into the scale; fp32 accumulation.
 import triton
 import triton.language as tl
 
-from kernels._split import split_list, split_step
+from kernels._split import split_block_kv, split_list, split_step
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -220,12 +220,8 @@ def attn_fwd_split_kernel(
     # list of the chunk) and ".cs" (streaming) for the partials, written once and read once.
     _, h, lo, hi, b0, e0 = split_list(offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items)
     if hi > lo:
-        j = tl.arange(0, BS)
-        kpos = b0 + j
-        kvalid = kpos < e0
-        d = tl.arange(0, D)
-        k = tl.load(k_ptr + kpos[:, None] * stride_k_n + h * stride_k_h + d[None, :], mask=kvalid[:, None], other=0.0)
-        v = tl.load(v_ptr + kpos[:, None] * stride_v_n + h * stride_v_h + d[None, :], mask=kvalid[:, None], other=0.0)
+        k, v, kpos, kvalid, d = split_block_kv(k_ptr, v_ptr, b0, e0, h, stride_k_n, stride_k_h, stride_v_n,
+                                               stride_v_h, BS, D)
         r = tl.arange(0, R)
         g_R = r % G
         head_R = h * G + g_R
@@ -354,12 +350,8 @@ def attn_bwd_split_kernel(
     # Chunks that may hold queries of this block: from the block's start to its sequence's end.
     active = (e0 > b0) & (chunk >= b0 // chunk_tokens) & (chunk <= (e0 - 1) // chunk_tokens)
     if active:
-        j = tl.arange(0, BS)
-        kpos = b0 + j
-        kvalid = kpos < e0
-        d = tl.arange(0, D)
-        k = tl.load(k_ptr + kpos[:, None] * stride_k_n + h * stride_k_h + d[None, :], mask=kvalid[:, None], other=0.0)
-        v = tl.load(v_ptr + kpos[:, None] * stride_v_n + h * stride_v_h + d[None, :], mask=kvalid[:, None], other=0.0)
+        k, v, kpos, kvalid, d = split_block_kv(k_ptr, v_ptr, b0, e0, h, stride_k_n, stride_k_h, stride_v_n,
+                                               stride_v_h, BS, D)
         r = tl.arange(0, R)
         g_R = r % G
         head_R = h * G + g_R
