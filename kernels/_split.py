@@ -33,6 +33,14 @@ def split_step(tokens_ptr, e, hi, r, G: tl.constexpr, TQ: tl.constexpr):
 
 
 @triton.jit
+def split_step_tokens(tokens_ptr, e, hi, i, TQ: tl.constexpr):
+    """The step's tokens once each (entries e + i, i < TQ; invalid past the step or the list's end
+    hi), for the per-token quantities of the KL's steps."""
+    valid_T = (i < TQ) & (e + i < hi)
+    return valid_T, tl.load(tokens_ptr + e + i, mask=valid_T, other=0)
+
+
+@triton.jit
 def split_block_kv(k_ptr, v_ptr, b0, e0, h, stride_k_n, stride_k_h, stride_v_n, stride_v_h,
                    BS: tl.constexpr, D: tl.constexpr):
     """K and V [BS, D] of the key block starting at flat token b0 for KV head h (rows past the

@@ -331,16 +331,18 @@ _MERGE = dict(BN=128, rows=16, num_warps=4, num_stages=1, part_evict="")
 _HINTS = dict(q_evict="evict_last", part_cache=".cs")  # keep the chunk's q in L2, stream the partials
 SWEEP = [  # (op, its GPU_CONFIG key (None: the variant updates the whole table), variants, pass timed);
     # the other kernels are the same in every variant, and later entries run with the winners
-    ("attention", "fwd_split", [{**_FWD, **_HINTS, "prefetch": True}, _FWD, {**_FWD, **_HINTS}], "fwd"),
-    ("attention", "bwd_split", [{**_BWD, "part_cache": ".cs"}, _BWD, {**_BWD, "part_cache": ".cs", "num_stages": 2}],
-     "bwd"),
+    # Measured slower and dropped (kernels/PERF.md): 32-row forward steps (mma.sync, 3 programs per
+    # SM), 3 forward stages, the backward's token prefetch, 5 backward stages; the KL forward's
+    # token prefetch.
+    ("attention", "fwd_split", [{**_FWD, **_HINTS, "prefetch": True}, _FWD], "fwd"),
+    ("attention", "bwd_split", [{**_BWD, "part_cache": ".cs"}, {**_BWD, "part_cache": ".cs", "num_stages": 2}], "bwd"),
     ("attention", "merge", [_MERGE, {**_MERGE, "part_evict": "evict_first"}], "fwd+bwd"),
     ("attention", "schedule", [dict(name="split", chunk_tokens=None), dict(name="split", chunk_tokens=2048),
                                dict(name="split", chunk_tokens=8192)], "fwd+bwd"),
-    ("kl", "fwd_split", [dict(BN=128, rows=64, num_warps=4, num_stages=1), dict(BN=128, rows=64, num_warps=8, num_stages=1),
-                         dict(BN=128, rows=64, num_warps=4, num_stages=2)], "fwd"),
-    ("kl", "bwd_split", [dict(BN=128, rows=64, num_warps=8, num_stages=2),
-                         dict(BN=128, rows=64, num_warps=8, num_stages=3)], "bwd"),
+    ("kl", "fwd_split", [dict(BN=128, rows=64, num_warps=8, num_stages=1), dict(BN=128, rows=64, num_warps=4, num_stages=1)],
+     "fwd"),
+    ("kl", "bwd_split", [dict(BN=128, rows=64, num_warps=8, num_stages=3, prefetch=True),
+                         dict(BN=128, rows=64, num_warps=8, num_stages=3, prefetch=False)], "bwd"),
     ("select", None, [dict(num_stages=3, rows=128, pipe=True), dict(num_stages=3, rows=64, pipe=True),
                       dict(num_stages=3, rows=128, pipe=False)], "fwd"),
 ]

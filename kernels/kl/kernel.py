@@ -19,7 +19,7 @@ is in nats. DENSE=True is the warm-up form: the support is every causally visibl
 import triton
 import triton.language as tl
 
-from kernels._split import split_list, split_step
+from kernels._split import split_list, split_step, split_step_tokens
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -377,10 +377,8 @@ def kl_lse_split_kernel(
                 tl.store(lp_ptr + tok_R.to(tl.int64) * stride_lp_n + head_R * stride_lp_h + slot_R,
                          m_R + tl.log2(l_R), mask=valid_R)
             if not HAS_ILSE:
-                ent_T = e + i
-                valid_T = (i < TQ) & (ent_T < hi)
-                tok_T = tl.load(tokens_ptr + ent_T, mask=valid_T, other=0)
-                slot_T = tl.load(slots_ptr + ent_T, mask=valid_T, other=0)
+                valid_T, tok_T = split_step_tokens(tokens_ptr, e, hi, i, TQ)
+                slot_T = tl.load(slots_ptr + e + i, mask=valid_T, other=0)
                 # Row space (G equal rows per token) keeps the product a tensor-core tile.
                 qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
                              mask=valid_R[:, None], other=0.0)
@@ -445,10 +443,8 @@ def kl_fwd_split_kernel(
         i = tl.arange(0, TP)
         for e in range(lo, hi, TQ):
             ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
-            ent_T = e + i
-            valid_T = (i < TQ) & (ent_T < hi)
-            tok_T = tl.load(tokens_ptr + ent_T, mask=valid_T, other=0)
-            slot_T = tl.load(slots_ptr + ent_T, mask=valid_T, other=0)
+            valid_T, tok_T = split_step_tokens(tokens_ptr, e, hi, i, TQ)
+            slot_T = tl.load(slots_ptr + e + i, mask=valid_T, other=0)
             q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
                         mask=valid_R[:, None], other=0.0)
             qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
@@ -500,7 +496,7 @@ def kl_bwd_split_kernel(
     stride_dqip_n, stride_dqip_h, stride_dqip_k, stride_dkip_c, stride_dkip_n, stride_dkip_h,
     qk_scale_log2, iscale_log2,
     G: tl.constexpr, TQ: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
     # One pass over each (chunk, key block) list in the transposed form (keys are the rows, as in
     # the attention's backward): with dz = pI * sum(p) - p (the upstream factor is applied by the
@@ -524,12 +520,19 @@ def kl_bwd_split_kernel(
         head_R = h * G + g_R
         i = tl.arange(0, TP)
         dki = tl.zeros([BS, DI], tl.float32)
+        # PREFETCH: the step's token lists come from the previous step, so the gathers below are
+        # direct loads, which Triton's pipeliner issues two steps ahead (indirect ones: one step).
+        if PREFETCH:
+            ent_R, valid_R, tok_R = split_step(tokens_ptr, lo, hi, r, G, TQ)
+            valid_T, tok_T = split_step_tokens(tokens_ptr, lo, hi, i, TQ)
         for e in range(lo, hi, TQ):
-            ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
+            if PREFETCH:
+                ent_n, valid_n, tok_n = split_step(tokens_ptr, e + TQ, hi, r, G, TQ)
+                valid_Tn, tok_Tn = split_step_tokens(tokens_ptr, e + TQ, hi, i, TQ)
+            else:
+                ent_R, valid_R, tok_R = split_step(tokens_ptr, e, hi, r, G, TQ)
+                valid_T, tok_T = split_step_tokens(tokens_ptr, e, hi, i, TQ)
             slot_R = tl.load(slots_ptr + ent_R, mask=valid_R, other=0)
-            ent_T = e + i
-            valid_T = (i < TQ) & (ent_T < hi)
-            tok_T = tl.load(tokens_ptr + ent_T, mask=valid_T, other=0)
             q = tl.load(q_ptr + tok_R[:, None] * stride_q_n + head_R[:, None] * stride_q_h + d[None, :],
                         mask=valid_R[:, None], other=0.0)
             qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
@@ -554,6 +557,8 @@ def kl_bwd_split_kernel(
             dqi = tl.dot(tl.trans(dzT_R.to(ki.dtype)), ki, input_precision=DOT_PREC)
             part_R = tok_R.to(tl.int64) * stride_dqip_n + h * stride_dqip_h + slot_R * stride_dqip_k
             tl.store(dqip_ptr + part_R[:, None] + di[None, :], dqi, mask=(valid_R & (g_R == 0))[:, None])
+            if PREFETCH:
+                ent_R, valid_R, tok_R, valid_T, tok_T = ent_n, valid_n, tok_n, valid_Tn, tok_Tn
         row = chunk.to(tl.int64) * stride_dkip_c + kpos[:, None] * stride_dkip_n + h * stride_dkip_h + di[None, :]
         tl.store(dkip_ptr + row, dki, mask=kvalid[:, None])
 

@@ -46,7 +46,10 @@ GPU_CONFIG = {
     # backward); lse_split (only when lse/index_lse are not given) from register counts.
     "lse_split": dict(BN=128, rows=64, num_warps=4, num_stages=1),
     "fwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=1),
-    "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=3),
+    # prefetch: the backward loads each step's token lists a step ahead, so that Triton's pipeliner
+    # issues its gathers two steps ahead instead of one (14.3 -> 13.4 ms at 64K; it made the
+    # forward and the attention's backward slower: more registers, kernels/PERF.md).
+    "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=3, prefetch=True),
 }
 # "query": one program per (query token tile, group) walks the tile's blocks, re-reading k and ki
 # from L2 per token. "split": one program per (group, query chunk, key block) loads k and ki once
@@ -122,7 +125,12 @@ def _flat(x):
 
 
 def _cfg(kernel, x, block_size, rows=16):
-    return _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
+    # The prefetch switch is a code path: the kernel's constexpr on the GPU and in the interpreter.
+    cfg = _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
+    cfg.pop("prefetch", None)
+    if "prefetch" in GPU_CONFIG[kernel]:
+        cfg["PREFETCH"] = GPU_CONFIG[kernel]["prefetch"]
+    return cfg
 
 
 class _MSAKLLoss(torch.autograd.Function):

@@ -9,7 +9,8 @@ import torch
 
 import kernels
 from kernels.kl.reference import msa_kl_loss_reference
-from msa_numerics import assert_close, gpu, kl_lowp, needs_cuda, rand, random_block_idx, support_BHTT
+from kernels.kl import op as kl_op
+from msa_numerics import assert_close, gpu, kl_lowp, launch_variant, needs_cuda, rand, random_block_idx, support_BHTT
 
 # (B, T, Hq, Hkv, D, dI, block, topk, cu_seqlens, split options, query options): G = 1..16, T not a
 # multiple of the block, packed sequences (one shorter than a block, one of a single token), query
@@ -57,10 +58,12 @@ def _run(case, mode, dtype, device):
 
     schedules = dict(query=query_opts) if dense else dict(split=split_opts, query=query_opts)
     for schedule, opts in schedules.items():
-        kl = kernels.msa_kl_loss(q, k, qi, ki, bidx, BS, cu_seqlens=cu_t, lse=lse, index_lse=index_lse,
-                                 schedule=None if dense else schedule, **opts)
-        assert kl.dtype == torch.float32 and kl.dim() == 0
-        dqi, dki = torch.autograd.grad(kl * g, [qi, ki])
+        opts = dict(opts)
+        with launch_variant(kl_op.GPU_CONFIG, opts.pop("variant", None)):
+            kl = kernels.msa_kl_loss(q, k, qi, ki, bidx, BS, cu_seqlens=cu_t, lse=lse, index_lse=index_lse,
+                                     schedule=None if dense else schedule, **opts)
+            assert kl.dtype == torch.float32 and kl.dim() == 0
+            dqi, dki = torch.autograd.grad(kl * g, [qi, ki])
         assert q.grad is None and k.grad is None
         assert dqi.dtype == qi.dtype and dki.dtype == ki.dtype
         assert_close(f"{schedule}: kl", kl, rkl, lkl, dtype)
@@ -73,6 +76,24 @@ def _run(case, mode, dtype, device):
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_matches_reference(case, mode, dtype, device):
     _run(CASES[case], mode, dtype, device)
+
+
+# The split backward's token prefetch switched off and on (a code path: each is checked whichever is
+# the default); only the sparse modes use the split schedule.
+NO_PREFETCH = {"bwd_split": dict(prefetch=False)}
+PREFETCH = {"bwd_split": dict(prefetch=True)}
+VARIANT_CASES = {
+    "packed_G4_noprefetch": (1, 100, 8, 2, 32, 64, 32, 2, [0, 5, 40, 41, 100], dict(chunk_tokens=16, variant=NO_PREFETCH),
+                             {}),
+    "G16_prefetch": (1, 70, 16, 1, 64, 32, 32, 2, None, dict(chunk_tokens=7, variant=PREFETCH), {}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("mode", ["sparse_given", "sparse_recomputed"])
+@pytest.mark.parametrize("case", list(VARIANT_CASES), ids=list(VARIANT_CASES))
+def test_split_launch_variants_match_reference(case, mode, dtype, device):
+    _run(VARIANT_CASES[case], mode, dtype, device)
 
 
 @pytest.mark.parametrize("mode", ["sparse_given_lse", "sparse_given_index_lse"])
@@ -139,8 +160,9 @@ GPU_CASES = [  # (B, T, Hq, Hkv, D, dI, block, topk, cu_seqlens, split options, 
     pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None, {}, {}), "sparse_given", torch.bfloat16,
                  id="bench-sparse-bf16"),
     pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None, {}, {}), "dense", torch.bfloat16, id="bench-dense-bf16"),
-    pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None, dict(chunk_tokens=300), {}), "sparse_given", torch.float16,
-                 id="bench-sparse-fp16"),
+    pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None,
+                  dict(chunk_tokens=300, variant=NO_PREFETCH), {}), "sparse_given", torch.float16,
+                 id="bench-sparse-fp16-noprefetch"),
     pytest.param((1, 3000, 16, 2, 128, 64, 128, 16, [0, 100, 1100, 1101, 3000], dict(chunk_tokens=700), {}),
                  "sparse_recomputed", torch.bfloat16, id="packed-sparse-bf16"),
 ]
