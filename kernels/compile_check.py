@@ -9,7 +9,10 @@ It replaces Triton's driver with a stub that reports an sm_90 target and turns e
 compile-only warm-up, then runs the public functions (forward and backward) on CPU tensors of the
 benchmark shape (small T) and of the awkward shapes, so exactly the specialisations the ops use get
 compiled. A front-end error (what the interpreter accepts but the compiler rejects) shows up here
-at no device time. The installed triton may be newer than the GPU machine's.
+at no device time. The installed triton may be newer than the GPU machine's; to compile with the
+GPU machines' version (triton 3.6, whose pipeliner decides what the card runs):
+`pip install --target /tmp/triton36 --no-deps triton==3.6.0`, then
+`PYTHONPATH=/tmp/triton36 python -m kernels.compile_check`.
 """
 from __future__ import annotations
 
