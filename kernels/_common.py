@@ -306,18 +306,29 @@ def gpu_launch(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or COMPILE_ONLY
 
 
-def launch_config(table: dict, kernel: str, x: torch.Tensor, block_size: int, rows: int = 16) -> dict:
+def launch_config(table: dict, kernel: str, x: torch.Tensor, block_size: int, rows: int = 16,
+                  constexprs: dict | None = None) -> dict:
     """Launch parameters of one kernel: the op's GPU table entry, or whole blocks per step in the
-    interpreter (fewer Python-level iterations; warps and stages are ignored there)."""
+    interpreter (fewer Python-level iterations; warps and stages are ignored there).
+
+    constexprs maps table keys to the kernel's constexpr names (code-path switches such as a
+    prefetch, cache hints): they are passed under those names on the GPU and in the interpreter
+    alike, so the interpreter runs the same code path. The table is read at call time:
+    `kernels.bench` and the tests override it to compare variants."""
+    entry = table[kernel]
     if not gpu_launch(x):
         cfg = {"BN": block_size}
-        if "rows" in table[kernel]:  # the key-block kernels' query rows per step
+        if "rows" in entry:  # the key-block kernels' query rows per step
             cfg["rows"] = 16
-        return cfg
-    cfg = dict(table[kernel])
-    cfg["BN"] = min(cfg["BN"], block_size)
-    if rows >= 128:  # wide tiles (tokens_per_tile x G >= 128 rows): fp32 accumulators need 8 warps
-        cfg["num_warps"] = max(cfg["num_warps"], 8)
+    else:
+        cfg = dict(entry)
+        cfg["BN"] = min(cfg["BN"], block_size)
+        if rows >= 128:  # wide tiles (tokens_per_tile x G >= 128 rows): fp32 accumulators need 8 warps
+            cfg["num_warps"] = max(cfg["num_warps"], 8)
+    for key, name in (constexprs or {}).items():
+        cfg.pop(key, None)
+        if key in entry:
+            cfg[name] = entry[key]
     return cfg
 
 

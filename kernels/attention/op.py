@@ -269,7 +269,6 @@ class _MSAAttentionSplit(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-
 def _grad_out_and_delta(do, dlse, o_N, lse_N):
     """The backward's dO as [N, Hq, dh] with a unit last stride (zeros when o got no gradient) and
     delta = rowsum(dO * O) - dlse in fp32 (a gradient on lse enters as -dlse: d lse / d s = p),
@@ -309,15 +308,9 @@ def _merge_slots(part, lp, valid_NHK, out_N, lse_N, scale, G, D, TOPK, block_siz
 
 
 def _launch_cfg(kernel: str, x: torch.Tensor, block_size: int, rows: int = 16) -> dict:
-    # GPU_CONFIG is looked up at call time: kernels.bench overrides it to compare variants. The
-    # prefetch switch and the cache hints become the kernels' constexprs on the GPU and in the
-    # interpreter alike (the interpreter ignores the hints but runs the prefetching code path).
-    cfg = _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
-    for key in _HINTS:
-        cfg.pop(key, None)
-    cfg.update({name: GPU_CONFIG[kernel][key] for key, name in _HINTS.items() if key in GPU_CONFIG[kernel]})
-    return cfg
-
+    # The prefetch switch and the cache hints become the kernels' constexprs (the interpreter
+    # ignores the hints but runs the prefetching code path).
+    return _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows, _HINTS)
 
 
 def default_tokens_per_tile(G: int, block_size: int) -> int:

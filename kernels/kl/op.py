@@ -126,11 +126,7 @@ def _flat(x):
 
 def _cfg(kernel, x, block_size, rows=16):
     # The prefetch switch is a code path: the kernel's constexpr on the GPU and in the interpreter.
-    cfg = _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows)
-    cfg.pop("prefetch", None)
-    if "prefetch" in GPU_CONFIG[kernel]:
-        cfg["PREFETCH"] = GPU_CONFIG[kernel]["prefetch"]
-    return cfg
+    return _common.launch_config(GPU_CONFIG, kernel, x, block_size, rows, {"prefetch": "PREFETCH"})
 
 
 class _MSAKLLoss(torch.autograd.Function):
@@ -327,7 +323,6 @@ class _MSAKLLossSplit(torch.autograd.Function):
             BN=BN, BS=block_size, DI=I,
         )
         return (dqi_N.view(B, T, Hkv, I), dki_N.view(B, T, I)) + (None,) * 9
-
 
 
 def _merge_lse(lp, valid_NHK, lse_N, G):
