@@ -13,7 +13,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 _SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-_LOAD = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+# Every rank reads the checkpoint itself and passes the full state: FSDP2 keeps its own shard of it,
+# DDP the whole. (`broadcast_from_rank0` would spare the other ranks the read, but it only works for
+# DTensor parameters: a DDP module refuses the broadcast state dict's keys.)
+_LOAD = StateDictOptions(full_state_dict=True)
 
 
 def wrap(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
@@ -40,7 +43,7 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Load a full checkpoint into the wrapped model and its optimizer (rank 0's copy is broadcast)."""
+    """Load a full checkpoint (every rank's own copy) into the wrapped model and its optimizer."""
     set_model_state_dict(model, saved["model"], options=_LOAD)
     set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=_LOAD)
 
