@@ -14,6 +14,7 @@ Legend: R rows, T tokens per row, N image slots per row, S image side.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 
@@ -39,11 +40,19 @@ class DocumentError(ValueError):
         self.reason = reason
 
 
+def piece_uid(key: str, index: int) -> int:
+    """A stable 62-bit id of piece `index` of the document `key` of one shard (index -1: the whole
+    document, dropped); 0 is never an id, it pads the `piece_ids` column."""
+    digest = hashlib.blake2b(f"{key}#{index}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") & ((1 << 62) - 1)) or 1
+
+
 @dataclass
 class PackSpec:
     seq_len: int
     image_size: int
     patch_size: int
+    id_slots: int = 0  # width of the `piece_ids` column (0: no such column)
 
     @property
     def n_patches(self) -> int:
@@ -67,6 +76,7 @@ class Piece:
     is_answer: list[bool]
     images: list[np.ndarray] = field(default_factory=list)  # uint8 [3, S, S] each
     is_last: bool = True  # the document's final piece (the row holding it completes the document)
+    uid: int = 0  # piece_uid(document key, piece number), when the stream tracks its position
 
 
 class ImageDecoder:
@@ -144,9 +154,11 @@ def tokenize_document(doc: Document, tok: Tokenizer, spec: PackSpec, decode: Ima
     return pieces
 
 
-def pack_pieces(pieces: list[Piece], spec: PackSpec, pad_id: int, one_per_row: bool = False) -> dict[str, np.ndarray]:
+def pack_pieces(pieces: list[Piece], spec: PackSpec, pad_id: int, one_per_row: bool = False,
+                extra_ids: list[int] = ()) -> dict[str, np.ndarray]:
     """First-fit-decreasing packing of pieces into rows (or, with one_per_row, piece i alone in row i);
-    returns the batch columns (numpy)."""
+    returns the batch columns (numpy). With `spec.id_slots`, a `piece_ids` column lists each row's
+    piece ids, and the first row also `extra_ids` (the dropped documents of the group)."""
     T, N, S = spec.seq_len, spec.max_images, spec.image_size
     order = range(len(pieces)) if one_per_row else sorted(range(len(pieces)), key=lambda i: (-len(pieces[i].ids), i))
     rows: list[list[int]] = []
@@ -176,8 +188,15 @@ def pack_pieces(pieces: list[Piece], spec: PackSpec, pad_id: int, one_per_row: b
         "answer_mask": np.zeros((R, T), np.bool_),
         "docs_done": np.zeros((R,), np.int32),
     }
+    if spec.id_slots:
+        out["piece_ids"] = np.zeros((R, spec.id_slots), np.int64)
     for r, members in enumerate(rows):
         out["docs_done"][r] = sum(pieces[i].is_last for i in members)
+        if spec.id_slots:
+            ids = [pieces[i].uid for i in members] + (list(extra_ids) if r == 0 else [])
+            if len(ids) > spec.id_slots:
+                raise ValueError(f"a row of {len(ids)} pieces exceeds the {spec.id_slots} id slots")
+            out["piece_ids"][r, :len(ids)] = ids
         pos, n_img = 0, 0
         for seg, i in enumerate(members, start=1):
             p = pieces[i]
@@ -202,12 +221,25 @@ def pack_pieces(pieces: list[Piece], spec: PackSpec, pad_id: int, one_per_row: b
 def empty_columns(spec: PackSpec) -> dict[str, np.ndarray]:
     """Zero-row batch columns with the right dtypes and trailing shapes."""
     T, N, S = spec.seq_len, spec.max_images, spec.image_size
-    return {
+    ids = {"piece_ids": np.zeros((0, spec.id_slots), np.int64)} if spec.id_slots else {}
+    return ids | {
         "tokens": np.zeros((0, T), np.int32), "targets": np.zeros((0, T), np.int32),
         "positions": np.zeros((0, T), np.int32), "segment_ids": np.zeros((0, T), np.int32),
         "images": np.zeros((0, N, 3, S, S), np.uint8), "n_images": np.zeros((0,), np.int32),
         "answer_mask": np.zeros((0, T), np.bool_), "docs_done": np.zeros((0,), np.int32),
     }
+
+
+def carrier_row(spec: PackSpec, pad_id: int, ids: list[int]) -> dict[str, np.ndarray]:
+    """One row of padding only (no targets) that carries bookkeeping: ids of dropped documents."""
+    out = pack_pieces([Piece([pad_id], [False], [False])], spec, pad_id)
+    out["segment_ids"][:] = 0  # the placeholder piece becomes padding like the rest of the row
+    out["positions"][0] = np.arange(spec.seq_len)
+    out["docs_done"][:] = 0
+    if spec.id_slots:
+        out["piece_ids"][0] = 0
+        out["piece_ids"][0, :len(ids)] = ids
+    return out
 
 
 def pack_documents(docs: list[Document], tok: Tokenizer, spec: PackSpec, decode: ImageDecoder,

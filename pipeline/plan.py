@@ -1,11 +1,11 @@
 """The data plan: which shards are read, in which order, epoch after epoch — and what was consumed.
 
 A plan is a list of entries `(epoch, shard)`; the Ray Data stream reads them in this order. Every
-packed row carries its entry's index (`plan_idx`) and the number of documents it completes
-(`docs_done`), so the loop can count, per entry, documents consumed across all workers. An entry
-whose count reaches its shard's document count is *consumed*; a resumed run (after a worker failure
-or `msa-train --resume`) reads only the entries not yet consumed. Rows of shards that were in flight
-at the checkpoint are read again (at most a few blocks per worker).
+packed row carries its entry's index (`plan_idx`), the number of documents it completes
+(`docs_done`) and the ids of the pieces in it (`piece_ids`), so the loop can count, per entry,
+documents consumed across all workers. An entry whose count reaches its shard's document count is
+*consumed*; a resumed run (after a worker failure or `msa-train --resume`) reads only the entries not
+yet consumed, and drops from them the pieces that were trained on already (DataState).
 
 Weighted mixing works at shard granularity: each epoch takes from every shard set a number of shards
 proportional to its weight (by estimated tokens), cycling through a set's shards in a seeded order
@@ -14,10 +14,9 @@ Same config + same manifests -> same plan.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_prep.shards import Manifest, shard_paths
@@ -61,7 +60,8 @@ def _shard_refs(shards_dir: str, image_tokens: int) -> list[ShardRef]:
 
 def build_plan(shard_dirs: list[str], weights: list[float], tokens_needed: int, image_tokens: int,
                seed: int) -> DataPlan:
-    """Enough epochs to cover `tokens_needed` (with a margin), mixing the shard sets by weight."""
+    """Enough epochs to cover `tokens_needed` (with a margin and a spare epoch), mixing the shard
+    sets by weight."""
     sets = [_shard_refs(d, image_tokens) for d in shard_dirs]
     for d, refs in zip(shard_dirs, sets):
         if not refs:
@@ -75,7 +75,9 @@ def build_plan(shard_dirs: list[str], weights: list[float], tokens_needed: int, 
     scale = max(t / w for t, w in zip(set_tokens, weights))
     per_epoch = [max(1, round(len(refs) * (scale * w / t))) for refs, w, t in zip(sets, weights, set_tokens)]
     epoch_tokens = sum(n * t / len(refs) for n, t, refs in zip(per_epoch, set_tokens, sets))
-    n_epochs = max(1, math.ceil(1.1 * tokens_needed / max(epoch_tokens, 1)))
+    # the estimate does not know the packing's padding nor the documents the ingest will drop: one
+    # spare epoch beyond a 10% margin (an entry costs nothing until it is read)
+    n_epochs = math.ceil(1.1 * tokens_needed / max(epoch_tokens, 1)) + 1
 
     cursors = [0] * len(sets)
     orders = [list(range(len(refs))) for refs in sets]
@@ -101,9 +103,21 @@ def build_plan(shard_dirs: list[str], weights: list[float], tokens_needed: int, 
 
 @dataclass
 class DataState:
-    """Documents consumed per plan entry, summed over all workers (saved in every checkpoint)."""
+    """The data position, saved in every checkpoint: per plan entry, the documents consumed (summed
+    over all workers) and, for entries not yet consumed, the ids of the row pieces already trained on.
+
+    A resumed stream (after a worker failure or `msa-train --resume`) reads only the entries not yet
+    consumed and drops the pieces whose ids it lists before packing (pipeline/data.py), so no document
+    is trained on twice in an epoch and none is skipped: the rows that were read ahead but not
+    trained on when the run stopped are packed again.
+    """
 
     docs_done: list[int]
+    done_ids: dict[int, set[int]] = field(default_factory=dict)  # entry -> piece ids consumed
+
+    @classmethod
+    def empty(cls, plan: DataPlan) -> "DataState":
+        return cls([0] * len(plan.entries))
 
     def consumed(self, plan: DataPlan) -> list[bool]:
         return [d >= e for d, e in zip(self.docs_done, plan.expected_docs())]
@@ -111,33 +125,25 @@ class DataState:
     def remaining_entries(self, plan: DataPlan) -> list[int]:
         return [i for i, c in enumerate(self.consumed(plan)) if not c]
 
-    def restart(self, plan: DataPlan) -> "DataState":
-        """After a restart, entries not consumed are read from their start again: their counts reset."""
-        return DataState([d if c else 0 for d, c in zip(self.docs_done, self.consumed(plan))])
+    def add(self, plan: DataPlan, docs_delta: list[int], ids: dict[int, set[int]]) -> None:
+        """Fold in what all workers consumed since the last checkpoint."""
+        self.docs_done = [a + int(b) for a, b in zip(self.docs_done, docs_delta)]
+        for entry, new in ids.items():
+            self.done_ids.setdefault(int(entry), set()).update(new)
+        consumed = self.consumed(plan)
+        # a consumed entry is never read again: its ids are no longer needed
+        self.done_ids = {e: s for e, s in self.done_ids.items() if not consumed[e]}
 
-    def to_json(self) -> dict:
-        return {"docs_done": self.docs_done}
+    def to_json(self, plan: DataPlan | None = None) -> dict:
+        body = {"docs_done": self.docs_done,
+                "done_ids": {str(e): sorted(s) for e, s in sorted(self.done_ids.items())}}
+        if plan is not None:  # for a reader of the checkpoint: which shard reads are behind us
+            consumed = self.consumed(plan)
+            body["consumed_entries"] = sum(consumed)
+            body["consumed_shards"] = sorted({f"{plan.shards[plan.entries[i].shard].path}#epoch{plan.entries[i].epoch}"
+                                              for i, c in enumerate(consumed) if c})
+        return body
 
-
-DATA_STATE_FILE = "data_state.json"
-
-
-def write_data_state(directory: Path, plan: DataPlan, state: DataState, step: int) -> None:
-    consumed = state.consumed(plan)
-    body = {"step": step, **state.to_json(), "consumed_entries": sum(consumed),
-            "consumed_shards": sorted({plan.shards[plan.entries[i].shard].path + f"#epoch{plan.entries[i].epoch}"
-                                       for i, c in enumerate(consumed) if c})}
-    (Path(directory) / DATA_STATE_FILE).write_text(json.dumps(body))
-
-
-def latest_data_state(run_dir: Path) -> tuple[int, DataState] | None:
-    """The data state of the newest checkpoint of a Ray Train run directory (by step), if any."""
-    best = None
-    for f in Path(run_dir).glob(f"checkpoint_*/{DATA_STATE_FILE}"):
-        try:
-            body = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a checkpoint being written or deleted right now
-        if best is None or body["step"] > best[0]:
-            best = (body["step"], DataState(body["docs_done"]))
-    return best
+    @classmethod
+    def from_json(cls, d: dict) -> "DataState":
+        return cls([int(x) for x in d["docs_done"]], {int(e): set(v) for e, v in d.get("done_ids", {}).items()})

@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 
 from data_prep.cli import main as prep_main
-from pipeline.plan import DataPlan, DataState, build_plan, latest_data_state, write_data_state
+from pipeline.plan import DataPlan, DataState, build_plan
 from pipeline.tracking import resolve_tracking_uri
 
 
@@ -54,20 +54,28 @@ def test_plan_is_deterministic_and_reshuffled_per_epoch(two_sets):
     assert order(build_plan(list(two_sets), [], tokens_needed=10**7, image_tokens=18, seed=6), 0) != order(p1, 0)
 
 
-def test_data_state_marks_consumed_entries_and_restarts_the_rest(two_sets, tmp_path):
+def test_data_state_marks_consumed_entries_and_keeps_the_ids_of_the_others(two_sets):
     plan = build_plan([two_sets[0]], [], tokens_needed=1, image_tokens=18, seed=0)
     n = len(plan.entries)
     assert plan.expected_docs() == [20] * n
-    state = DataState([20, 7] + [0] * (n - 2))
+    state = DataState.empty(plan)
+    # two workers' consumption since the last checkpoint: entry 0 complete, entry 1 half read
+    state.add(plan, [20, 7] + [0] * (n - 2), {0: {1, 2, 3}, 1: {4, 5}})
     assert state.consumed(plan)[:2] == [True, False]
     assert state.remaining_entries(plan) == list(range(1, n))
-    assert state.restart(plan).docs_done[:2] == [20, 0]  # the half-read shard is read again from its start
-    for step, docs in ((4, [20, 0]), (8, [20, 20])):
-        d = tmp_path / f"checkpoint_{step}"
-        d.mkdir()
-        write_data_state(d, plan, DataState(docs + [0] * (n - 2)), step)
-    step, latest = latest_data_state(tmp_path)
-    assert step == 8 and latest.remaining_entries(plan) == list(range(2, n))
+    assert state.done_ids == {1: {4, 5}}  # a consumed entry is never read again: its ids are dropped
+    state.add(plan, [0, 13] + [0] * (n - 2), {1: {6}})
+    assert state.remaining_entries(plan) == list(range(2, n)) and state.done_ids == {}
+    again = DataState.from_json(state.to_json(plan))
+    assert again.docs_done == state.docs_done and again.done_ids == state.done_ids
+    assert state.to_json(plan)["consumed_entries"] == 2
+
+
+def test_resumed_plan_extends_the_old_one(two_sets):
+    short = build_plan(list(two_sets), [], tokens_needed=10**5, image_tokens=18, seed=2)
+    long = build_plan(list(two_sets), [], tokens_needed=10**7, image_tokens=18, seed=2)
+    assert len(long.entries) > len(short.entries)
+    assert long.entries[:len(short.entries)] == short.entries  # more epochs after the same ones
 
 
 def test_tracking_uri_precedence(monkeypatch):
