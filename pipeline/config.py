@@ -64,6 +64,7 @@ class TrainConfig:
     expert_lr_scale: float = 1.0  # routed experts' learning rate = lr * expert_lr_scale
     stats_every: int = 0  # score/block recall (needs dense attention) every this many steps; 0: log_every
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: from the GPU's name (none on CPU: no MFU)
+    keep_checkpoints: int = 3  # the newest this many checkpoints are kept; 0 keeps every one
     eval_every: int = 0  # held-out evaluation (data.eval_shards) every this many steps, on rank 0; 0: off
     eval_documents: int = 200  # held-out documents per periodic evaluation
     seed: int = 0
@@ -84,6 +85,8 @@ class TrainConfig:
             raise ConfigError("train.beta1", "betas must be in [0, 1)")
         if self.index_lr < 0 or self.expert_lr_scale < 0 or self.stats_every < 0 or self.peak_tflops < 0:
             raise ConfigError("train.index_lr", "index_lr, expert_lr_scale, stats_every and peak_tflops must be >= 0")
+        if self.keep_checkpoints < 0:
+            raise ConfigError("train.keep_checkpoints", f"must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
         if self.eval_every < 0 or self.eval_documents < 1:
             raise ConfigError("train.eval_every", "eval_every must be >= 0 and eval_documents >= 1")
         if self.grad_clip < 0:
@@ -139,7 +142,7 @@ class ScheduleConfig:
 
     mode: str = "msa"
     warmup_tokens: int = 0
-    retrofit_from: str = ""  # checkpoint directory (with state.pt) of a dense run
+    retrofit_from: str = ""  # a dense run's checkpoint directory, or its run directory (newest checkpoint)
     retrofit_warmup_tokens: int = 0
     freeze_backbone_in_warmup: bool = True  # retrofit only: the warm-up trains the index branch alone
 
@@ -156,14 +159,18 @@ class ScheduleConfig:
 
 @dataclass
 class DebugConfig:
-    """Fault injection for testing recovery; off by default."""
+    """Hooks for testing recovery and the data position; off by default."""
 
-    kill_worker_at_step: int = 0  # SIGKILL one worker once, right after this optimizer step (0: never)
-    kill_rank: int = 1
+    pause_at_step: int = 0  # one worker stops after this optimizer step, once, to be killed from outside
+    pause_rank: int = 1  # ... this one; it writes its pid to <run dir>/.debug/paused-rank<r>-step<s>
+    pause_timeout_s: float = 300.0  # and goes on by itself if nobody killed it in this time
+    trace_data: bool = False  # every worker appends the piece ids of each step's rows to <run dir>/.debug/
 
     def validate(self) -> None:
-        if self.kill_worker_at_step < 0:
-            raise ConfigError("debug.kill_worker_at_step", "must be >= 0")
+        if self.pause_at_step < 0:
+            raise ConfigError("debug.pause_at_step", "must be >= 0")
+        if self.pause_timeout_s <= 0:
+            raise ConfigError("debug.pause_timeout_s", "must be positive")
 
 
 @dataclass
@@ -187,6 +194,11 @@ class RunConfig:
         return self.train.batch_size * self.ray.num_workers * self.seq_len
 
     @property
+    def tokenizer_path(self) -> str:
+        """data.tokenizer, else the tokenizer.json that msa-prep wrote beside the first shard directory."""
+        return self.data.tokenizer or str(Path(self.data.shards[0]) / "tokenizer.json")
+
+    @property
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{Path(self.output_dir) / 'mlflow.db'}"
 
@@ -207,8 +219,8 @@ class RunConfig:
             raise ConfigError("data.seq_len", f"{self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.train.eval_every and not self.data.eval_shards:
             raise ConfigError("data.eval_shards", "train.eval_every is set but there are no held-out shards")
-        if self.debug.kill_worker_at_step and not 0 <= self.debug.kill_rank < self.ray.num_workers:
-            raise ConfigError("debug.kill_rank", f"must name one of the {self.ray.num_workers} workers")
+        if self.debug.pause_at_step and not 0 <= self.debug.pause_rank < self.ray.num_workers:
+            raise ConfigError("debug.pause_rank", f"must name one of the {self.ray.num_workers} workers")
         if self.model.image_tokens > self.seq_len:
             raise ConfigError("data.seq_len", f"one image takes {self.model.image_tokens} tokens, more than a row")
 
@@ -306,16 +318,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _resolve_paths(cfg: RunConfig, base: Path) -> None:
-    """Workers change directory: every path becomes absolute now, relative to where msa-train ran."""
-    def absolute(p: str) -> str:
-        return str((base / os.path.expanduser(p)).resolve()) if p else p
+def in_ray_job() -> bool:
+    """True in the entrypoint of a `ray job submit`: its working directory is a temporary copy of the
+    uploaded files on the head node, deleted with the job."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
-    cfg.output_dir = absolute(cfg.output_dir)
-    cfg.data.shards = [absolute(s) for s in cfg.data.shards]
-    cfg.data.tokenizer = absolute(cfg.data.tokenizer)
-    cfg.data.eval_shards = absolute(cfg.data.eval_shards)
-    cfg.schedule.retrofit_from = absolute(cfg.schedule.retrofit_from)
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    """Workers change directory: every path becomes absolute now, relative to where msa-train ran.
+    Inside a Ray job a relative path would point into the job's temporary copy, which the other
+    nodes do not have and which is deleted with the job: there it is an error."""
+    job = in_ray_job()
+
+    def absolute(p: str, where: str) -> str:
+        if not p or "://" in p:
+            return p
+        p = os.path.expanduser(p)
+        if job and not os.path.isabs(p):
+            raise ConfigError(where, f"{p!r} is relative; inside a Ray job it would point into the job's "
+                                     f"temporary working directory. Give a path on storage every node sees "
+                                     f"(e.g. /mnt/shared/...)")
+        return str((base / p).resolve())
+
+    cfg.output_dir = absolute(cfg.output_dir, "output_dir")
+    cfg.data.shards = [absolute(s, f"data.shards[{i}]") for i, s in enumerate(cfg.data.shards)]
+    cfg.data.tokenizer = absolute(cfg.data.tokenizer, "data.tokenizer")
+    cfg.data.eval_shards = absolute(cfg.data.eval_shards, "data.eval_shards")
+    cfg.schedule.retrofit_from = absolute(cfg.schedule.retrofit_from, "schedule.retrofit_from")
 
 
 def config_from_dict(data: dict, base_dir: Path | None = None) -> RunConfig:

@@ -1,6 +1,6 @@
 """`msa-eval`: held-out LM loss and long-range retrieval accuracy of a checkpoint.
 
-    msa-eval --checkpoint runs/demo/ray/<run>/checkpoint_<...> [--shards runs/demo/heldout] [--log]
+    msa-eval --checkpoint runs/demo/ray/<run>[/checkpoint_000120] [--shards runs/demo/heldout] [--log]
 
 Retrieval: every held-out document with a scored answer (the demo corpus's questions) is packed alone
 into a row; a question counts as answered when the model's greedy prediction matches every answer
@@ -23,6 +23,7 @@ import torch
 from data_prep.reader import iter_documents
 from data_prep.tokenizer import load_tokenizer
 from model.batch import Batch
+from pipeline.checkpoint import CheckpointError
 from pipeline.packing import DocumentError, ImageDecoder, PackSpec, Tokenizer, pack_documents, pack_pieces, \
     tokenize_document
 
@@ -117,20 +118,21 @@ def evaluate(model: torch.nn.Module, shards_dir: str, tokenizer_path: str, seq_l
 
 
 def load_checkpoint_model(checkpoint: Path):
-    """The model of a checkpoint directory, with the run's config (from the run's run_info.json)."""
-    from pipeline.checkpoint import load_state
+    """The model of a checkpoint directory (or of a run directory's newest checkpoint), verified,
+    with the run's config (from the run's run_info.json)."""
+    from pipeline.checkpoint import check_shapes, load_checkpoint, resolve_checkpoint
     from pipeline.config import config_from_dict
     from pipeline.loop import build_model
 
-    info_path = Path(checkpoint).resolve().parent / "run_info.json"
-    if not (Path(checkpoint) / "state.pt").exists():
-        raise FileNotFoundError(f"{checkpoint}: not a checkpoint directory (no state.pt)")
+    checkpoint = resolve_checkpoint(Path(checkpoint))
+    info_path = checkpoint.resolve().parent / "run_info.json"
     if not info_path.exists():
         raise FileNotFoundError(f"{info_path}: the checkpoint's run has no run_info.json")
     info = json.loads(info_path.read_text())
     cfg = config_from_dict(info["config"])
-    state = load_state(Path(checkpoint))
+    state, _, manifest = load_checkpoint(checkpoint)
     model = build_model(cfg)
+    check_shapes(manifest, model.state_dict(), checkpoint)
     model.load_state_dict(state["model"])
     return model, cfg, state, info
 
@@ -151,10 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError("no held-out shards: pass --shards or set data.eval_shards in the config")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
-        tok = cfg.data.tokenizer or str(Path(cfg.data.shards[0]) / "tokenizer.json")
-        res = evaluate(model, shards, tok, cfg.seq_len, cfg.model.image_size, cfg.model.patch_size, device,
+        res = evaluate(model, shards, cfg.tokenizer_path, cfg.seq_len, cfg.model.image_size, cfg.model.patch_size, device,
                        args.batch_size, args.max_documents)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         print(f"msa-eval: error: {e}", file=sys.stderr)
         return 2
     print(f"step {state['step']}: eval/lm_loss {res.lm_loss:.4f} over {res.lm_tokens:,} tokens; "

@@ -8,13 +8,14 @@ tracker with a no-op twin).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import os
-import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,16 @@ import torch.distributed as dist
 from data_prep.schema import IMG_PATCH, SPECIAL_TOKENS
 from model.batch import Batch
 from model.transformer import MultimodalTransformer
-from pipeline.checkpoint import load_state, restore_rng, save_state
+from pipeline.checkpoint import (check_shapes, latest_checkpoint, load_checkpoint,
+                                 prune_checkpoints, remove_stale_temporaries, resolve_checkpoint, restore_rng,
+                                 rng_state, write_checkpoint)
 from pipeline.config import RunConfig, config_from_dict
-from pipeline.data import DROP_REASONS
+from pipeline.data import BOOKKEEPING, DROP_REASONS
 from pipeline.flops import StepFlops, device_peak_tflops
 from pipeline.metrics import Window, progress_line, reduce_window
 from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
 from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
-from pipeline.plan import DataPlan, DataState, write_data_state
+from pipeline.plan import DataPlan, DataState
 from pipeline.schedule import attention_mode, frozen_groups
 from pipeline.tracking import make_tracker
 
@@ -48,19 +51,45 @@ class LoopState:
     tokens_seen: int = 0
     bad_in_a_row: int = 0
     skipped_steps: int = 0
+    skipped_samples: dict[str, int] = field(default_factory=dict)  # reason -> documents, since the run began
 
 
 def build_model(cfg: RunConfig) -> MultimodalTransformer:
     return MultimodalTransformer(cfg.model, img_patch_id=SPECIAL_TOKENS.index(IMG_PATCH))
 
 
-def _kill_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
-    """Fault injection for the recovery tests: SIGKILL this worker once at the configured step."""
-    marker = run_dir / f".killed-at-{step}"
-    if cfg.debug.kill_worker_at_step == step and rank == cfg.debug.kill_rank and not marker.exists():
-        marker.write_text("")
-        print(f"[debug] killing worker rank {rank} at step {step}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+def _pause_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
+    """Recovery tests: one worker stops after a step, once, and waits to be killed (kill -9) from
+    outside by the pid it writes; it goes on by itself after debug.pause_timeout_s."""
+    if cfg.debug.pause_at_step != step or rank != cfg.debug.pause_rank:
+        return
+    marker = run_dir / ".debug" / f"paused-rank{rank}-step{step}"
+    if marker.exists():  # paused (and killed) once already: a restarted worker trains on
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    print(f"[debug] rank {rank} (pid {os.getpid()}) paused after step {step}", flush=True)
+    deadline = time.monotonic() + cfg.debug.pause_timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+class DataTrace:
+    """debug.trace_data: the piece ids of every step's rows, per worker, for the exactly-once tests."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, attempt: float):
+        self.path = run_dir / ".debug" / f"data_trace_rank{rank}.jsonl" if cfg.debug.trace_data else None
+        self.attempt = attempt
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, plan_idx_R: np.ndarray, piece_ids_RP: np.ndarray) -> None:
+        if not self.path:
+            return
+        ids = {str(int(e)): [int(x) for x in piece_ids_RP[plan_idx_R == e].ravel() if x]
+               for e in np.unique(plan_idx_R)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"attempt": self.attempt, "step": step, "ids": ids}) + "\n")
 
 
 def _init_model(cfg: RunConfig, rank: int):
@@ -69,10 +98,11 @@ def _init_model(cfg: RunConfig, rank: int):
     if cfg.schedule.mode == "retrofit":
         from model.retrofit import load_dense_checkpoint
 
-        dense = load_state(Path(cfg.schedule.retrofit_from))["model"]
+        source = resolve_checkpoint(Path(cfg.schedule.retrofit_from))
+        dense = load_checkpoint(source)[0]["model"]
         fresh = load_dense_checkpoint(model, dense)
         if rank == 0:
-            print(f"[train] retrofit: loaded the dense checkpoint {cfg.schedule.retrofit_from}; "
+            print(f"[train] retrofit: loaded the dense checkpoint {source}; "
                   f"{len(fresh)} fresh index tensors", flush=True)
     return model
 
@@ -86,6 +116,21 @@ def _quiet_report_logging() -> None:
         train_context.logger.setLevel(logging.WARNING)
     except (ImportError, AttributeError):  # another Ray version: its own logging, nothing to quiet
         pass
+
+
+def _checkpoint_to_resume(run_dir: Path, rank: int, device) -> tuple[Path | None, float]:
+    """The newest complete checkpoint of the run, chosen by rank 0 for every rank (its data position
+    is the one the dataset factory resumed the stream from: both take the newest), and the start
+    time of this attempt (the same on every rank)."""
+    choice = [None, time.time()]
+    if rank == 0:
+        for stale in remove_stale_temporaries(run_dir):
+            print(f"[train] removed an unfinished checkpoint write: {stale.name}", flush=True)
+        newest = latest_checkpoint(run_dir)
+        choice[0] = str(newest) if newest else None
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0, device=device if device.type == "cuda" else None)
+    return (Path(choice[0]) if choice[0] else None), choice[1]
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -102,23 +147,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
 
-    ckpt = ray.train.get_checkpoint()
-    saved = None
-    if ckpt:
-        with ckpt.as_directory() as d:
-            saved = load_state(Path(d))
-    raw = build_model(cfg) if saved else _init_model(cfg, rank)
+    resume_from, attempt = _checkpoint_to_resume(run_dir, rank, device)
+    raw = build_model(cfg) if resume_from else _init_model(cfg, rank)
+    st = LoopState()
+    data_state = DataState.empty(plan)
+    if resume_from:
+        saved, data_json, manifest = load_checkpoint(resume_from)  # verified: sizes, hashes
+        check_shapes(manifest, raw.state_dict(), resume_from)
     model = wrap(raw, cfg.ray.parallel, device)
     optimizer = build_optimizer(raw, cfg.train)  # after wrapping: FSDP replaces the parameters
-    st = LoopState()
-    data_state = DataState([0] * len(plan.entries))
-    if saved:
+    if resume_from:
         load_states(model, optimizer, saved)
-        st = LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved["skipped_steps"])
-        data_state = DataState(saved["data_state"]["docs_done"]).restart(plan)
+        st = LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved["skipped_steps"],
+                       skipped_samples=dict(saved.get("skipped_samples", {})))
+        data_state = DataState.from_json(data_json)
         restore_rng(saved["rng"])
+        del saved
         if rank == 0:
-            print(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen)", flush=True)
+            print(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen) from {resume_from.name}",
+                  flush=True)
     tracker = make_tracker(rank, loop_config["tracking_uri"], loop_config["run_id"])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else contextlib.nullcontext())
@@ -126,8 +173,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak = device_peak_tflops(cfg.train.peak_tflops)
     stats_every = cfg.train.stats_every or cfg.train.log_every
     has_index = bool(group_params(optimizer, {"index"}))
+    trace = DataTrace(cfg, run_dir, rank, attempt)
 
-    docs_delta = np.zeros(len(plan.entries), np.int64)  # documents consumed since the last checkpoint
+    consumed = Consumed(len(plan.entries))  # what this worker trained on since the last checkpoint
     win = Window()
     selection = None
     t_start, step_start = time.perf_counter(), st.step
@@ -142,11 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                f"{cfg.train.max_steps}; the plan is sized from the manifests' token estimates")
         win.data_wait_s += time.perf_counter() - t_wait
         # the bookkeeping columns arrive on the training device like the rest: one copy back for them
-        book = {k: cols[k].cpu().numpy()
-                for k in ("plan_idx", "docs_done", "segment_ids", *(f"dropped_{r}" for r in DROP_REASONS))}
-        np.add.at(docs_delta, book["plan_idx"], book["docs_done"])
-        for reason in DROP_REASONS:
-            win.count(f"data/dropped_{reason}", int(book[f"dropped_{reason}"].sum()))
+        book = {k: cols[k].cpu().numpy() for k in ("segment_ids", *BOOKKEEPING)}
         batch = Batch.from_dict(cols).to(device)
 
         mode = attention_mode(cfg, st.step)
@@ -169,7 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             raw.after_optimizer_step()
             for k, v in out.losses.items():
-                win.add(f"train/{k}_loss", float(v.detach()))
+                win.add(f"train/{k}_loss", v.detach())  # summed on the device, read at logging
             win.add("train/grad_norm", norms[0])
             if has_index:
                 win.add("train/index_grad_norm", norms[1])
@@ -183,7 +227,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # counted on the host copy: no device round trip for bookkeeping
         win.tokens += int((book["segment_ids"] != 0).sum())
         win.flops += step_flops(torch.from_numpy(book["segment_ids"]), mode)
-        _kill_once(cfg, run_dir, rank, st.step)
+        # the rows of this step are trained on (a skipped step too: its rows are not read again)
+        consumed.add(book)
+        for reason in DROP_REASONS:
+            win.count(f"dropped_{reason}", int(book[f"dropped_{reason}"].sum()))
+        trace.write(st.step, book["plan_idx"], book["piece_ids"])
+        _pause_once(cfg, run_dir, rank, st.step)
 
         if st.step % cfg.train.log_every == 0 or st.step == cfg.train.max_steps:
             metrics = _window_metrics(win, device, lr, st, peak, world)
@@ -191,16 +240,77 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and (rank == 0 or cfg.ray.parallel == "fsdp"):
                 metrics.update(_evaluate(cfg, raw, device, autocast, verbose=rank == 0))
             tracker.log_metrics(metrics, st.step)
+            final = st.step == cfg.train.max_steps
+            if final:
+                # every step is trained and logged: the run is complete, whatever happens from here on
+                tracker.set_tags({"training_complete": "true"})
             if rank == 0:
                 done = st.step - step_start
                 eta = (time.perf_counter() - t_start) / max(done, 1) * (cfg.train.max_steps - st.step)
                 print(progress_line(st.step, cfg.train.max_steps, metrics, eta), flush=True)
-            checkpoint = st.step % cfg.train.checkpoint_every == 0 or st.step == cfg.train.max_steps
+            checkpoint = st.step % cfg.train.checkpoint_every == 0 or final
             if checkpoint:
                 _log_plots(tracker, cfg, selection, st.step)
-            docs_delta = _report(st, metrics, checkpoint, model, optimizer, plan, data_state, docs_delta, device,
-                                 rank, loop_config["run_id"])
+                _checkpoint(cfg, st, model, optimizer, plan, data_state, consumed, run_dir, rank, tracker, final)
+            ray.train.report({k.replace("/", "_"): v for k, v in metrics.items()} | {"step": st.step})
             win = Window()
+
+
+class Consumed:
+    """The rows one worker trained on since the last checkpoint: documents completed per plan entry,
+    and the ids of their pieces (and of the documents dropped before them)."""
+
+    def __init__(self, n_entries: int):
+        self.docs = np.zeros(n_entries, np.int64)
+        self.ids: dict[int, list[np.ndarray]] = {}
+
+    def add(self, book: dict[str, np.ndarray]) -> None:
+        np.add.at(self.docs, book["plan_idx"], book["docs_done"])
+        for e in np.unique(book["plan_idx"]):
+            ids = book["piece_ids"][book["plan_idx"] == e].ravel()
+            self.ids.setdefault(int(e), []).append(ids[ids != 0])
+
+    def gather(self) -> tuple[list[int], dict[int, set[int]]]:
+        """Every worker's consumption, summed (a collective: every rank calls it), and reset."""
+        mine = (self.docs.tolist(), {e: np.concatenate(v).tolist() for e, v in self.ids.items()})
+        parts = [mine]
+        if dist.is_available() and dist.is_initialized():
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, mine)
+        docs = np.sum([p[0] for p in parts], axis=0).tolist()
+        ids: dict[int, set[int]] = {}
+        for _, part_ids in parts:
+            for e, v in part_ids.items():
+                ids.setdefault(int(e), set()).update(v)
+        self.docs[:] = 0
+        self.ids = {}
+        return docs, ids
+
+
+def _checkpoint(cfg: RunConfig, st: LoopState, model, optimizer, plan: DataPlan, data_state: DataState,
+                consumed: Consumed, run_dir: Path, rank: int, tracker, final: bool) -> None:
+    """Fold every worker's consumption into the data position, gather the full state (collectives
+    under FSDP: every rank takes part) and write the checkpoint on rank 0, atomically.
+
+    A checkpoint that cannot be written does not stop the run: the error is printed and tagged on the
+    MLflow run, training goes on (a mid-run one), or the run ends complete (the final one).
+    """
+    docs, ids = consumed.gather()
+    data_state.add(plan, docs, ids)
+    model_sd, optim_sd = model_state(model), optimizer_state(model, optimizer)
+    if rank != 0:
+        return
+    try:
+        path = write_checkpoint(run_dir, st.step, {
+            "model": model_sd, "optimizer": optim_sd, "tokens_seen": st.tokens_seen,
+            "skipped_steps": st.skipped_steps, "skipped_samples": dict(st.skipped_samples), "rng": rng_state(),
+        }, data_state.to_json(plan), dataclasses.asdict(cfg.model))
+        prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
+        print(f"[train] checkpoint {path.name} written", flush=True)
+    except (OSError, RuntimeError) as e:
+        what = "final_checkpoint_error" if final else "checkpoint_error"
+        print(f"[train] error: checkpoint at step {st.step} could not be written: {type(e).__name__}: {e}", flush=True)
+        tracker.set_tags({what: f"step {st.step}: {type(e).__name__}: {e}"[:5000]})
 
 
 def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, max_bad_steps: int, st: LoopState,
@@ -232,9 +342,12 @@ def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, max_bad_
 def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float | None, world: int) -> dict:
     # every rank holds the same keys: same config, same steps, same modes
     mean_keys = sorted(win.sums)
-    count_keys = ["skipped"] + [f"data/dropped_{r}" for r in DROP_REASONS]
+    count_keys = ["skipped"] + [f"dropped_{r}" for r in DROP_REASONS]
     m = reduce_window(win, device, mean_keys, count_keys)
     st.tokens_seen += int(m["tokens"])
+    for r in DROP_REASONS:
+        if m[f"dropped_{r}"]:
+            st.skipped_samples[r] = st.skipped_samples.get(r, 0) + int(m[f"dropped_{r}"])
     metrics = {k: m[k] for k in mean_keys if k in m}
     metrics.update({
         "train/tokens_per_s": m["tokens_per_s"],
@@ -242,8 +355,10 @@ def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float |
         "train/lr": lr,
         "train/tokens_seen": float(st.tokens_seen),
         "train/skipped_steps": float(st.skipped_steps),
+        # documents the ingest could not use since the run began, in all and by reason
+        "train/skipped_samples": float(sum(st.skipped_samples.values())),
     })
-    metrics.update({k: m[k] for k in count_keys[1:] if m[k]})
+    metrics.update({f"train/skipped_samples/{r}": float(n) for r, n in st.skipped_samples.items()})
     if peak:
         metrics["train/mfu"] = m["flops_per_s"] / (peak * 1e12 * world)
     return metrics
@@ -253,8 +368,7 @@ def _evaluate(cfg: RunConfig, model, device, autocast, verbose: bool) -> dict[st
     """Held-out evaluation (DDP: on rank 0 while the others wait at the next collective)."""
     from pipeline.evaluate import evaluate
 
-    tok = cfg.data.tokenizer or str(Path(cfg.data.shards[0]) / "tokenizer.json")
-    res = evaluate(model, cfg.data.eval_shards, tok, cfg.seq_len, cfg.model.image_size, cfg.model.patch_size,
+    res = evaluate(model, cfg.data.eval_shards, cfg.tokenizer_path, cfg.seq_len, cfg.model.image_size, cfg.model.patch_size,
                    device, cfg.train.batch_size, cfg.train.eval_documents, autocast)
     if verbose:
         print(f"[eval] lm_loss {res.lm_loss:.4f}  retrieval_acc {res.retrieval_acc:.3f} ({res.questions} questions)",
@@ -288,30 +402,3 @@ def _log_plots(tracker, cfg: RunConfig, selection, step: int) -> None:
     except Exception as e:  # a plot must never stop a run
         log.warning("could not log plots at step %d: %s", step, e)
         print(f"[train] warning: could not log plots at step {step}: {e}", flush=True)
-
-
-def _report(st: LoopState, metrics, checkpoint, model, optimizer, plan, data_state: DataState,
-            docs_delta: np.ndarray, device, rank, run_id) -> np.ndarray:
-    """ray.train.report on every rank (a checkpoint from rank 0 when due); returns the new delta."""
-    import ray.train
-
-    report = {k.replace("/", "_"): v for k, v in metrics.items()} | {"step": st.step}
-    if not checkpoint:
-        ray.train.report(report)
-        return docs_delta
-    delta = torch.from_numpy(docs_delta).to(device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(delta)
-    data_state.docs_done = [a + int(b) for a, b in zip(data_state.docs_done, delta.cpu().tolist())]
-    # gathering the full state is a collective under FSDP: every rank takes part, rank 0 writes
-    model_sd, optim_sd = model_state(model), optimizer_state(model, optimizer)
-    with tempfile.TemporaryDirectory() as d:
-        if rank == 0:
-            save_state(Path(d), model_sd, optim_sd, st.step,
-                       {"tokens_seen": st.tokens_seen, "skipped_steps": st.skipped_steps, "mlflow_run_id": run_id,
-                        "data_state": data_state.to_json()})
-            write_data_state(Path(d), plan, data_state, st.step)
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-    return np.zeros_like(docs_delta)
-
-

@@ -48,6 +48,11 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
     client = _client(uri)
     if run_id:
         client.update_run(run_id, status="RUNNING")
+        tags_now = client.get_run(run_id).data.tags
+        for stale in END_TAGS:  # what the run's last end said is history now
+            if stale in tags_now:
+                client.delete_tag(run_id, stale)
+        client.set_tag(run_id, "resumes", str(int(tags_now.get("resumes", "0")) + 1))
         return run_id
     exp = client.get_experiment_by_name(experiment)
     if exp:
@@ -68,8 +73,25 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
     return run.info.run_id
 
 
-def close_run(uri: str, run_id: str, status: str) -> None:
-    _client(uri).set_terminated(run_id, status=status)
+# tags that describe how a run ended (set by the loop and the driver; cleared when it is resumed)
+END_TAGS = ("training_complete", "failure_reason", "post_training_error", "final_checkpoint_error")
+
+
+def close_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    client = _client(uri)
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, v)
+    client.set_terminated(run_id, status=status)
+
+
+def run_completed(uri: str, run_id: str) -> bool:
+    """Did the run train and log its last step (the loop tags it so before its final checkpoint)?"""
+    return _client(uri).get_run(run_id).data.tags.get("training_complete") == "true"
+
+
+def log_dict_artifact(uri: str, run_id: str, body: dict, name: str) -> None:
+    """A JSON artifact of the run (the resolved config, the data plan), through the tracking server."""
+    _client(uri).log_dict(run_id, body, name)
 
 
 class NullTracker:

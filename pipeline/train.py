@@ -4,23 +4,33 @@
     msa-train --config configs/tiny.toml --address auto          # join a running cluster
     msa-train --config configs/tiny.toml --resume                # continue the newest run of output_dir
 
-A run lives in `<output_dir>/ray/<run name>/`: Ray Train's checkpoints plus `run_info.json` (the
-resolved config, the data plan and the MLflow run id), which is what `--resume` continues from: the
-same config (plus any `--set` given now), the same data plan, the same MLflow run.
+A run lives in `<output_dir>/ray/<run name>/`: its checkpoints (`checkpoint_000120/`, see
+pipeline/checkpoint.py) plus `run_info.json` (the resolved config, the data plan and the MLflow run
+id), which is what `--resume` continues from: the same config (plus any `--set` given now), the same
+data plan (extended if `train.max_steps` grew), the same MLflow run.
+
+The MLflow run's status is the truth about the run: FINISHED once every step is trained and logged
+(also if something fails after that, e.g. the final checkpoint's write; the run is then tagged with
+what failed), FAILED with the reason in the tag `failure_reason` when training died, KILLED when the
+driver was interrupted, RUNNING again when resumed.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from model.config import ConfigError
+from pipeline.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from pipeline.config import RunConfig, apply_overrides, config_from_dict, flatten, load_config
 from pipeline.plan import DataPlan, build_plan
-from pipeline.tracking import close_run, git_commit, open_run, resolve_tracking_uri
+from pipeline.tracking import (close_run, git_commit, log_dict_artifact, open_run, resolve_tracking_uri,
+                               run_completed)
 
 RUN_INFO = "run_info.json"
 
@@ -37,10 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_NAME",
                    help="continue a run of output_dir from its last checkpoint (default: the newest run)")
     return p
-
-
-def _tokenizer_path(cfg: RunConfig) -> str:
-    return cfg.data.tokenizer or str(Path(cfg.data.shards[0]) / "tokenizer.json")
 
 
 def _check_tokenizer(cfg: RunConfig, path: str) -> None:
@@ -92,6 +98,22 @@ class Launch:
     tracking_uri: str
 
 
+def _plan(cfg: RunConfig) -> DataPlan:
+    tokens_needed = cfg.train.max_steps * cfg.tokens_per_step
+    return build_plan(cfg.data.shards, cfg.data.weights, tokens_needed, cfg.model.image_tokens, cfg.train.seed)
+
+
+def _extended_plan(cfg: RunConfig, old: DataPlan) -> DataPlan:
+    """The plan of a resumed run whose max_steps grew: the same entries first, more epochs after."""
+    new = _plan(cfg)
+    if len(new.entries) <= len(old.entries):
+        return old
+    if new.shards != old.shards or new.entries[:len(old.entries)] != old.entries:
+        raise ConfigError("data.shards", "the shards changed since the run started (their manifests differ): "
+                                         "the data plan cannot be extended; start a new run")
+    return new
+
+
 def prepare(args: argparse.Namespace) -> Launch:
     cfg = load_config(args.config, args.overrides)
     if args.resume:
@@ -99,15 +121,20 @@ def prepare(args: argparse.Namespace) -> Launch:
         info = json.loads((run_dir / RUN_INFO).read_text())
         # the run's own config, with what this command line overrides
         cfg = config_from_dict(apply_overrides(info["config"], args.overrides))
+        plan = _extended_plan(cfg, DataPlan.from_json(info["plan"]))
         uri = resolve_tracking_uri(args.tracking_uri, info["tracking_uri"])
-        return Launch(cfg, run_dir.name, run_dir, DataPlan.from_json(info["plan"]), info["mlflow_run_id"], uri)
+        return Launch(cfg, run_dir.name, run_dir, plan, info["mlflow_run_id"], uri)
     run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / "ray" / run_name
     if run_dir.exists():
         raise ConfigError("tracking.run_name", f"{run_dir} exists already; use --resume to continue it")
-    tokens_needed = cfg.train.max_steps * cfg.train.batch_size * cfg.ray.num_workers * cfg.seq_len
-    plan = build_plan(cfg.data.shards, cfg.data.weights, tokens_needed, cfg.model.image_tokens, cfg.train.seed)
-    return Launch(cfg, run_name, run_dir, plan, None, resolve_tracking_uri(args.tracking_uri, cfg.tracking_uri))
+    return Launch(cfg, run_name, run_dir, _plan(cfg), None, resolve_tracking_uri(args.tracking_uri, cfg.tracking_uri))
+
+
+def _write_run_info(launch: Launch, run_id: str) -> None:
+    (launch.run_dir / RUN_INFO).write_text(json.dumps({
+        "config": dataclasses.asdict(launch.cfg), "plan": launch.plan.to_json(), "mlflow_run_id": run_id,
+        "tracking_uri": launch.tracking_uri}))
 
 
 def run(launch: Launch, address: str) -> dict:
@@ -119,24 +146,33 @@ def run(launch: Launch, address: str) -> dict:
     from pipeline.loop import train_loop_per_worker
 
     cfg = launch.cfg
-    tok_path = _tokenizer_path(cfg)
-    _check_tokenizer(cfg, tok_path)
+    _check_tokenizer(cfg, cfg.tokenizer_path)
+    done = list_checkpoints(launch.run_dir)
+    if launch.run_id and done and done[-1][0] >= cfg.train.max_steps:
+        print(f"[msa-train] run {launch.run_name} is complete at step {done[-1][0]} (train.max_steps="
+              f"{cfg.train.max_steps}); to train on, raise it: --set train.max_steps=N", flush=True)
+        return {"run_id": launch.run_id, "run_name": launch.run_name, "tracking_uri": launch.tracking_uri,
+                "experiment": cfg.tracking.experiment, "checkpoint": str(done[-1][1])}
     started = _start_ray(cfg, address)
-    run_id, status = launch.run_id, "FAILED"
+    run_id = launch.run_id
     try:
         if run_id is None:
             run_id = open_run(launch.tracking_uri, cfg.tracking.experiment, launch.run_name, flatten(cfg),
                               tags={"mode": cfg.schedule.mode, "git_commit": git_commit(), "config_name": cfg.name})
             launch.run_dir.mkdir(parents=True)
-            (launch.run_dir / RUN_INFO).write_text(json.dumps({
-                "config": dataclasses.asdict(cfg), "plan": launch.plan.to_json(), "mlflow_run_id": run_id,
-                "tracking_uri": launch.tracking_uri}))
+            _write_run_info(launch, run_id)
+            log_dict_artifact(launch.tracking_uri, run_id, dataclasses.asdict(cfg), "config.json")
+            log_dict_artifact(launch.tracking_uri, run_id, launch.plan.to_json(), "data/plan.json")
+            for i, d in enumerate(cfg.data.shards):  # the shard sets' manifests: what the run trained on
+                log_dict_artifact(launch.tracking_uri, run_id, json.loads((Path(d) / "manifest.json").read_text()),
+                                  f"data/manifest_{i}.json")
         else:
             open_run(launch.tracking_uri, cfg.tracking.experiment, launch.run_name, {}, {}, run_id=run_id)
+            _write_run_info(launch, run_id)  # the resumed config and (possibly extended) plan
         print(f"[msa-train] run {launch.run_name}: MLflow run {run_id} in experiment "
               f"'{cfg.tracking.experiment}' at {launch.tracking_uri}", flush=True)
-        datasets = DatasetFactory(launch.plan, str(launch.run_dir), tok_path, cfg.seq_len, cfg.model.image_size,
-                                  cfg.model.patch_size, cfg.data.pack_docs, cfg.data.pack_actors)
+        datasets = DatasetFactory(launch.plan, str(launch.run_dir), cfg.tokenizer_path, cfg.seq_len,
+                                  cfg.model.image_size, cfg.model.patch_size, cfg.data.pack_docs, cfg.data.pack_actors)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": dataclasses.asdict(cfg), "run_id": run_id,
@@ -148,8 +184,9 @@ def run(launch: Launch, address: str) -> dict:
             ),
             run_config=ray.train.RunConfig(
                 name=launch.run_name,
+                # Ray Train's own run state; the checkpoints are written by the loop itself, atomically,
+                # into the run directory (pipeline/checkpoint.py), so none is handed to Ray
                 storage_path=str(launch.run_dir.parent),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
                 # Train's own per-report INFO lines would drown the progress lines
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -158,25 +195,63 @@ def run(launch: Launch, address: str) -> dict:
             ),
             datasets={"train": datasets},
         )
-        result = trainer.fit()
-        status = "FINISHED"
-        return {"run_id": run_id, "run_name": launch.run_name, "tracking_uri": launch.tracking_uri,
-                "experiment": cfg.tracking.experiment,
-                "checkpoint": result.checkpoint.path if result.checkpoint else None}
+        trainer.fit()
+        after_error = None
+    except BaseException as e:
+        if not (run_id and _close_after_error(launch.tracking_uri, run_id, e)):
+            raise
+        after_error = f"{type(e).__name__}: {e}"
+    else:
+        close_run(launch.tracking_uri, run_id, "FINISHED")
     finally:
-        if run_id:
-            close_run(launch.tracking_uri, run_id, status)
         if started:
             ray.shutdown()
+    newest = latest_checkpoint(launch.run_dir)
+    return {"run_id": run_id, "run_name": launch.run_name, "tracking_uri": launch.tracking_uri,
+            "experiment": cfg.tracking.experiment, "checkpoint": str(newest) if newest else None,
+            "after_error": after_error}
+
+
+class Terminated(BaseException):
+    """The driver got SIGTERM (a scheduler's time limit, `ray job stop`): end the run's record cleanly."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"msa-train received signal {signal.Signals(signum).name}")
+
+
+def _close_after_error(uri: str, run_id: str, e: BaseException) -> bool:
+    """FINISHED if every step was trained and logged before the error (tagged with it; returns True),
+    else FAILED (or KILLED for an interrupted or terminated driver) with the reason (returns False)."""
+    reason = f"{type(e).__name__}: {e}"[:5000]
+    interrupted = isinstance(e, (KeyboardInterrupt, Terminated))
+    try:
+        if run_completed(uri, run_id):
+            close_run(uri, run_id, "FINISHED", tags={"post_training_error": reason})
+            return not interrupted
+        close_run(uri, run_id, "KILLED" if interrupted else "FAILED", tags={"failure_reason": reason})
+    except Exception as tracking_error:  # the tracking server itself may be what failed
+        print(f"[msa-train] warning: could not record the run's end in MLflow: {tracking_error}", file=sys.stderr)
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(args)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         launch = prepare(args)
         address = launch.cfg.ray.address if args.address is None else args.address
         out = run(launch, address)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"msa-train: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
@@ -187,15 +262,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msa-train: error: training failed: {e}\n[msa-train] continue it from its last checkpoint "
               f"with: msa-train --config {args.config} --resume {launch.run_name}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"msa-train: stopped ({e or 'interrupted'}); continue it with: msa-train --config {args.config} "
+              f"--resume {launch.run_name}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
     uri = out["tracking_uri"]
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
     ui = f"{mlflow_cmd} ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+    if out.get("after_error"):
+        print(f"[msa-train] warning: every step was trained and logged, but then: {out['after_error']}",
+              file=sys.stderr)
     print(f"\n[msa-train] done. Run {out['run_name']} (MLflow run {out['run_id']}, experiment "
           f"'{out['experiment']}').")
     print(f"[msa-train] to look at it:  {ui}   then open http://127.0.0.1:5000")
     if out["checkpoint"]:
         print(f"[msa-train] last checkpoint: {out['checkpoint']}")
+        print(f"[msa-train] evaluate it with:  msa-eval --checkpoint {Path(out['checkpoint']).parent}")
     return 0
 
 
