@@ -192,7 +192,7 @@ class MultimodalTransformer(nn.Module):
                            selection={i: a["block_idx"] for i, a in attn_extras.items() if "block_idx" in a})
 
     @torch.no_grad()
-    def _stats(self, device, losses: dict, attn_extras: dict, moe_extras: dict) -> dict[str, float]:
+    def _stats(self, device, losses: dict, attn_extras: dict, moe_extras: dict) -> dict[str, torch.Tensor]:
         named: dict[str, torch.Tensor] = {}
         for key in ("sparsity", "kl", "score_recall", "block_recall"):
             per_layer = {i: a[key].detach().float() for i, a in attn_extras.items() if key in a}
@@ -212,7 +212,7 @@ class MultimodalTransformer(nn.Module):
                 ratios[i] = load_X.max() / load_X.mean().clamp(min=1e-9)
                 named[f"layer/{i}/expert_load_max_over_mean"] = ratios[i]
             named["expert_load_max_over_mean"] = torch.stack(list(ratios.values())).mean()
-        keys = list(named)
-        # one device->host transfer for all of them
-        values = torch.stack([named[k].to(device, torch.float32) for k in keys]).tolist() if keys else []
-        return dict(zip(keys, values))
+        # 0-dim fp32 tensors on the device: reading them would stop the host mid-step (a sync before
+        # the backward's launches); the training loop sums them on the device and reads them once
+        # per logging step
+        return {k: v.to(device, torch.float32) for k, v in named.items()}

@@ -82,7 +82,7 @@ def time_mode(preset: str, mode: str, T: int, iters: int, warmup: int, overrides
     peak = device_peak_tflops(0.0) if cuda else None
     res = {"preset": preset, "mode": mode, "context": T, "step_s": t, "step_s_all": times,
            "tokens_per_s": T / t, "model_tflops": flops / t / 1e12, "mfu": (flops / t / (peak * 1e12)) if peak else None,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "sparsity": out.stats.get("sparsity", 0.0),
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "sparsity": float(out.stats.get("sparsity", 0.0)),
            "loss": float(out.losses["lm"])}
     del model, opt, batch, out
     if cuda:

@@ -22,20 +22,21 @@ class Window:
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # event counters
     t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, name: str, value: float) -> None:
-        self.sums[name] += float(value)
+    def add(self, name: str, value: float | torch.Tensor) -> None:
+        """A float, or a 0-dim tensor that stays on its device until the window is reduced."""
+        self.sums[name] = self.sums[name] + (value.detach().double() if torch.is_tensor(value) else float(value))
         self.ns[name] += 1
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] += int(n)
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few floats over all workers (one small collective; only at logging steps)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+def all_reduce_sum(values: list, device: torch.device) -> list[float]:
+    """Sum a few numbers (floats or 0-dim device tensors) over all workers: one small collective and
+    one device-to-host copy, only at logging steps."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
     return t.tolist()
 
 

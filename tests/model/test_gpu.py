@@ -101,7 +101,7 @@ def _small_step(T: int, docs: list[int], modes=("warmup", "sparse", "dense"), st
         assert all(torch.isfinite(v) for v in out.losses.values()), out.losses
         report[mode] = {"step_s": dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                         **{k: float(v.detach()) for k, v in out.losses.items()},
-                        **{k: v for k, v in out.stats.items() if "/" not in k}}
+                        **{k: float(v) for k, v in out.stats.items() if "/" not in k}}
     return report
 
 

@@ -56,14 +56,15 @@ def test_losses_and_stats_are_named_for_the_pipeline():
     recall = {"score_recall", "block_recall"} | {f"layer/{i}/{k}" for i in msa_layers
                                                   for k in ("score_recall", "block_recall")}
     assert set(out_stats.stats) == expected | recall
-    assert all(isinstance(v, float) for v in out_stats.stats.values())
+    # 0-dim tensors on the model's device: nothing is read to the host in the forward
+    assert all(torch.is_tensor(v) and v.dim() == 0 and v.dtype == torch.float32 for v in out_stats.stats.values())
     assert 0 < out.stats["sparsity"] < 1 and 0 < out_stats.stats["score_recall"] <= 1
     assert out.stats["kl_index_loss"] == pytest.approx(float(out.losses["kl_index"]))
 
     dense = MultimodalTransformer(small_config(msa=dict(enabled=False), moe=dict(enabled=False)), IMG_PATCH)
     with torch.no_grad():
         out = dense(batch, compute_stats=True)
-    assert set(out.losses) == {"lm"} and out.stats == {"sparsity": 0.0}
+    assert set(out.losses) == {"lm"} and {k: float(v) for k, v in out.stats.items()} == {"sparsity": 0.0}
 
 
 def test_param_groups_partition_the_parameters():
