@@ -47,6 +47,11 @@ class MSAConfig:
     topk: int = 4  # blocks per (token, group), local block included, k (paper: 16)
     index_dim: int = 32  # dI (paper: 128)
     kl_weight: float = 1.0  # lambda; the index branch is isolated, so this only rescales its gradient
+    # The KL on a random sample of query tokens (each kept with this probability; the loss is divided
+    # by it): an unbiased estimate of the KL and of its gradient into the index projections, at that
+    # fraction of the cost. 1.0 is the exact KL. Sparse phase, and the (dense-support) warm-up.
+    kl_sample: float = 1.0
+    warmup_kl_sample: float = 1.0
     backend: str = "reference"  # kernels backend: "reference" (PyTorch fp32) | "triton"
 
     def __post_init__(self) -> None:
@@ -65,6 +70,9 @@ class MSAConfig:
               f"must be a power of two in [16, 256], got {self.index_dim!r}")
         _need(isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0, f"{prefix}.kl_weight",
               f"must be >= 0, got {self.kl_weight!r}")
+        for name in ("kl_sample", "warmup_kl_sample"):
+            v = getattr(self, name)
+            _need(isinstance(v, (int, float)) and 0 < v <= 1, f"{prefix}.{name}", f"must be in (0, 1], got {v!r}")
         _need(self.backend in MSA_BACKENDS, f"{prefix}.backend",
               f"must be one of {', '.join(MSA_BACKENDS)}, got {self.backend!r}")
 

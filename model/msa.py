@@ -11,6 +11,8 @@ Modes (set per forward by the model; see model/README.md):
           (teacher = dense attention, head-averaged per group).
   sparse  attention over the selected blocks only; the KL on the selected visible keys,
           teacher = the main branch's own probabilities (its LSE is reused).
+With `msa.kl_sample` / `msa.warmup_kl_sample` below 1 the KL runs on a random sample of query tokens
+(an unbiased estimate of the loss and of the index branch's gradient; kernels/kl/sampled.py).
 
 Stop-gradients (all three of MSA.md): the index branch's input is the layer's normed hidden state
 *detached*; the KL kernel treats q, k and the LSE as constants; top-k has no gradient, so the LM
@@ -29,10 +31,17 @@ import torch
 import torch.nn as nn
 
 import kernels
+from kernels.kl.sampled import msa_kl_loss_dense_sampled
 from model import stats
 from model.attention import AttnContext, GQAAttention, dense_attention
 from model.config import ModelConfig
 from model.layers import RMSNorm, apply_rope
+
+
+def _draw(n: int, fraction: float, device) -> torch.Tensor:
+    """Which of n tokens the sampled KL keeps this step: each independently with probability
+    `fraction` (the global RNG, so a seeded, checkpointed run draws the same)."""
+    return torch.rand(n, device=device) < fraction
 
 
 def _flat(x_BT: torch.Tensor) -> torch.Tensor:
@@ -87,12 +96,20 @@ class MSAAttention(GQAAttention):
         if ctx.mode == "sparse":
             o_1NHD, lse_1NH = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, cu, backend=backend)
             o_BTHD = o_1NHD.view(B, T, *o_1NHD.shape[2:])
-            extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, block_idx, bs, cu,
-                                               lse=lse_1NH.detach(), index_lse=index_lse, backend=backend)
+            kl_idx, f = block_idx, msa.kl_sample
+            if f < 1:  # the tokens not drawn get an empty support: no work, no loss, no gradient
+                kl_idx = torch.where(_draw(B * T, f, x_BTE.device)[None, :, None, None], block_idx, -1)
+            extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, kl_idx, bs, cu,
+                                               lse=lse_1NH.detach(), index_lse=index_lse, backend=backend) / f
             extras["sparsity"] = stats.sparsity(block_idx, layout, bs)
         else:  # warmup: dense attention, dense-support KL (block_idx=None)
             o_BTHD = dense_attention(q_BTHD, k_BTHD, v_BTHD, ctx.mask)
-            extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, None, bs, cu, backend=backend)
+            f = msa.warmup_kl_sample
+            if f < 1:
+                extras["kl"] = msa_kl_loss_dense_sampled(q_1NHD[0], k_1NHD[0], qi_1NHI[0], ki_1NI[0], cu,
+                                                         _draw(B * T, f, x_BTE.device), f)
+            else:
+                extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, None, bs, cu, backend=backend)
             extras["sparsity"] = q_BTHD.new_zeros((), dtype=torch.float32)
         if ctx.compute_stats:
             extras["block_idx"] = block_idx.detach()  # [1, N, Hkv, K], for the selection picture
