@@ -1,7 +1,7 @@
 """Small helpers shared by the MSA Triton paths (never by the references): input checks, the
 packed-sequence tables the kernels walk, the key-block -> query reverse index, output allocation.
 
-Not a runnable module; `kernels/<op>/op.py` imports it. Its own tests: `pytest -q tests/kernels/test_common.py`.
+Not a runnable module; `kernels/<op>/op.py` imports it. Its own tests: `pytest -q tests/kernels/test_msa_common.py`.
 
 Every kernel works on a flat token axis: `[B, T, ...]` inputs are viewed as `[1, B*T, ...]` with
 `cu_seqlens = [0, T, 2T, ..., B*T]`, so batch rows and packed sequences are the same case.

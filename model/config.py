@@ -39,7 +39,7 @@ def _pow2(v: int) -> bool:
 
 @dataclass
 class MSAConfig:
-    """MiniMax Sparse Attention layers (MSA.md). `enabled=false` is the dense GQA baseline."""
+    """MiniMax Sparse Attention layers (docs/msa.md). `enabled=false` is the dense GQA baseline."""
 
     enabled: bool = True  # layers >= n_dense_layers get an index branch and can run sparse
     n_dense_layers: int = 1  # the first layers always use full attention (paper: 3)

@@ -1,7 +1,7 @@
 """Triton kernels of MSA block-sparse GQA attention: forward, dQ, and dK/dV through the key-block ->
 query reverse index (deterministic, no atomics).
 
-Not runnable by itself; called by `kernels.attention.op`. Tests: `pytest -q tests/kernels/test_attention.py`.
+Not runnable by itself; called by `kernels.attention.op`. Tests: `pytest -q tests/kernels/test_msa_attention.py`.
 
 Shape legend: N flat tokens, H heads (query heads for q/o/lse/delta, KV heads for k/v/block_idx),
 D head dim, K top-k slots; inside a kernel R rows of a program (row r = token r // G of the tile,

@@ -1,7 +1,7 @@
 """Public MSA block-sparse attention: `msa_attention` validates its inputs and wires the Triton
 forward/backward kernels into autograd (or runs the fp32 reference with backend="reference").
 
-Tests: `pytest -q tests/kernels/test_attention.py`.
+Tests: `pytest -q tests/kernels/test_msa_attention.py`.
 
 Shape legend: B batch, T tokens, N = B*T, H heads (query heads for q/o/lse, KV heads for k/v and
 block_idx), D head dim, K top-k slots, P query tiles, U union slots, C key blocks, E reverse-index entries.

@@ -4,7 +4,7 @@ reverse index. Key-block-stationary ("split") schedule of the sparse form: per-(
 partial log-sum-exps, KL terms and d(qi), per-(group, chunk) d(ki) partials, and the fixed-order
 sums that combine them. Both are deterministic (no atomics).
 
-Not runnable by itself; called by `kernels.kl.op`. Tests: `pytest -q tests/kernels/test_kl.py`.
+Not runnable by itself; called by `kernels.kl.op`. Tests: `pytest -q tests/kernels/test_msa_kl.py`.
 
 Shape legend: N flat tokens, H heads (query heads for q/lse, KV = index heads for k/qi/block_idx),
 D head dim, I index dim, K top-k slots; inside a kernel R rows (row r = token r // G, head r % G,

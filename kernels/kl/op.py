@@ -1,7 +1,7 @@
 """Public MSA KL alignment loss: `msa_kl_loss` validates its inputs and wires the Triton kernels
 into autograd (or runs the fp32 reference with backend="reference"). Gradients reach qi and ki only.
 
-Tests: `pytest -q tests/kernels/test_kl.py`.
+Tests: `pytest -q tests/kernels/test_msa_kl.py`.
 
 Shape legend: B batch, T tokens, N = B*T, H heads (query heads for q/lse, KV = index heads for
 k/qi/block_idx/index_lse), D head dim, I index dim, K top-k slots, P query tiles, U union slots,

@@ -1,7 +1,7 @@
 """Triton kernel of MSA block selection: token scores, causal block max-pooling, a running top-(k-1)
 of the non-local blocks kept in registers, and the index log-sum-exp over the selected keys.
 
-Not runnable by itself; called by `kernels.select.op.msa_select`. Tests: `pytest -q tests/kernels/test_select.py`.
+Not runnable by itself; called by `kernels.select.op.msa_select`. Tests: `pytest -q tests/kernels/test_msa_select.py`.
 
 Shape legend: N flat tokens, H index heads, I index dim, K top-k slots; inside the kernel
 R rows of a program (= tokens x heads, row r is token r // HB, head h0 + r % HB), J keys of a block,

@@ -1,7 +1,7 @@
 """Public MSA block selection: `msa_select` validates its inputs and runs the Triton kernel (or the
 fp32 reference with backend="reference"). Not differentiable (top-k has no gradient).
 
-Tests: `pytest -q tests/kernels/test_select.py`.
+Tests: `pytest -q tests/kernels/test_msa_select.py`.
 
 Shape legend: B batch, T tokens, N = B*T, H index heads (= KV heads), I index dim, K top-k slots.
 """
