@@ -297,7 +297,7 @@ def split_index(block_idx_NHK: torch.Tensor, cu_S1: torch.Tensor, block_size: in
     return SplitIndex(tokens_E, slots_E, offsets, valid.to(torch.int8).contiguous(), C, NCH, Tc)
 
 
-# Set by `kernels.compile_check`: compile the GPU specialisations for CPU tensors without a GPU.
+# Set by `scripts/compile_check.py`: compile the GPU specialisations for CPU tensors without a GPU.
 COMPILE_ONLY = False
 
 
@@ -314,7 +314,7 @@ def launch_config(table: dict, kernel: str, x: torch.Tensor, block_size: int, ro
     constexprs maps table keys to the kernel's constexpr names (code-path switches such as a
     prefetch, cache hints): they are passed under those names on the GPU and in the interpreter
     alike, so the interpreter runs the same code path. The table is read at call time:
-    `kernels.bench` and the tests override it to compare variants."""
+    `benchmarks/msa_kernels.py` and the tests override it to compare variants."""
     entry = table[kernel]
     if not gpu_launch(x):
         cfg = {"BN": block_size}

@@ -29,8 +29,8 @@ from kernels.attention.reference import msa_attention_reference
 LOG2E = 1.4426950408889634
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
-# Launch parameters on the GPU (the interpreter ignores warps and stages). Tuned in kernels/PERF.md;
-# `kernels.bench` overrides them to compare variants.
+# Launch parameters on the GPU (the interpreter ignores warps and stages). Tuned in
+# docs/perf/kernels_notes.md; `benchmarks/msa_kernels.py --sweep` overrides them to compare variants.
 GPU_CONFIG = {
     # Which schedule msa_attention uses when the caller does not say (see SCHEDULES).
     # chunk_tokens None: N / 16 as a power of two in [256, 16384] (_common.split_chunk_tokens).

@@ -19,7 +19,7 @@ from kernels.select.reference import msa_select_reference
 LOG2E = 1.4426950408889634
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
-# Launch parameters on the GPU (the interpreter ignores them); `kernels.bench --sweep` compares variants.
+# Launch parameters on the GPU (the interpreter ignores them); `benchmarks/msa_kernels.py --sweep` compares variants.
 # rows: query rows (tokens x index heads) per program, 8 warps from 128 rows; pipe: rank block
 # b - 1 while the tensor cores compute block b's scores. rows and pipe change the code path, so
 # the interpreter follows them too.

@@ -129,7 +129,7 @@ if __name__ == "__main__":
             if r:
                 for mode, v in r.items():
                     print(f"   {mode:7s} " + "  ".join(f"{k}={x:.4g}" for k, x in v.items()), flush=True)
-        except Exception as e:  # report and go on: one run of the device machine checks them all
+        except Exception as e:  # report and go on: one run on a GPU checks them all
             import traceback
 
             traceback.print_exc()

@@ -1,12 +1,12 @@
 """Throughput of the conversion: images/s per CPU core, on the demo corpus and on 1-2 MP photos.
 
-    python -m data_prep.bench                 # prints a Markdown table (about two minutes on 2 cores)
-    python -m data_prep.bench --photos 64 --demo-docs 1000 --repeat 1   # a quick look
+    python -m benchmarks.prep_throughput      # prints a Markdown table (about two minutes on 2 cores)
+    python -m benchmarks.prep_throughput --photos 64 --demo-docs 1000 --repeat 1   # a quick look
 
 Nothing is downloaded. The "photos" are synthetic photo-like JPEGs of 1.2-2 MP (smooth gradients,
-overlapping soft shapes, sensor-like noise, saved at quality 90), because no real photos of that size
-ship with this machine; real photos found on the machine (scikit-learn's two sample photos, 0.27 MP)
-are measured too when present, as they are and tiled 2x2 (1.09 MP of real photo pixels). Rows:
+overlapping soft shapes, sensor-like noise, saved at quality 90), so that the benchmark needs no
+download. When scikit-learn is installed, its two sample photos (0.27 MP) are measured too, as they
+are and tiled 2x2 (1.09 MP of real photo pixels). Rows:
 
 - end to end: the real command (`msa-prep demo` / `msa-prep pairs`) through `convert`, all passes
   (read, decode, validate, resize, re-encode, hash, spill, dedup, shard writing), with 1 worker and

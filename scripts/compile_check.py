@@ -2,17 +2,18 @@
 GPU, and report each kernel's registers, spills, shared memory and whether its SASS uses the Hopper
 tensor-core instructions (HGMMA) or the older HMMA.
 
-Run: `python -m kernels.compile_check [--sweep]` (no TRITON_INTERPRET; needs only triton's bundled
-ptxas). --sweep also compiles every launch variant of `kernels.bench --sweep` on the benchmark shape.
+Run from the repo root: `python -m scripts.compile_check [--sweep]` (no TRITON_INTERPRET; needs only
+triton's bundled ptxas). --sweep also compiles every launch variant of
+`python -m benchmarks.msa_kernels --sweep` on the benchmark shape.
 
 It replaces Triton's driver with a stub that reports an sm_90 target and turns every launch into a
 compile-only warm-up, then runs the public functions (forward and backward) on CPU tensors of the
 benchmark shape (small T) and of the awkward shapes, so exactly the specialisations the ops use get
 compiled. A front-end error (what the interpreter accepts but the compiler rejects) shows up here
-at no device time. The installed triton may be newer than the GPU machine's; to compile with the
-GPU machines' version (triton 3.6, whose pipeliner decides what the card runs):
-`pip install --target /tmp/triton36 --no-deps triton==3.6.0`, then
-`PYTHONPATH=/tmp/triton36 python -m kernels.compile_check`.
+without a GPU. The installed triton may differ from the one your GPU runs (the results in docs/perf/
+were measured with triton 3.6, whose pipeliner decides what the card runs); to compile with another
+version, install it into a folder of its own and put that first on the path:
+`pip install --target DIR --no-deps triton==3.6.0`, then `PYTHONPATH=DIR python -m scripts.compile_check`.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import sys
 import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("kernels.compile_check needs TRITON_INTERPRET unset (it compiles, it does not interpret)")
+    sys.exit("scripts.compile_check needs TRITON_INTERPRET unset (it compiles, it does not interpret)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -127,8 +128,8 @@ def main(argv=None):
     for case in cases:
         fails += _run_case(kernels, case)
     if "--sweep" in (argv if argv is not None else sys.argv[1:]):
-        # Every launch variant `kernels.bench --sweep` may pick, on the benchmark shape.
-        from kernels.bench import SWEEP
+        # Every launch variant `benchmarks.msa_kernels --sweep` may pick, on the benchmark shape.
+        from benchmarks.msa_kernels import SWEEP
         from kernels.attention import op as attn_op
         from kernels.kl import op as kl_op
         from kernels.select import op as sel_op

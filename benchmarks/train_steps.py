@@ -1,12 +1,14 @@
 """Training-step time of one model in dense, MSA-warm-up and MSA-sparse mode at long context (GPU).
 
-    python -m pipeline.bench_steps --preset small --contexts 8192 32768 --out steps.json
+    python -m benchmarks.train_steps --preset small --contexts 8192 32768 --out steps.json   # GPU, from the repo root
+    python -m benchmarks.train_steps --device cpu --preset tiny --contexts 256 --iters 1 --warmup 0   # checks the script
 
 One row of `context` tokens holding one document, bf16 autocast, forward + backward + AdamW step, on
 one GPU, no Ray: the model's own cost. The dense baseline is the same preset with
 model.msa.enabled=false (no index branch). Steps are timed with CUDA events after warm-up
 iterations; the median is reported with tokens/s, MFU (model FLOPs, pipeline/flops.py) and peak
-memory. Prints a table last; `--out` writes the numbers as JSON.
+memory. Prints a table last; `--out` writes the numbers as JSON. Results on an H100:
+docs/perf/pipeline_h100.md.
 """
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ def time_mode(preset: str, mode: str, T: int, iters: int, warmup: int, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench_steps", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_steps", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--modes", nargs="+", default=["dense", "warmup", "sparse"])
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench_steps: no CUDA GPU here (use --device cpu --preset tiny to check the script)", file=sys.stderr)
+        print("train_steps: no CUDA GPU here (use --device cpu --preset tiny to check the script)", file=sys.stderr)
         return 2
     rows = []
     t0 = time.time()

@@ -1,18 +1,20 @@
 """Benchmark of the MSA kernels against dense causal SDPA (cuDNN and flash backends, GQA) and
 FlexAttention with a tile-shared block mask, in one run.
 
-Run (GPU, from the repo root):   python -m kernels.bench [--check] [--sweep] [--out DIR]
-CPU smoke test of this script:   TRITON_INTERPRET=1 python -m kernels.bench --smoke
+Run (GPU, from the repo root):   python -m benchmarks.msa_kernels [--check] [--sweep] [--out DIR]
+CPU smoke test of this script:   TRITON_INTERPRET=1 python -m benchmarks.msa_kernels --smoke
+scripts/kernels_gpu_check.sh runs it with the GPU tests, the sweep and an ncu profile in one go.
 
 Measures forward, backward and forward+backward time (triton.testing.do_bench, median) and
 achieved TFLOP/s, at T = 8K, 32K, 64K, 128K with Hq=32, Hkv=2 (G=16), dh=dI=128, block 128,
-topk 16, bf16, batch 1. FLOPs follow docs/MSA.md ("Measuring it"): attention forward 4*dh*Hq*E,
+topk 16, bf16, batch 1. FLOPs follow docs/msa.md ("Measuring it"): attention forward 4*dh*Hq*E,
 backward 10*dh*Hq*E, indexer 2*dI*Hkv*C, KL forward 2*(dh*Hq + dI*Hkv)*E and forward+backward
 2*(dh*Hq + 3*dI*Hkv)*E, with E the attended (token, key) pairs per group and C the causal pairs.
 With --check the GPU tests (`pytest -m gpu tests/kernels`) run first; --sweep times launch
 variants of the split schedule's kernels at --sweep-t (64K) and keeps the fastest for the rest of the run.
-Writes bench.json, bench.md (and the test log) to --out (default: $OUT or the working directory)
-and prints the table last.
+Writes bench.json, bench.md (and the test log) to --out (default: runs/benchmarks/msa_kernels) and
+prints the table last. Results measured on an H100 and their analysis: docs/perf/kernels_h100.md and
+docs/perf/kernels_notes.md.
 
 Shape legend: B batch, T tokens, H heads (Hq for q/o, Hkv for k/v/qi/block_idx), D head dim,
 I index dim, K top-k slots, Q query tiles of 128 tokens, M key blocks.
@@ -62,7 +64,7 @@ def timed(name, fn, results, **extra):
         results.append(dict(name=name, ms=ms, **extra))
         print(f"  {name:<44s} {ms:10.3f} ms", flush=True)
         return ms
-    except Exception as e:  # keep going: one broken baseline must not cost the whole device call
+    except Exception as e:  # keep going: one broken baseline must not cost the whole run
         results.append(dict(name=name, ms=None, error=f"{type(e).__name__}: {e}"[:400], **extra))
         print(f"  {name:<44s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         return None
@@ -331,7 +333,7 @@ _MERGE = dict(BN=128, rows=16, num_warps=4, num_stages=1, part_evict="")
 _HINTS = dict(q_evict="evict_last", part_cache=".cs")  # keep the chunk's q in L2, stream the partials
 SWEEP = [  # (op, its GPU_CONFIG key (None: the variant updates the whole table), variants, pass timed);
     # the other kernels are the same in every variant, and later entries run with the winners
-    # Measured slower and dropped (kernels/PERF.md): 32-row forward steps (mma.sync, 3 programs per
+    # Measured slower and dropped (docs/perf/kernels_notes.md): 32-row forward steps (mma.sync, 3 programs per
     # SM), 3 forward stages, the backward's token prefetch, 5 backward stages; the KL forward's
     # token prefetch.
     ("attention", "fwd_split", [{**_FWD, **_HINTS, "prefetch": True}, _FWD], "fwd"),
@@ -427,7 +429,7 @@ def table(results, seqlens):
 
 
 def ratios(results, seqlens):
-    """Speed-ups against the fastest dense backend of the same run (the issue's targets)."""
+    """Speed-ups against the fastest dense backend of the same run (the goals in docs/perf/kernels_notes.md)."""
     def ms(name_prefix, t, pass_="fwd+bwd", op=None):
         xs = [r["ms"] for r in results if r.get("T") == t and r.get("pass_") == pass_ and r.get("ms")
               and r["name"].startswith(name_prefix) and (op is None or r.get("op") == op)]
@@ -530,7 +532,7 @@ def ceilings():
 
 def profile_run(T):
     """One select + attention fwd/bwd + KL fwd/bwd at T, after a warm-up, between
-    cudaProfilerStart/Stop (for `ncu --profile-from-start off`, see kernels/gpu_check.sh)."""
+    cudaProfilerStart/Stop (for `ncu --profile-from-start off`, see scripts/kernels_gpu_check.sh)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
     q, k, v, do = rnd(1, T, HQ, DH), rnd(1, T, HKV, DH), rnd(1, T, HKV, DH), rnd(1, T, HQ, DH)
@@ -615,7 +617,7 @@ def main(argv=None):
     ap.add_argument("--chunks", default="", help="with --breakdown: query-chunk sizes to time")
     ap.add_argument("--profile", type=int, default=0, help="run one training step of the ops at this T for ncu")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip sequence lengths that start after this")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--out", default=os.path.join("runs", "benchmarks", "msa_kernels"))
     args = ap.parse_args(argv)
     if args.profile:
         profile_run(args.profile)
