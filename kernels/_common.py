@@ -20,8 +20,20 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 BACKENDS = ("triton", "reference")
+SCHEDULES = ("query", "split")  # of msa_attention and msa_kl_loss; see kernels/attention/README.md
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the ops accept
+
+# The kernels' softmaxes run in base 2: exp(x) = exp2(x * LOG2E), ln(y) = log2(y) * LN2. The ops
+# fold LOG2E into the scales they pass; @triton.jit code reads the `_C` forms, because a global
+# inside jit code must be a tl.constexpr (a plain float works in the interpreter and fails to
+# compile: docs/traps.md).
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
 
 
 @triton.jit
