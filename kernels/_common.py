@@ -368,5 +368,5 @@ def step_rows(rows: int, G: int):
 def split_chunk_tokens(n_tokens: int) -> int:
     """Default query chunk of the split schedules (`split_index`): about 16 chunks (enough
     (chunk, block) work lists to fill the GPU at 8K, few enough that per-chunk dK/dV partials stay
-    small), each small enough that its queries stay in L2 (measured in kernels/PERF.md)."""
+    small), each small enough that its queries stay in L2 (measured in docs/perf/kernels_notes.md)."""
     return min(16384, max(256, next_pow2(-(-n_tokens // 16))))

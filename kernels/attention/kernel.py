@@ -213,7 +213,7 @@ def attn_fwd_split_kernel(
     # Partial result of one (token, slot): o_s = softmax over the slot's block's visible keys @ V
     # (normalised, in the partial buffer's dtype) and its base-2 log-sum-exp, per head of the group.
     # PREFETCH: load each step's token list one step ahead, so the q gather's addresses are ready
-    # (also prefetching the q rows a step ahead measured slower: kernels/PERF.md).
+    # (also prefetching the q rows a step ahead measured slower: docs/perf/kernels_notes.md).
     # Q_EVICT / PART_CACHE: cache hints, e.g. "evict_last" for the chunk's q rows (read by every
     # list of the chunk) and ".cs" (streaming) for the partials, written once and read once.
     _, h, lo, hi, b0, e0 = split_list(offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items)

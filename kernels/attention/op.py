@@ -32,12 +32,12 @@ GPU_CONFIG = {
     # Which schedule msa_attention uses when the caller does not say (see _common.SCHEDULES).
     # chunk_tokens None: N / 16 as a power of two in [256, 16384] (_common.split_chunk_tokens).
     "schedule": dict(name="split", chunk_tokens=None),
-    # Query-stationary schedule ("query"): the sweep's choices on the H100 (kernels/PERF.md).
+    # Query-stationary schedule ("query"): the sweep's choices on the H100 (docs/perf/kernels_notes.md).
     "fwd": dict(BN=128, num_warps=4, num_stages=2),
     "dq": dict(BN=64, num_warps=4, num_stages=2),
     "dkdv": dict(BN=64, rows=64, num_warps=4, num_stages=2),
     # Key-block-stationary schedule ("split"), rows = query rows (tokens x G) per step: the sweep's
-    # choices on the H100 (kernels/PERF.md).
+    # choices on the H100 (docs/perf/kernels_notes.md).
     # prefetch: the forward loads each step's token list a step ahead (a code path, so the
     # interpreter follows it too); q_evict, part_cache, part_evict: cache hints for the q/dO
     # gathers (read by every list of a chunk: keep them in L2; the pipelined backward gathers
@@ -314,7 +314,7 @@ def default_tokens_per_tile(G: int, block_size: int) -> int:
     # the rows of 16 // G tokens are free: the tile then walks the union of their blocks, which
     # costs at most what the tokens would cost one by one and less when neighbours share blocks.
     # With G >= 16 one token's heads fill the tile (NSA's group-centric loading); wider tiles pay
-    # off only when neighbouring tokens select the same blocks (see kernels/PERF.md).
+    # off only when neighbouring tokens select the same blocks (see docs/perf/kernels_notes.md).
     return min(block_size, max(1, 16 // G))
 
 

@@ -39,13 +39,13 @@ GPU_CONFIG = {
     "dki": dict(BN=64, rows=64, num_warps=4, num_stages=2),
     # Key-block-stationary schedule ("split"), rows = query rows (tokens x G) per step; the whole
     # block is one step's keys (BN is unused). fwd/bwd: the sweep's choices on the H100 at 64K
-    # (kernels/PERF.md; 8 warps 10.4 vs 4 warps 10.8 ms forward, 3 stages 14.3 vs 2 stages 14.5 ms
+    # (docs/perf/kernels_notes.md; 8 warps 10.4 vs 4 warps 10.8 ms forward, 3 stages 14.3 vs 2 stages 14.5 ms
     # backward); lse_split (only when lse/index_lse are not given) from register counts.
     "lse_split": dict(BN=128, rows=64, num_warps=4, num_stages=1),
     "fwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=1),
     # prefetch: the backward loads each step's token lists a step ahead, so that Triton's pipeliner
     # issues its gathers two steps ahead instead of one (14.3 -> 13.4 ms at 64K; it made the
-    # forward and the attention's backward slower: more registers, kernels/PERF.md).
+    # forward and the attention's backward slower: more registers, docs/perf/kernels_notes.md).
     "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=3, prefetch=True),
 }
 # "query": one program per (query token tile, group) walks the tile's blocks, re-reading k and ki
