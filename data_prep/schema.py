@@ -29,7 +29,6 @@ IMG_END = "<|img_end|>"
 IMG_PATCH = "<|img_patch|>"
 SPECIAL_TOKENS = (PAD, DOC, IMG_BEGIN, IMG_END, IMG_PATCH)
 
-IMAGE_EXTENSIONS = ("png", "jpg")
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 IMAGE_FIELD_RE = re.compile(r"^[0-9]{4}\.(png|jpg)$")
 

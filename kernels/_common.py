@@ -1,7 +1,7 @@
 """Small helpers shared by the MSA Triton paths (never by the references): input checks, the
 packed-sequence tables the kernels walk, the key-block -> query reverse index, output allocation.
 
-Not a runnable module; `kernels/<op>/op.py` imports it. Its own tests: `pytest -q tests/kernels/test_common.py`.
+Not a runnable module; `kernels/<op>/op.py` imports it. Its own tests: `pytest -q tests/kernels/test_msa_common.py`.
 
 Every kernel works on a flat token axis: `[B, T, ...]` inputs are viewed as `[1, B*T, ...]` with
 `cu_seqlens = [0, T, 2T, ..., B*T]`, so batch rows and packed sequences are the same case.
@@ -20,8 +20,20 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 BACKENDS = ("triton", "reference")
+SCHEDULES = ("query", "split")  # of msa_attention and msa_kl_loss; see kernels/attention/README.md
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the ops accept
+
+# The kernels' softmaxes run in base 2: exp(x) = exp2(x * LOG2E), ln(y) = log2(y) * LN2. The ops
+# fold LOG2E into the scales they pass; @triton.jit code reads the `_C` forms, because a global
+# inside jit code must be a tl.constexpr (a plain float works in the interpreter and fails to
+# compile: docs/traps.md).
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
 
 
 @triton.jit
@@ -297,7 +309,7 @@ def split_index(block_idx_NHK: torch.Tensor, cu_S1: torch.Tensor, block_size: in
     return SplitIndex(tokens_E, slots_E, offsets, valid.to(torch.int8).contiguous(), C, NCH, Tc)
 
 
-# Set by `kernels.compile_check`: compile the GPU specialisations for CPU tensors without a GPU.
+# Set by `scripts/compile_check.py`: compile the GPU specialisations for CPU tensors without a GPU.
 COMPILE_ONLY = False
 
 
@@ -314,7 +326,7 @@ def launch_config(table: dict, kernel: str, x: torch.Tensor, block_size: int, ro
     constexprs maps table keys to the kernel's constexpr names (code-path switches such as a
     prefetch, cache hints): they are passed under those names on the GPU and in the interpreter
     alike, so the interpreter runs the same code path. The table is read at call time:
-    `kernels.bench` and the tests override it to compare variants."""
+    `benchmarks/msa_kernels.py` and the tests override it to compare variants."""
     entry = table[kernel]
     if not gpu_launch(x):
         cfg = {"BN": block_size}
@@ -356,5 +368,5 @@ def step_rows(rows: int, G: int):
 def split_chunk_tokens(n_tokens: int) -> int:
     """Default query chunk of the split schedules (`split_index`): about 16 chunks (enough
     (chunk, block) work lists to fill the GPU at 8K, few enough that per-chunk dK/dV partials stay
-    small), each small enough that its queries stay in L2 (measured in kernels/PERF.md)."""
+    small), each small enough that its queries stay in L2 (measured in docs/perf/kernels_notes.md)."""
     return min(16384, max(256, next_pow2(-(-n_tokens // 16))))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MODES = ("dense", "warmup", "sparse")  # attention modes of the MSA layers, see model/README.md
+ATTENTION_MODES = ("dense", "warmup", "sparse")  # of the MSA layers, see model/README.md (run modes: pipeline/config.py)
 MSA_BACKENDS = ("reference", "triton")  # kernels' backends; chosen explicitly, never by fallback
 DENSE_IMPLS = ("sdpa", "flex")  # how full (document-causal) attention is computed
 MOE_DISPATCH = ("bmm", "grouped_mm")
@@ -39,7 +39,7 @@ def _pow2(v: int) -> bool:
 
 @dataclass
 class MSAConfig:
-    """MiniMax Sparse Attention layers (MSA.md). `enabled=false` is the dense GQA baseline."""
+    """MiniMax Sparse Attention layers (docs/msa.md). `enabled=false` is the dense GQA baseline."""
 
     enabled: bool = True  # layers >= n_dense_layers get an index branch and can run sparse
     n_dense_layers: int = 1  # the first layers always use full attention (paper: 3)

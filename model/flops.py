@@ -4,7 +4,7 @@ context length, and the model's total and active parameter counts.
     msa-flops --preset paper-109b --context 1048576
     msa-flops --preset tiny --context 1024 --json
 
-Attention compute follows MSA.md: at query position t (t visible keys), one layer costs
+Attention compute follows docs/msa.md: at query position t (t visible keys), one layer costs
     dense  4*Hq*dh*t                            (q.k scores and p.v, 2 FLOPs per multiply-add)
     MSA    2*HI*dI*t + 4*Hq*dh*min(t, k*B)      (index scores over every visible key + the main
                                                  branch over at most k blocks of B keys)
@@ -29,7 +29,7 @@ import torch
 from model.config import ModelConfig
 from model.presets import PRESETS, get_preset
 
-# the paper's published figures (MSA.md), printed beside ours for paper-109b
+# the paper's published figures (docs/msa.md), printed beside ours for paper-109b
 PAPER = {"preset": "paper-109b", "context": 1 << 20, "attention_compute_ratio": 28.4,
          "attention_compute_ratio_ceiling": 32.0, "params_total": 109e9, "params_active": 6e9}
 

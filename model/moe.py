@@ -4,7 +4,7 @@ shared experts every token goes through, and an auxiliary load-balancing loss.
 Legend: N tokens (flattened B*T), E d_model, X routed experts, K experts per token, A = N*K
 assignments, C per-expert capacity of the padded buffer, F expert hidden width.
 
-Choices (the paper's are not published; MSA.md gives only "128 routed + 1 shared, top-4"):
+Choices (the paper's are not published; the paper gives only "128 routed + 1 shared, top-4"):
   * Router: fp32 softmax over the routed experts, top-k, the k weights renormalised to sum to 1
     (Mixtral / Qwen-MoE). fp32 because bf16 logits tie and flip the top-k between ranks.
   * Balancing: the Switch/GShard auxiliary loss, `X * sum_x f_x * P_x` (f = share of the token's

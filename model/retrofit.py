@@ -1,4 +1,4 @@
-"""Retrofitting MSA onto a dense model (the paper's MSA-CPT, the comparison point of DESIGN.md):
+"""Retrofitting MSA onto a dense model (the paper's MSA-CPT, the comparison point of docs/msa.md):
 load a dense GQA checkpoint into an MSA-configured model of the same shape, with fresh index
 projections, ready for the index warm-up and then sparse training.
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from model.attention import AttnContext, DenseMask, DocLayout, GQAAttention
 from model.batch import IGNORE_INDEX, Batch
-from model.config import MODES, ModelConfig
+from model.config import ATTENTION_MODES, ModelConfig
 from model.layers import PatchEncoder, RMSNorm, SwiGLU, rope_cos_sin
 from model.moe import MoE
 from model.msa import MSAAttention
@@ -133,8 +133,8 @@ class MultimodalTransformer(nn.Module):
 
         Parameters and their shapes never change; only what the forward computes does.
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"mode must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
         if mode != "dense" and not self.has_index_branch:
             raise ValueError(f"mode {mode!r} needs an index branch, but this model has none "
                              f"(model.msa.enabled = false): it can only run 'dense'")

@@ -19,7 +19,6 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -256,7 +255,3 @@ def pack_documents(docs: list[Document], tok: Tokenizer, spec: PackSpec, decode:
     if not pieces:
         return empty_columns(spec)
     return pack_pieces(pieces, spec, tok.pad)
-
-
-def as_torch(columns: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in columns.items()}

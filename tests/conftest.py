@@ -1,8 +1,12 @@
-"""Shared test set-up.
+"""Shared test set-up and fixtures.
 
 The Triton kernels run in the interpreter on machines without a GPU. TRITON_INTERPRET must be set
 before any `@triton.jit` function is defined, i.e. before `kernels` is first imported, so it is set
 here, at collection time, ahead of every test module.
+
+Fixtures shared across folders are here; each folder's conftest.py has its own, and plain helper
+functions live beside them in importable modules (tests/data_prep/prep_corpora.py,
+tests/kernels/msa_numerics.py, tests/model/model_helpers.py).
 """
 import os
 
@@ -32,3 +36,13 @@ def heldout_shards(tmp_path_factory):
     assert prep_main(["demo", "--output", str(out), "--documents", "80", "--max-chars", "2000", "--seed", "1",
                       "--vocab-size", "0"]) == 0
     return out
+
+
+@pytest.fixture()
+def local_ray():
+    """A private local Ray (2 CPUs, no dashboard) for one test; only it is shut down afterwards."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()

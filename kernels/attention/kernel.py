@@ -1,7 +1,7 @@
 """Triton kernels of MSA block-sparse GQA attention: forward, dQ, and dK/dV through the key-block ->
 query reverse index (deterministic, no atomics).
 
-Not runnable by itself; called by `kernels.attention.op`. Tests: `pytest -q tests/kernels/test_attention.py`.
+Not runnable by itself; called by `kernels.attention.op`. Tests: `pytest -q tests/kernels/test_msa_attention.py`.
 
 Shape legend: N flat tokens, H heads (query heads for q/o/lse/delta, KV heads for k/v/block_idx),
 D head dim, K top-k slots; inside a kernel R rows of a program (row r = token r // G of the tile,
@@ -18,10 +18,8 @@ Online softmax in base 2 with log2(e) folded into the scale; fp32 accumulation.
 import triton
 import triton.language as tl
 
+from kernels._common import LN2_C, LOG2E_C
 from kernels._split import split_block_kv, split_list, split_step
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -81,7 +79,7 @@ def attn_fwd_kernel(
     o = acc / l_safe[:, None]
     tl.store(o_ptr + tok_R[:, None] * stride_o_n + head_R[:, None] * stride_o_h + d[None, :],
              o.to(o_ptr.dtype.element_ty), mask=valid_R[:, None])
-    tl.store(lse_ptr + tok_R * stride_l_n + head_R, (m_R + tl.log2(l_safe)) * LN2, mask=valid_R)
+    tl.store(lse_ptr + tok_R * stride_l_n + head_R, (m_R + tl.log2(l_safe)) * LN2_C, mask=valid_R)
 
 
 @triton.jit
@@ -111,7 +109,7 @@ def attn_bwd_dq_kernel(
                 mask=valid_R[:, None], other=0.0)
     do = tl.load(do_ptr + tok_R[:, None] * stride_do_n + head_R[:, None] * stride_do_h + d[None, :],
                  mask=valid_R[:, None], other=0.0)
-    lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
+    lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E_C
     delta_R = tl.load(delta_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0)
     slot = tl.arange(0, KP)
     sel_RK = tl.load(bidx_ptr + tok_R[:, None] * stride_b_n + h * stride_b_h + slot[None, :],
@@ -177,7 +175,7 @@ def attn_bwd_dkdv_kernel(
                     mask=valid_R[:, None], other=0.0)
         do = tl.load(do_ptr + tok_R[:, None] * stride_do_n + head_R[:, None] * stride_do_h + d[None, :],
                      mask=valid_R[:, None], other=0.0)
-        lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
+        lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E_C
         delta_R = tl.load(delta_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2
         ok = valid_R[:, None] & kvalid[None, :] & (kpos[None, :] <= tok_R[:, None])
@@ -215,7 +213,7 @@ def attn_fwd_split_kernel(
     # Partial result of one (token, slot): o_s = softmax over the slot's block's visible keys @ V
     # (normalised, in the partial buffer's dtype) and its base-2 log-sum-exp, per head of the group.
     # PREFETCH: load each step's token list one step ahead, so the q gather's addresses are ready
-    # (also prefetching the q rows a step ahead measured slower: kernels/PERF.md).
+    # (also prefetching the q rows a step ahead measured slower: docs/perf/kernels_notes.md).
     # Q_EVICT / PART_CACHE: cache hints, e.g. "evict_last" for the chunk's q rows (read by every
     # list of the chunk) and ".cs" (streaming) for the partials, written once and read once.
     _, h, lo, hi, b0, e0 = split_list(offsets_ptr, blk_start_ptr, blk_seq_end_ptr, n_blocks, n_items)
@@ -303,7 +301,7 @@ def attn_merge_slots_kernel(
     if SOFTMAX:
         den_safe = tl.where(den_R > 0, den_R, 1.0)
         acc = acc * (1.0 / den_safe)[:, None]
-        lse_R = tl.where(den_R > 0, (m_R + tl.log2(den_safe)) * LN2, -float("inf"))
+        lse_R = tl.where(den_R > 0, (m_R + tl.log2(den_safe)) * LN2_C, -float("inf"))
         tl.store(lse_ptr + tok_R * stride_lse_n + head_R, lse_R, mask=valid_R)
     else:
         acc = acc * scale
@@ -364,7 +362,7 @@ def attn_bwd_split_kernel(
                         mask=valid_R[:, None], other=0.0, eviction_policy=Q_EVICT)
             do = tl.load(do_ptr + tok_R[:, None] * stride_do_n + head_R[:, None] * stride_do_h + d[None, :],
                          mask=valid_R[:, None], other=0.0, eviction_policy=Q_EVICT)
-            lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
+            lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E_C
             delta_R = tl.load(delta_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0)
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale_log2 - lse2_R[None, :]
             # As in the forward, the mask is needed only where the step reaches into the block;

@@ -1,7 +1,7 @@
 """Public MSA block-sparse attention: `msa_attention` validates its inputs and wires the Triton
 forward/backward kernels into autograd (or runs the fp32 reference with backend="reference").
 
-Tests: `pytest -q tests/kernels/test_attention.py`.
+Tests: `pytest -q tests/kernels/test_msa_attention.py`.
 
 Shape legend: B batch, T tokens, N = B*T, H heads (query heads for q/o/lse, KV heads for k/v and
 block_idx), D head dim, K top-k slots, P query tiles, U union slots, C key blocks, E reverse-index entries.
@@ -26,21 +26,18 @@ from kernels.attention.kernel import (
 )
 from kernels.attention.reference import msa_attention_reference
 
-LOG2E = 1.4426950408889634
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-
-# Launch parameters on the GPU (the interpreter ignores warps and stages). Tuned in kernels/PERF.md;
-# `kernels.bench` overrides them to compare variants.
+# Launch parameters on the GPU (the interpreter ignores warps and stages). Tuned in
+# docs/perf/kernels_notes.md; `benchmarks/msa_kernels.py --sweep` overrides them to compare variants.
 GPU_CONFIG = {
-    # Which schedule msa_attention uses when the caller does not say (see SCHEDULES).
+    # Which schedule msa_attention uses when the caller does not say (see _common.SCHEDULES).
     # chunk_tokens None: N / 16 as a power of two in [256, 16384] (_common.split_chunk_tokens).
     "schedule": dict(name="split", chunk_tokens=None),
-    # Query-stationary schedule ("query"): the sweep's choices on the H100 (kernels/PERF.md).
+    # Query-stationary schedule ("query"): the sweep's choices on the H100 (docs/perf/kernels_notes.md).
     "fwd": dict(BN=128, num_warps=4, num_stages=2),
     "dq": dict(BN=64, num_warps=4, num_stages=2),
     "dkdv": dict(BN=64, rows=64, num_warps=4, num_stages=2),
     # Key-block-stationary schedule ("split"), rows = query rows (tokens x G) per step: the sweep's
-    # choices on the H100 (kernels/PERF.md).
+    # choices on the H100 (docs/perf/kernels_notes.md).
     # prefetch: the forward loads each step's token list a step ahead (a code path, so the
     # interpreter follows it too); q_evict, part_cache, part_evict: cache hints for the q/dO
     # gathers (read by every list of a chunk: keep them in L2; the pipelined backward gathers
@@ -56,15 +53,14 @@ _HINTS = {"prefetch": "PREFETCH", "q_evict": "Q_EVICT", "part_cache": "PART_CACH
 # are re-read from L2 for every token. "split": one program per (KV head, query chunk, key block)
 # loads K/V once for all the chunk's tokens that selected the block and writes per-slot partials
 # that a second pass merges (kernels/attention/README.md).
-SCHEDULES = ("query", "split")
 
 
 def check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, tokens_per_tile, schedule=None,
                  chunk_tokens=None):
-    _common.check_tensor("q", q, 4, _FLOAT)
+    _common.check_tensor("q", q, 4, _common.FLOAT_DTYPES)
     dev = q.device
-    _common.check_tensor("k", k, 4, _FLOAT, dev)
-    _common.check_tensor("v", v, 4, _FLOAT, dev)
+    _common.check_tensor("k", k, 4, _common.FLOAT_DTYPES, dev)
+    _common.check_tensor("v", v, 4, _common.FLOAT_DTYPES, dev)
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     if k.shape != (B, T, Hkv, D) or v.shape != k.shape:
@@ -91,8 +87,8 @@ def check_inputs(q, k, v, block_idx, block_size, cu_seqlens, softmax_scale, toke
         tm = tokens_per_tile
         if not isinstance(tm, int) or tm < 1 or tm & (tm - 1) or block_size % tm:
             raise ValueError(f"tokens_per_tile must be a power of two dividing block_size={block_size}, got {tm!r}")
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES} or None, got {schedule!r}")
+    if schedule is not None and schedule not in _common.SCHEDULES:
+        raise ValueError(f"schedule must be one of {_common.SCHEDULES} or None, got {schedule!r}")
     if tokens_per_tile not in (None, 1) and schedule == "split":
         raise ValueError("tokens_per_tile applies to schedule='query' only")
     if chunk_tokens is not None and not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
@@ -131,7 +127,7 @@ class _MSAAttention(torch.autograd.Function):
             q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
             o_N.stride(0), o_N.stride(1), lse_N.stride(0), b_N.stride(0), b_N.stride(1),
             union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0),
-            scale * LOG2E,
+            scale * _common.LOG2E,
             G=G, TM=TM, R=R, BS=block_size, D=D, TOPK=TOPK, KP=_common.next_pow2(TOPK),
             DOT_PREC=_common.dot_precision(q.dtype), **cfg,
         )
@@ -161,7 +157,7 @@ class _MSAAttention(torch.autograd.Function):
             q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
             do_N.stride(0), do_N.stride(1), dq_N.stride(0), dq_N.stride(1), lse_N.stride(0),
             b_N.stride(0), b_N.stride(1), union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0),
-            scale * LOG2E, scale,
+            scale * _common.LOG2E, scale,
             G=G, TM=TM, R=R, BS=block_size, D=D, TOPK=TOPK, KP=_common.next_pow2(TOPK), DOT_PREC=prec,
             **_launch_cfg("dq", q_N, block_size, R),
         )
@@ -176,7 +172,7 @@ class _MSAAttention(torch.autograd.Function):
             q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
             do_N.stride(0), do_N.stride(1), dk_N.stride(0), dk_N.stride(1), dv_N.stride(0), dv_N.stride(1),
             lse_N.stride(0),
-            scale * LOG2E, scale,
+            scale * _common.LOG2E, scale,
             G=G, TQ=TQ, R=Rq, BS=block_size, D=D, DOT_PREC=prec, **cfg,
         )
         return (dq_N.view(B, T, Hq, D), dk_N.view(B, T, Hkv, D), dv_N.view(B, T, Hkv, D),
@@ -184,7 +180,7 @@ class _MSAAttention(torch.autograd.Function):
 
 
 class _MSAAttentionSplit(torch.autograd.Function):
-    """The key-block-stationary schedule (see SCHEDULES); same contract as _MSAAttention."""
+    """The key-block-stationary schedule (see _common.SCHEDULES); same contract as _MSAAttention."""
 
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, cu_seqlens, scale, chunk_tokens):
@@ -214,7 +210,7 @@ class _MSAAttentionSplit(torch.autograd.Function):
             q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), v_N.stride(0), v_N.stride(1),
             op_NHKGD.stride(0), op_NHKGD.stride(1), op_NHKGD.stride(2),
             lp_NHKG.stride(0), lp_NHKG.stride(1), lp_NHKG.stride(2),
-            scale * LOG2E,
+            scale * _common.LOG2E,
             G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=prec, **cfg,
         )
         _merge_slots(op_NHKGD, lp_NHKG, idx.valid_NHK, o_N, lse_N, 1.0, G, D, TOPK, block_size)
@@ -251,7 +247,7 @@ class _MSAAttentionSplit(torch.autograd.Function):
             do_N.stride(0), do_N.stride(1), lse_N.stride(0),
             dqp_NHKGD.stride(0), dqp_NHKGD.stride(1), dqp_NHKGD.stride(2),
             dkp.stride(0), dkp.stride(1), dkp.stride(2),
-            scale * LOG2E, scale,
+            scale * _common.LOG2E, scale,
             G=G, TQ=TQ, R=R, BS=block_size, D=D, DOT_PREC=prec, **cfg,
         )
         _merge_slots(dqp_NHKGD, None, valid_NHK, dq_N, None, scale, G, D, TOPK, block_size)
@@ -318,7 +314,7 @@ def default_tokens_per_tile(G: int, block_size: int) -> int:
     # the rows of 16 // G tokens are free: the tile then walks the union of their blocks, which
     # costs at most what the tokens would cost one by one and less when neighbours share blocks.
     # With G >= 16 one token's heads fill the tile (NSA's group-centric loading); wider tiles pay
-    # off only when neighbouring tokens select the same blocks (see kernels/PERF.md).
+    # off only when neighbouring tokens select the same blocks (see docs/perf/kernels_notes.md).
     return min(block_size, max(1, 16 // G))
 
 

@@ -1,7 +1,7 @@
 """Plain-PyTorch fp32 reference of MSA block-sparse GQA attention. Obviously correct, differentiable
 in q, k and v through autograd. Shares no code with the Triton path.
 
-Tests: `pytest -q tests/kernels/test_attention.py`.
+Tests: `pytest -q tests/kernels/test_msa_attention.py`.
 
 Memory: scores are built per (sequence, chunk of queries) as [Hkv, G, C, L] fp32 and recomputed in
 the backward (activation checkpointing), so the peak stays near one chunk's scores (~32M floats)

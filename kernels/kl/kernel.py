@@ -4,7 +4,7 @@ reverse index. Key-block-stationary ("split") schedule of the sparse form: per-(
 partial log-sum-exps, KL terms and d(qi), per-(group, chunk) d(ki) partials, and the fixed-order
 sums that combine them. Both are deterministic (no atomics).
 
-Not runnable by itself; called by `kernels.kl.op`. Tests: `pytest -q tests/kernels/test_kl.py`.
+Not runnable by itself; called by `kernels.kl.op`. Tests: `pytest -q tests/kernels/test_msa_kl.py`.
 
 Shape legend: N flat tokens, H heads (query heads for q/lse, KV = index heads for k/qi/block_idx),
 D head dim, I index dim, K top-k slots; inside a kernel R rows (row r = token r // G, head r % G,
@@ -19,10 +19,8 @@ is in nats. DENSE=True is the warm-up form: the support is every causally visibl
 import triton
 import triton.language as tl
 
+from kernels._common import LN2_C, LOG2E_C
 from kernels._split import split_list, split_step, split_step_tokens
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -84,9 +82,9 @@ def kl_fwd_kernel(
 
     # Pass 1, only when the caller has no lse / index_lse: online log-sum-exp over the support.
     if HAS_LSE:
-        lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
+        lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E_C
     if HAS_ILSE:
-        ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E
+        ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E_C
     if not (HAS_LSE and HAS_ILSE):
         m_R = tl.full([R], -1.0e30, tl.float32)
         l_R = tl.zeros([R], tl.float32)
@@ -150,7 +148,7 @@ def kl_fwd_kernel(
             p_T = _rows_to_tokens_sum(p_R, TP, G, BN) * (1.0 / G)
             z_R = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * iscale_log2
             z_T = tl.max(tl.reshape(z_R, [TP, G, BN]), 1)
-            log_pi_T = (z_T - ilse2_T[:, None]) * LN2
+            log_pi_T = (z_T - ilse2_T[:, None]) * LN2_C
             pos = ok_T & (p_T > 0)
             term = tl.where(pos, p_T * (tl.log(tl.where(pos, p_T, 1.0)) - log_pi_T), 0.0)
             kl_T += tl.sum(term, 1)
@@ -160,9 +158,9 @@ def kl_fwd_kernel(
     tl.store(psum_ptr + tok_T * stride_kl_n + h, ps_T, mask=valid_T)
     # The backward needs the lse it used; write what pass 1 computed.
     if not HAS_LSE:
-        tl.store(lse_ptr + tok_R * stride_l_n + head_R, lse2_R * LN2, mask=valid_R)
+        tl.store(lse_ptr + tok_R * stride_l_n + head_R, lse2_R * LN2_C, mask=valid_R)
     if not HAS_ILSE:
-        tl.store(ilse_ptr + tok_T * stride_il_n + h, ilse2_T * LN2, mask=valid_T)
+        tl.store(ilse_ptr + tok_T * stride_il_n + h, ilse2_T * LN2_C, mask=valid_T)
 
 
 @triton.jit
@@ -198,8 +196,8 @@ def kl_bwd_dqi_kernel(
                 mask=valid_R[:, None], other=0.0)
     qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
                  mask=valid_R[:, None], other=0.0)
-    lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
-    ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E
+    lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E_C
+    ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E_C
     ps_T = tl.load(psum_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0)
     slot = tl.arange(0, KP)
     if DENSE:
@@ -300,8 +298,8 @@ def kl_bwd_dki_kernel(
                     mask=valid_R[:, None], other=0.0)
         qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
                      mask=valid_R[:, None], other=0.0)
-        lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
-        ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E
+        lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E_C
+        ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E_C
         ps_T = tl.load(psum_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0)
         ok_R = valid_R[:, None] & kvalid[None, :] & (kpos[None, :] <= tok_R[:, None])
         ok_T = valid_T[:, None] & kvalid[None, :] & (kpos[None, :] <= tok_T[:, None])
@@ -412,7 +410,7 @@ def kl_merge_lse_kernel(
     for s in range(TOPK):
         v = ok & (tl.load(valid_ptr + (row // G) * TOPK + s, mask=ok, other=0) != 0)
         den += tl.exp2(tl.load(lp_ptr + row * TOPK + s, mask=v, other=-float("inf")) - m)
-    lse = tl.where(den > 0, (m + tl.log2(tl.where(den > 0, den, 1.0))) * LN2, -float("inf"))
+    lse = tl.where(den > 0, (m + tl.log2(tl.where(den > 0, den, 1.0))) * LN2_C, -float("inf"))
     tl.store(lse_ptr + row, lse, mask=ok)
 
 
@@ -449,8 +447,8 @@ def kl_fwd_split_kernel(
                         mask=valid_R[:, None], other=0.0)
             qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
                          mask=valid_R[:, None], other=0.0)
-            lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
-            ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E
+            lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E_C
+            ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E_C
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2 - lse2_R[:, None]
             # The mask only where the step reaches into the block (see kl_lse_split_kernel); padding
             # rows are never stored, so whatever they hold does not matter.
@@ -458,7 +456,7 @@ def kl_fwd_split_kernel(
                 s = tl.where(kvalid[None, :] & (kpos[None, :] <= tok_R[:, None]), s, -float("inf"))
             p_T = _rows_to_tokens_sum(tl.exp2(s), TP, G, BS) * (1.0 / G)
             z = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC) * iscale_log2
-            log_pi_T = (tl.max(tl.reshape(z, [TP, G, BS]), 1) - ilse2_T[:, None]) * LN2
+            log_pi_T = (tl.max(tl.reshape(z, [TP, G, BS]), 1) - ilse2_T[:, None]) * LN2_C
             # p = 0 exactly on the masked keys, where log pI (finite: masked keys load ki = 0) is unused.
             pos = p_T > 0
             term = tl.where(pos, p_T * (tl.log(tl.where(pos, p_T, 1.0)) - log_pi_T), 0.0)
@@ -537,8 +535,8 @@ def kl_bwd_split_kernel(
                         mask=valid_R[:, None], other=0.0)
             qi = tl.load(qi_ptr + tok_R[:, None] * stride_qi_n + h * stride_qi_h + di[None, :],
                          mask=valid_R[:, None], other=0.0)
-            lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E
-            ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E
+            lse2_R = tl.load(lse_ptr + tok_R * stride_l_n + head_R, mask=valid_R, other=0.0) * LOG2E_C
+            ilse2_T = tl.load(ilse_ptr + tok_T * stride_il_n + h, mask=valid_T, other=0.0) * LOG2E_C
             ps_T = tl.load(psum_ptr + tok_T * stride_ps_n + h * stride_ps_h, mask=valid_T, other=0.0)
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale_log2 - lse2_R[None, :]
             zT = tl.dot(ki, tl.trans(qi), input_precision=DOT_PREC) * iscale_log2

@@ -1,7 +1,7 @@
 """Public MSA KL alignment loss: `msa_kl_loss` validates its inputs and wires the Triton kernels
 into autograd (or runs the fp32 reference with backend="reference"). Gradients reach qi and ki only.
 
-Tests: `pytest -q tests/kernels/test_kl.py`.
+Tests: `pytest -q tests/kernels/test_msa_kl.py`.
 
 Shape legend: B batch, T tokens, N = B*T, H heads (query heads for q/lse, KV = index heads for
 k/qi/block_idx/index_lse), D head dim, I index dim, K top-k slots, P query tiles, U union slots,
@@ -28,12 +28,9 @@ from kernels.kl.kernel import (
 )
 from kernels.kl.reference import msa_kl_loss_reference
 
-LOG2E = 1.4426950408889634
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-
 # Launch parameters on the GPU (the interpreter ignores warps and stages).
 GPU_CONFIG = {
-    # Which schedule the sparse form uses when the caller does not say (see SCHEDULES); chunk_tokens
+    # Which schedule the sparse form uses when the caller does not say (see _common.SCHEDULES); chunk_tokens
     # None: the attention's default (kernels._common.split_chunk_tokens).
     "schedule": dict(name="split", chunk_tokens=None),
     # Query-stationary schedule ("query", and always the dense form).
@@ -42,31 +39,30 @@ GPU_CONFIG = {
     "dki": dict(BN=64, rows=64, num_warps=4, num_stages=2),
     # Key-block-stationary schedule ("split"), rows = query rows (tokens x G) per step; the whole
     # block is one step's keys (BN is unused). fwd/bwd: the sweep's choices on the H100 at 64K
-    # (kernels/PERF.md; 8 warps 10.4 vs 4 warps 10.8 ms forward, 3 stages 14.3 vs 2 stages 14.5 ms
+    # (docs/perf/kernels_notes.md; 8 warps 10.4 vs 4 warps 10.8 ms forward, 3 stages 14.3 vs 2 stages 14.5 ms
     # backward); lse_split (only when lse/index_lse are not given) from register counts.
     "lse_split": dict(BN=128, rows=64, num_warps=4, num_stages=1),
     "fwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=1),
     # prefetch: the backward loads each step's token lists a step ahead, so that Triton's pipeliner
     # issues its gathers two steps ahead instead of one (14.3 -> 13.4 ms at 64K; it made the
-    # forward and the attention's backward slower: more registers, kernels/PERF.md).
+    # forward and the attention's backward slower: more registers, docs/perf/kernels_notes.md).
     "bwd_split": dict(BN=128, rows=64, num_warps=8, num_stages=3, prefetch=True),
 }
 # "query": one program per (query token tile, group) walks the tile's blocks, re-reading k and ki
 # from L2 per token. "split": one program per (group, query chunk, key block) loads k and ki once
 # for all the chunk's tokens that selected the block and writes per-(token, slot) partials that
 # fixed-order sums combine (kernels/kl/README.md). The dense form has only the query schedule.
-SCHEDULES = ("query", "split")
 # Elements of one program of the slot and log-sum-exp sums (rows x width).
 _SUM_ELEMS = 2048
 
 
 def _check(q, k, qi, ki, block_idx, block_size, cu_seqlens, lse, index_lse, softmax_scale, tokens_per_tile,
            schedule=None, chunk_tokens=None):
-    _common.check_tensor("q", q, 4, _FLOAT)
+    _common.check_tensor("q", q, 4, _common.FLOAT_DTYPES)
     dev = q.device
-    _common.check_tensor("k", k, 4, _FLOAT, dev)
-    _common.check_tensor("qi", qi, 4, _FLOAT, dev)
-    _common.check_tensor("ki", ki, 3, _FLOAT, dev)
+    _common.check_tensor("k", k, 4, _common.FLOAT_DTYPES, dev)
+    _common.check_tensor("qi", qi, 4, _common.FLOAT_DTYPES, dev)
+    _common.check_tensor("ki", ki, 3, _common.FLOAT_DTYPES, dev)
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     if k.shape != (B, T, Hkv, D):
@@ -104,8 +100,8 @@ def _check(q, k, qi, ki, block_idx, block_size, cu_seqlens, lse, index_lse, soft
         tm = tokens_per_tile
         if not isinstance(tm, int) or tm < 1 or tm & (tm - 1) or block_size % tm:
             raise ValueError(f"tokens_per_tile must be a power of two dividing block_size={block_size}, got {tm!r}")
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES} or None, got {schedule!r}")
+    if schedule is not None and schedule not in _common.SCHEDULES:
+        raise ValueError(f"schedule must be one of {_common.SCHEDULES} or None, got {schedule!r}")
     if schedule == "split" and block_idx is None:
         raise ValueError("schedule='split' needs block_idx (the dense form has only the query schedule)")
     if tokens_per_tile not in (None, 1) and schedule == "split":
@@ -165,7 +161,7 @@ class _MSAKLLoss(torch.autograd.Function):
             q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), qi_N.stride(0), qi_N.stride(1), ki_N.stride(0),
             lse_N.stride(0), ilse_N.stride(0), b_N.stride(0), b_N.stride(1),
             union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0), kl_NH.stride(0),
-            scale * LOG2E, LOG2E / math.sqrt(I),
+            scale * _common.LOG2E, _common.LOG2E / math.sqrt(I),
             G=G, TM=TM, R=R, BS=block_size, D=D, DI=I, TOPK=TOPK, KP=_common.next_pow2(TOPK),
             DENSE=dense, HAS_LSE=has_lse, HAS_ILSE=has_ilse, DOT_PREC=prec, **_cfg("fwd", q, block_size, R),
         )
@@ -194,7 +190,7 @@ class _MSAKLLoss(torch.autograd.Function):
             q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), qi_N.stride(0), qi_N.stride(1), ki_N.stride(0),
             lse_N.stride(0), ilse_N.stride(0), b_N.stride(0), b_N.stride(1),
             union_PHU.stride(0), union_PHU.stride(1), count_PH.stride(0), dqi_N.stride(0), dqi_N.stride(1),
-            scale * LOG2E, LOG2E / math.sqrt(I), grad, grad_scale,
+            scale * _common.LOG2E, _common.LOG2E / math.sqrt(I), grad, grad_scale,
             G=G, TM=TM, R=R, BS=block_size, D=D, DI=I, TOPK=TOPK, KP=_common.next_pow2(TOPK),
             DENSE=dense, DOT_PREC=prec, **_cfg("dqi", q_N, block_size, R),
         )
@@ -212,7 +208,7 @@ class _MSAKLLoss(torch.autograd.Function):
             tokens_E, offsets, blk_start_C, blk_seq_end_C, C,
             q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), qi_N.stride(0), qi_N.stride(1), ki_N.stride(0),
             lse_N.stride(0), ilse_N.stride(0), dki_HNI.stride(0), dki_HNI.stride(1),
-            scale * LOG2E, LOG2E / math.sqrt(I), grad, grad_scale,
+            scale * _common.LOG2E, _common.LOG2E / math.sqrt(I), grad, grad_scale,
             G=G, TQ=TQ, R=Rq, BS=block_size, D=D, DI=I, DENSE=dense, DOT_PREC=prec, **cfg,
         )
         # ki is shared by the groups: sum their partial gradients in a fixed order (deterministic).
@@ -221,7 +217,7 @@ class _MSAKLLoss(torch.autograd.Function):
 
 
 class _MSAKLLossSplit(torch.autograd.Function):
-    """The key-block-stationary schedule of the sparse form (see SCHEDULES); same contract as _MSAKLLoss."""
+    """The key-block-stationary schedule of the sparse form (see _common.SCHEDULES); same contract as _MSAKLLoss."""
 
     @staticmethod
     def forward(ctx, qi, ki, q, k, block_idx, lse, index_lse, block_size, cu_seqlens, scale, chunk_tokens):
@@ -240,7 +236,7 @@ class _MSAKLLossSplit(torch.autograd.Function):
         work = (idx.tokens_E, idx.slots_E, idx.offsets, blk_start_C, blk_seq_end_C, C, NCH * C)
         strides = (q_N.stride(0), q_N.stride(1), k_N.stride(0), k_N.stride(1), qi_N.stride(0), qi_N.stride(1),
                    ki_N.stride(0))
-        scales = (scale * LOG2E, LOG2E / math.sqrt(I))
+        scales = (scale * _common.LOG2E, _common.LOG2E / math.sqrt(I))
         prec = _common.dot_precision(q.dtype)
         has_lse, has_ilse = lse is not None, index_lse is not None
         lse_N = _flat(lse) if has_lse else _common.empty((N, Hq), torch.float32, dev)
@@ -309,7 +305,7 @@ class _MSAKLLossSplit(torch.autograd.Function):
             lse_N.stride(0), ilse_N.stride(0), psum_NH.stride(0), psum_NH.stride(1),
             dqip_NHKI.stride(0), dqip_NHKI.stride(1), dqip_NHKI.stride(2),
             dkip_XNHI.stride(0), dkip_XNHI.stride(1), dkip_XNHI.stride(2),
-            scale * LOG2E, LOG2E / math.sqrt(I),
+            scale * _common.LOG2E, _common.LOG2E / math.sqrt(I),
             G=G, TQ=TQ, R=R, BS=block_size, D=D, DI=I, DOT_PREC=_common.dot_precision(q_N.dtype), **cfg,
         )
         dqi_N = _common.empty((N, Hkv, I), qi_N.dtype, dev)

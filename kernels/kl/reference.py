@@ -1,7 +1,7 @@
 """Plain-PyTorch fp32 reference of the MSA KL alignment loss. Obviously correct; differentiable in qi
 and ki only (the teacher q, k and lse are constants). Shares no code with the Triton path.
 
-Tests: `pytest -q tests/kernels/test_kl.py`.
+Tests: `pytest -q tests/kernels/test_msa_kl.py`.
 
 Memory: per (sequence, chunk of queries) the teacher probabilities [Hkv, G, C, L] are built without
 autograd and averaged over the group at once; the student's [Hkv, C, L] log-softmax is checkpointed

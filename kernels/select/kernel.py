@@ -1,7 +1,7 @@
 """Triton kernel of MSA block selection: token scores, causal block max-pooling, a running top-(k-1)
 of the non-local blocks kept in registers, and the index log-sum-exp over the selected keys.
 
-Not runnable by itself; called by `kernels.select.op.msa_select`. Tests: `pytest -q tests/kernels/test_select.py`.
+Not runnable by itself; called by `kernels.select.op.msa_select`. Tests: `pytest -q tests/kernels/test_msa_select.py`.
 
 Shape legend: N flat tokens, H index heads, I index dim, K top-k slots; inside the kernel
 R rows of a program (= tokens x heads, row r is token r // HB, head h0 + r % HB), J keys of a block,
@@ -16,8 +16,7 @@ no second pass over the selected keys.
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from kernels._common import LN2_C
 
 
 @triton.jit
@@ -108,4 +107,4 @@ def select_kernel(
     out = tl.where(slot[None, :] == n_valid - 1, local, top_i)
     tl.store(bidx_ptr + tok_R[:, None] * stride_b_n + head_R[:, None] * stride_b_h + slot[None, :], out,
              mask=valid_R[:, None] & (slot[None, :] < TOPK))
-    tl.store(lse_ptr + tok_R * stride_l_n + head_R, lse2 * LN2, mask=valid_R)
+    tl.store(lse_ptr + tok_R * stride_l_n + head_R, lse2 * LN2_C, mask=valid_R)

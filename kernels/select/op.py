@@ -1,7 +1,7 @@
 """Public MSA block selection: `msa_select` validates its inputs and runs the Triton kernel (or the
 fp32 reference with backend="reference"). Not differentiable (top-k has no gradient).
 
-Tests: `pytest -q tests/kernels/test_select.py`.
+Tests: `pytest -q tests/kernels/test_msa_select.py`.
 
 Shape legend: B batch, T tokens, N = B*T, H index heads (= KV heads), I index dim, K top-k slots.
 """
@@ -16,10 +16,7 @@ from kernels import _common
 from kernels.select.kernel import select_kernel
 from kernels.select.reference import msa_select_reference
 
-LOG2E = 1.4426950408889634
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-
-# Launch parameters on the GPU (the interpreter ignores them); `kernels.bench --sweep` compares variants.
+# Launch parameters on the GPU (the interpreter ignores them); `benchmarks/msa_kernels.py --sweep` compares variants.
 # rows: query rows (tokens x index heads) per program, 8 warps from 128 rows; pipe: rank block
 # b - 1 while the tensor cores compute block b's scores. rows and pipe change the code path, so
 # the interpreter follows them too.
@@ -27,9 +24,9 @@ GPU_CONFIG = {"num_stages": 3, "rows": 128, "pipe": True}
 
 
 def _check(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens):
-    _common.check_tensor("qi", qi_BTHI, 4, _FLOAT)
+    _common.check_tensor("qi", qi_BTHI, 4, _common.FLOAT_DTYPES)
     dev = qi_BTHI.device
-    _common.check_tensor("ki", ki_BTI, 3, _FLOAT, dev)
+    _common.check_tensor("ki", ki_BTI, 3, _common.FLOAT_DTYPES, dev)
     B, T, H, I = qi_BTHI.shape
     if ki_BTI.shape != (B, T, I):
         raise ValueError(f"ki must have shape [B, T, dI] = {(B, T, I)} to match qi {tuple(qi_BTHI.shape)}, "
@@ -87,7 +84,7 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, backend: 
         start_P, seq_start_P, seq_end_P, P,
         qi_NHI.stride(0), qi_NHI.stride(1), ki_NI.stride(0), block_idx_NHK.stride(0), block_idx_NHK.stride(1),
         index_lse_NH.stride(0),
-        LOG2E / math.sqrt(I),
+        _common.LOG2E / math.sqrt(I),
         BS=block_size, TOPK=topk, KP=max(2, _common.next_pow2(topk)), BM=BM, HB=HB, DI=I,
         DOT_PREC=_common.dot_precision(qi.dtype), PIPE=bool(GPU_CONFIG.get("pipe", False)),
         num_warps=8 if BM * HB >= 128 else 4, num_stages=GPU_CONFIG["num_stages"],

@@ -1,6 +1,6 @@
 """Plain-PyTorch fp32 reference of MSA block selection (the index branch). Obviously correct, slow.
 
-Shares no code with the Triton path. Its tests: `pytest -q tests/kernels/test_select.py`.
+Shares no code with the Triton path. Its tests: `pytest -q tests/kernels/test_msa_select.py`.
 
 Shape legend: B batch, T tokens, H index heads (= KV heads), I index dim, K top-k slots,
 C query rows of a chunk, L keys of one sequence, M key blocks of one sequence.

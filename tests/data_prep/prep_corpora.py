@@ -1,13 +1,29 @@
-"""Small corpora of every input format, written into a test's tmp_path (nothing is committed or fetched)."""
+"""Small corpora of every input format, written into a test's tmp_path (nothing is committed or
+fetched), and the helpers the data_prep tests share (imported by them; fixtures are in conftest.py)."""
 from __future__ import annotations
 
 import io
 import json
 import random
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+# What the conversion tests pass to every command: one worker, quiet, small images allowed.
+PREP_ARGS = ("--workers", "1", "--quiet", "--min-image-side", "16")
+
+
+def prep_converter(command: str, *options: str) -> Callable[..., dict]:
+    """`convert(inp, out, *extra)` for one `msa-prep` command: runs it with PREP_ARGS, `options` and
+    `extra`, asserts that it succeeded and returns the manifest."""
+    def convert(inp, out, *extra) -> dict:
+        from data_prep.cli import main as prep_main
+
+        assert prep_main([command, str(inp), "--output", str(out), *PREP_ARGS, *options, *extra]) == 0
+        return json.loads((Path(out) / "manifest.json").read_text())
+    return convert
 
 WORDS = ("river stone lantern meadow copper harbor violet engine maple signal orbit canyon ember "
          "glacier willow bridge falcon quartz tundra marble").split()

@@ -1,18 +1,13 @@
 """`msa-prep html`: pages with local images -> shards the pipeline reads; every bad input counted."""
-import json
 import os
 
 from data_prep.cli import main as prep_main
 from data_prep.reader import iter_documents
 from data_prep.readers.html import extract
-from prep_corpora import bomb_png, html_corpus, image_bytes, page, pipeline_reads, truncated, write
+from prep_corpora import (bomb_png, html_corpus, image_bytes, page, pipeline_reads, prep_converter, truncated,
+                          write)
 
-ARGS = ["--workers", "1", "--quiet", "--min-image-side", "16"]
-
-
-def convert(inp, out, *extra):
-    assert prep_main(["html", str(inp), "--output", str(out), *ARGS, *extra]) == 0
-    return json.loads((out / "manifest.json").read_text())
+convert = prep_converter("html")
 
 
 def test_extracts_text_and_images_in_document_order():

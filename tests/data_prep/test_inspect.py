@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 from PIL import Image
 
 from data_prep.cli import main as prep_main
-from prep_corpora import html_corpus
+from prep_corpora import html_corpus, prep_converter
 
 
 class _Collect(HTMLParser):
@@ -31,8 +31,7 @@ class _Collect(HTMLParser):
 def test_inspect_prints_stats_and_writes_a_self_contained_preview(tmp_path, capsys):
     inp = html_corpus(tmp_path / "web", n_pages=6)
     out = tmp_path / "out"
-    assert prep_main(["html", str(inp), "--output", str(out), "--workers", "1", "--quiet", "--min-image-side",
-                      "16"]) == 0
+    prep_converter("html")(inp, out)
     capsys.readouterr()
     preview = tmp_path / "preview.html"
     assert prep_main(["inspect", str(out), "--output", str(preview), "--documents", "3"]) == 0

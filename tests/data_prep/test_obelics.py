@@ -3,15 +3,10 @@ import json
 
 from data_prep.cli import main as prep_main
 from data_prep.reader import iter_documents
-from prep_corpora import (image_bytes, obelics_records, pipeline_reads, to_jsonl, to_parquet, tree_bytes,
-                          truncated, write)
+from prep_corpora import (image_bytes, obelics_records, pipeline_reads, prep_converter, to_jsonl, to_parquet,
+                          tree_bytes, truncated, write)
 
-ARGS = ["--workers", "1", "--quiet", "--min-image-side", "16"]
-
-
-def convert(inp, out, *extra):
-    assert prep_main(["obelics", str(inp), "--output", str(out), *ARGS, *extra]) == 0
-    return json.loads((out / "manifest.json").read_text())
+convert = prep_converter("obelics")
 
 
 def test_parquet_and_jsonl_give_the_same_documents(tmp_path):

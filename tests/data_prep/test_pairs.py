@@ -1,19 +1,12 @@
 """`msa-prep pairs`: img2dataset tars and folders -> image-then-caption documents; bad samples counted."""
-import json
 import os
 import tarfile
 
-from data_prep.cli import main as prep_main
 from data_prep.reader import iter_documents
-from prep_corpora import (bomb_png, image_bytes, pairs_members, pipeline_reads, truncated, write,
+from prep_corpora import (bomb_png, image_bytes, pairs_members, pipeline_reads, prep_converter, truncated, write,
                           write_tar)
 
-ARGS = ["--workers", "1", "--quiet", "--min-image-side", "16", "--min-text-chars", "5"]
-
-
-def convert(inp, out, *extra):
-    assert prep_main(["pairs", str(inp), "--output", str(out), *ARGS, *extra]) == 0
-    return json.loads((out / "manifest.json").read_text())
+convert = prep_converter("pairs", "--min-text-chars", "5")
 
 
 def test_tars_and_folders_round_trip(tmp_path):

@@ -26,15 +26,6 @@ def test_private_local_ray_equals_local_processes(tmp_path):
     assert tree_bytes(tmp_path / "seq") == tree_bytes(tmp_path / "ray")
 
 
-@pytest.fixture()
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_job_output_streams_through_the_pipeline_ingest(local_ray, tmp_path):
     from pipeline.data import build_simple_dataset
 

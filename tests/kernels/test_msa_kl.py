@@ -24,7 +24,7 @@ CASES = {
 # How the model calls it: sparse with lse (from msa_attention) and index_lse (from msa_select);
 # sparse recomputing both; the dense warm-up form with lse recomputed; dense with a given lse.
 # The sparse modes run both schedules against one reference; the dense form has only the query one.
-MODES = ["sparse_given", "sparse_recomputed", "dense", "dense_given_lse"]
+KL_CALLS = ["sparse_given", "sparse_recomputed", "dense", "dense_given_lse"]
 
 
 def _run(case, mode, dtype, device):
@@ -72,7 +72,7 @@ def _run(case, mode, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", KL_CALLS)
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_matches_reference(case, mode, dtype, device):
     _run(CASES[case], mode, dtype, device)

@@ -1,4 +1,5 @@
-"""Helpers of the model tests: synthetic packed batches and small configs (imported by the tests).
+"""Helpers of the model tests: synthetic packed batches, small configs and attention contexts
+(imported by the tests; fixtures are in conftest.py).
 
 Run: `pytest -q tests/model` (CPU; the Triton path runs in the interpreter, set up by tests/conftest.py).
 """
@@ -6,8 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from model.attention import AttnContext, DenseMask, DocLayout
 from model.batch import IGNORE_INDEX, Batch
 from model.config import ModelConfig, MoEConfig, MSAConfig
+from model.layers import rope_cos_sin
 
 IMG_BEGIN, IMG_END, IMG_PATCH = 2, 3, 4  # special ids as in data_prep/schema.py (PAD, DOC, BEGIN, END, PATCH)
 
@@ -68,3 +71,12 @@ def small_config(**over) -> ModelConfig:
     base.update(over)
     return ModelConfig(**base, msa=MSAConfig(**msa), moe=MoEConfig(**moe))
 
+
+
+def attn_context(cfg: ModelConfig, batch: Batch, mode: str = "sparse", impl: str | None = None) -> AttnContext:
+    """The attention context the model builds for `batch` (document layout, dense mask, RoPE), without
+    statistics; `impl` overrides `cfg.dense_impl` ("sdpa" | "flex")."""
+    layout = DocLayout.from_segments(batch.segment_ids_BT)
+    return AttnContext(layout=layout, mask=DenseMask(layout, impl or cfg.dense_impl),
+                       rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),
+                       mode=mode, compute_stats=False)

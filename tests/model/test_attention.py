@@ -5,17 +5,9 @@
 import pytest
 import torch
 
-from model.attention import AttnContext, DenseMask, DocLayout, GQAAttention
-from model.layers import rope_cos_sin
+from model.attention import DocLayout, GQAAttention
 from model.msa import MSAAttention
-from model_helpers import build_batch, small_config
-
-
-def _ctx(cfg, batch, mode="sparse", impl=None):
-    layout = DocLayout.from_segments(batch.segment_ids_BT)
-    return AttnContext(layout=layout, mask=DenseMask(layout, impl or cfg.dense_impl),
-                       rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),
-                       mode=mode, compute_stats=False)
+from model_helpers import attn_context, build_batch, small_config
 
 
 def test_layout_from_segments():
@@ -35,8 +27,8 @@ def test_sdpa_and_flex_agree():
     layer = GQAAttention(cfg)
     x = torch.randn(2, 128, cfg.d_model)
     with torch.no_grad():  # FlexAttention has no CPU backward; on CPU it is only this cross-check
-        o_sdpa, _ = layer(x, _ctx(cfg, batch, impl="sdpa"))
-        o_flex, _ = layer(x, _ctx(cfg, batch, impl="flex"))
+        o_sdpa, _ = layer(x, attn_context(cfg, batch, impl="sdpa"))
+        o_flex, _ = layer(x, attn_context(cfg, batch, impl="flex"))
     torch.testing.assert_close(o_flex, o_sdpa, atol=1e-5, rtol=1e-5)
 
 
@@ -46,10 +38,10 @@ def test_documents_do_not_see_each_other(mode):
     batch = build_batch(cfg, [[40, 60, 20], [128]], 128)
     layer = MSAAttention(cfg)
     x = torch.randn(2, 128, cfg.d_model)
-    o, _ = layer(x, _ctx(cfg, batch, mode))
+    o, _ = layer(x, attn_context(cfg, batch, mode))
     x2 = x.clone()
     x2[0, :40] = torch.randn(40, cfg.d_model)  # change the first document of row 0
-    o2, _ = layer(x2, _ctx(cfg, batch, mode))
+    o2, _ = layer(x2, attn_context(cfg, batch, mode))
     torch.testing.assert_close(o2[0, 40:], o[0, 40:], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(o2[0, :40], o[0, :40])
 
@@ -62,10 +54,10 @@ def test_packed_equals_each_document_alone(mode):
     batch = build_batch(cfg, [lens], 128)
     layer = MSAAttention(cfg)
     x = torch.randn(1, 128, cfg.d_model)
-    o, _ = layer(x, _ctx(cfg, batch, mode))
+    o, _ = layer(x, attn_context(cfg, batch, mode))
     start = 0
     for L in lens:
         alone = build_batch(cfg, [[L]], L)
-        o_alone, _ = layer(x[:, start:start + L], _ctx(cfg, alone, mode))
+        o_alone, _ = layer(x[:, start:start + L], attn_context(cfg, alone, mode))
         torch.testing.assert_close(o[:, start:start + L], o_alone, atol=1e-5, rtol=1e-5)
         start += L

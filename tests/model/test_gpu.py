@@ -19,11 +19,9 @@ except ImportError:  # run as a script on a GPU machine without pytest
     pytest = None
 
 sys.path.insert(0, os.path.dirname(__file__))
-from model_helpers import IMG_PATCH, build_batch, small_config  # noqa: E402
+from model_helpers import IMG_PATCH, attn_context, build_batch, small_config  # noqa: E402
 
-from model.attention import AttnContext, DenseMask, DocLayout  # noqa: E402
 from model.config import MoEConfig  # noqa: E402
-from model.layers import rope_cos_sin  # noqa: E402
 from model.moe import MoE  # noqa: E402
 from model.msa import MSAAttention  # noqa: E402
 from model.presets import get_preset  # noqa: E402
@@ -31,13 +29,6 @@ from model.transformer import MultimodalTransformer  # noqa: E402
 
 if pytest is not None:
     pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def _ctx(cfg, batch, mode, impl):
-    layout = DocLayout.from_segments(batch.segment_ids_BT)
-    return AttnContext(layout=layout, mask=DenseMask(layout, impl),
-                       rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),
-                       mode=mode, compute_stats=False)
 
 
 def test_triton_topk_covering_every_block_equals_dense():
@@ -51,7 +42,7 @@ def test_triton_topk_covering_every_block_equals_dense():
     for mode, impl in (("dense", "sdpa"), ("dense", "flex"), ("sparse", "sdpa")):
         layer.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_()
-        o, _ = layer(xx, _ctx(cfg, batch, mode, impl))
+        o, _ = layer(xx, attn_context(cfg, batch, mode, impl))
         (o * torch.linspace(-1, 1, o.numel(), device="cuda").view_as(o)).sum().backward()
         outs[(mode, impl)] = (o.detach(), xx.grad, layer.q_proj.weight.grad, layer.k_proj.weight.grad)
     ref = outs[("dense", "sdpa")]
@@ -129,7 +120,7 @@ if __name__ == "__main__":
             if r:
                 for mode, v in r.items():
                     print(f"   {mode:7s} " + "  ".join(f"{k}={x:.4g}" for k, x in v.items()), flush=True)
-        except Exception as e:  # report and go on: one run of the device machine checks them all
+        except Exception as e:  # report and go on: one run on a GPU checks them all
             import traceback
 
             traceback.print_exc()

@@ -7,18 +7,9 @@ and the Triton path in the interpreter at small shapes).
 import pytest
 import torch
 
-from model.attention import AttnContext, DenseMask, DocLayout
-from model.layers import rope_cos_sin
 from model.msa import MSAAttention
 from model.transformer import MultimodalTransformer
-from model_helpers import IMG_PATCH, build_batch, small_config
-
-
-def _ctx(cfg, batch, mode):
-    layout = DocLayout.from_segments(batch.segment_ids_BT)
-    return AttnContext(layout=layout, mask=DenseMask(layout, cfg.dense_impl),
-                       rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),
-                       mode=mode, compute_stats=False)
+from model_helpers import IMG_PATCH, attn_context, build_batch, small_config
 
 
 def _layer_grads(layer, x, ctx):
@@ -39,8 +30,8 @@ def test_topk_covering_every_block_equals_dense(backend, T, docs):
     batch = build_batch(cfg, docs, T)
     layer = MSAAttention(cfg)
     x = torch.randn(len(docs), T, cfg.d_model)
-    o_dense, dx_dense, g_dense = _layer_grads(layer, x, _ctx(cfg, batch, "dense"))
-    o_sparse, dx_sparse, g_sparse = _layer_grads(layer, x, _ctx(cfg, batch, "sparse"))
+    o_dense, dx_dense, g_dense = _layer_grads(layer, x, attn_context(cfg, batch, "dense"))
+    o_sparse, dx_sparse, g_sparse = _layer_grads(layer, x, attn_context(cfg, batch, "sparse"))
     torch.testing.assert_close(o_sparse, o_dense, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(dx_sparse, dx_dense, atol=2e-5, rtol=1e-4)
     assert set(g_sparse) == set(g_dense) == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}

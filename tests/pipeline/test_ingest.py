@@ -9,15 +9,6 @@ from pipeline.packing import ImageDecoder, PackSpec, Tokenizer, pack_documents
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_ray_ingest_equals_local_packing(local_ray, demo_shards):
     from pipeline.data import build_simple_dataset
 

@@ -1,0 +1,1 @@
+"""Check and GPU scripts of the project (not installed with it); see scripts/README.md."""

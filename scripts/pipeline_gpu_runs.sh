@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The pipeline's GPU figures (docs/perf/pipeline_h100.md records what they gave on H100s).
+#   bash scripts/pipeline_gpu_runs.sh bench    # 1 GPU: model step time dense/warmup/sparse at 8K and 32K
+#   bash scripts/pipeline_gpu_runs.sh single   # bench, then msa-train `small` on 1 GPU: native MSA, and dense
+#   bash scripts/pipeline_gpu_runs.sh multi    # 2 GPUs: msa-train `small` over DDP (NCCL), then FSDP2
+#   bash scripts/pipeline_gpu_runs.sh all      # the 1-GPU and 2-GPU runs, no bench (a machine with 2 GPUs)
+# Needs the project installed (`pip install -e .`), or SITE_ARCHIVE (scripts/README.md).
+# Knobs: OUT (default runs/gpu/pipeline: the log, steps.json, mlflow.db), RUN_LIMIT_S (stop each
+# msa-train run after this many seconds; 0, the default, means no limit), PYTHON.
+set -uo pipefail
+what=${1:?bench|single|multi|all}
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+OUT=${OUT:-$PWD/runs/gpu/pipeline}
+mkdir -p "$OUT"
+export RAY_DEDUP_LOGS=0
+log=$OUT/$what.log
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$log"
+$PY -m data_prep.cli demo --output runs/demo/shards --documents 3000 --max-chars 2000 --quiet 2>&1 | tee -a "$log"
+$PY -m data_prep.cli demo --output runs/demo/heldout --documents 300 --max-chars 2000 --seed 1 --vocab-size 0 --quiet 2>&1 | tee -a "$log"
+uri=sqlite:///$OUT/mlflow.db
+train() {  # name, overrides...
+  local name=$1; shift
+  echo "=== msa-train $name ===" | tee -a "$log"
+  timeout "${RUN_LIMIT_S:-0}" $PY -m pipeline.train --config configs/small.toml --tracking-uri "$uri" \
+    --set tracking.run_name="'$name'" --set train.log_every=10 --set train.stats_every=30 \
+    --set train.eval_documents=50 "$@" 2>&1 | grep -vE "^\s*$|ray\.data|Ray Data|WARNING|INFO|PlacementGroupCleaner|logging\.cc|^\s+@|core_worker\.cc|exclude_resources|socket\.cpp" | tee -a "$log"
+}
+if [ "$what" = bench ] || [ "$what" = single ]; then
+  echo "=== model step time ===" | tee -a "$log"
+  $PY -m benchmarks.train_steps --preset small --contexts 8192 32768 --iters 5 --warmup 2 \
+    --out "$OUT/steps.json" 2>&1 | tee -a "$log"
+fi
+if [ "$what" = single ] || [ "$what" = all ]; then
+  train msa-1gpu --set train.max_steps=50 --set train.checkpoint_every=50 --set train.eval_every=50 \
+    --set schedule.warmup_tokens=81920
+  train dense-1gpu --set schedule.mode=dense --set train.max_steps=30 --set train.checkpoint_every=30 \
+    --set train.eval_every=0
+fi
+if [ "$what" = multi ] || [ "$what" = all ]; then
+  train msa-2gpu-ddp --set ray.num_workers=2 --set train.max_steps=50 --set train.checkpoint_every=50 \
+    --set train.eval_every=50 --set schedule.warmup_tokens=163840
+  train msa-2gpu-fsdp --set ray.num_workers=2 --set ray.parallel=fsdp --set train.max_steps=30 \
+    --set train.checkpoint_every=30 --set train.eval_every=0 --set schedule.warmup_tokens=163840
+fi
+echo "=== done ===" | tee -a "$log"
+echo "MLflow: mlflow ui --backend-store-uri $uri" | tee -a "$log"

@@ -1,0 +1,73 @@
+"""The tooling outside the installed packages: benchmarks/ and scripts/ are not shipped, the
+benchmarks import and their CPU forms run from the repo root, the shell scripts parse.
+
+    pytest -q tests/test_tooling.py
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from setuptools import find_packages
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ("benchmarks.msa_kernels", "benchmarks.train_steps", "benchmarks.prep_throughput")
+
+
+def test_only_the_library_packages_are_installed():
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(str(ROOT), include=find.get("include", ("*",)), exclude=find.get("exclude", ()))
+    assert {p.split(".")[0] for p in packages} == {"data_prep", "kernels", "model", "pipeline"}
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmarks_import(name):
+    mod = importlib.import_module(name)
+    assert callable(mod.main)
+
+
+def test_compile_check_sweeps_the_benchmark_variants():
+    # scripts/compile_check.py refuses to import under TRITON_INTERPRET; what it takes from the
+    # benchmark must exist there.
+    from benchmarks.msa_kernels import SWEEP
+    from kernels.attention import op as attn_op
+    from kernels.kl import op as kl_op
+    from kernels.select import op as sel_op
+
+    tables = {"attention": attn_op.GPU_CONFIG, "kl": kl_op.GPU_CONFIG, "select": sel_op.GPU_CONFIG}
+    for op, key, variants, _ in SWEEP:
+        assert key is None or key in tables[op], (op, key)
+        assert variants
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.sh")))
+def test_shell_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)]).returncode == 0
+
+
+def _run_module(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_train_steps_runs_on_cpu(tmp_path):
+    out = tmp_path / "steps.json"
+    proc = _run_module("benchmarks.train_steps", "--device", "cpu", "--preset", "tiny", "--contexts", "128",
+                       "--modes", "dense", "sparse", "--iters", "1", "--warmup", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.exists() and "sparse" in proc.stdout
+
+
+@pytest.mark.slow
+def test_prep_throughput_runs(tmp_path):
+    proc = _run_module("benchmarks.prep_throughput", "--photos", "2", "--demo-docs", "20", "--repeat", "1",
+                       "--workers", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| demo corpus" in proc.stdout
