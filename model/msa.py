@@ -1,4 +1,4 @@
-"""An MSA attention layer (MSA.md): the GQA main branch plus the index branch that selects, per
+"""An MSA attention layer (docs/msa.md): the GQA main branch plus the index branch that selects, per
 token and GQA group, the local key block and the top-(k-1) other visible blocks, trained by a KL to
 the main branch's head-averaged attention.
 
@@ -14,7 +14,7 @@ Modes (set per forward by the model; see model/README.md):
 With `msa.kl_sample` / `msa.warmup_kl_sample` below 1 the KL runs on a random sample of query tokens
 (an unbiased estimate of the loss and of the index branch's gradient; kernels/kl/sampled.py).
 
-Stop-gradients (all three of MSA.md): the index branch's input is the layer's normed hidden state
+Stop-gradients (all three of docs/msa.md): the index branch's input is the layer's normed hidden state
 *detached*; the KL kernel treats q, k and the LSE as constants; top-k has no gradient, so the LM
 loss never reaches the index projections. Together: the KL trains only index_q_proj, index_k_proj
 and their norms, and nothing else trains them.
