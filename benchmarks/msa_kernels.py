@@ -39,6 +39,7 @@ from kernels.kl import op as kl_op
 from kernels.select import op as sel_op
 
 HQ, HKV, DH, DI, BLOCK, TOPK = 32, 2, 128, 128, 128, 16
+KL_SAMPLE = 0.25  # the sampled KL's fraction of query tokens in the rows that time it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +246,32 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
         timed(f"{name} fwd+bwd", lambda: bench_ms(lambda: torch.autograd.grad(kl_fwd(), (qi_g, ki_g))), results,
               pass_="fwd+bwd", flops=kfb, **kx)
 
+    # The KL on a quarter of the query tokens (model.msa.kl_sample): rows of -1 have an empty support
+    keep_T = torch.rand(T, device=q.device, generator=torch.Generator(device=q.device).manual_seed(5)) < KL_SAMPLE
+
+    def sampled(bidx):
+        return torch.where(keep_T[None, :, None, None], bidx, -1)
+
+    kls = dict(op="kl", schedule=kl_default, kl_sample=KL_SAMPLE, **tag)
+    timed(f"kl, sampled {KL_SAMPLE:g} fwd+bwd", lambda: bench_ms(lambda: torch.autograd.grad(
+        kernels.msa_kl_loss(q, k, qi_g, ki_g, sampled(block_idx), bs, lse=lse, index_lse=index_lse) / KL_SAMPLE,
+        (qi_g, ki_g))), results, pass_="fwd+bwd", flops=kfb * KL_SAMPLE, **kls)
+
+    # What a training step pays per MSA layer in these kernels: select + attention + KL, fwd+bwd
+    def sel_attn_kl(fraction):
+        bidx, ilse = kernels.msa_select(qi, ki, bs, K)
+        o2, lse2 = kernels.msa_attention(qq, kk_, vv, bidx, bs)
+        torch.autograd.grad(o2, (qq, kk_, vv), do)
+        kl_idx = bidx if fraction == 1 else sampled(bidx)
+        kl = kernels.msa_kl_loss(q, k, qi_g, ki_g, kl_idx, bs, lse=lse2.detach(), index_lse=ilse) / fraction
+        torch.autograd.grad(kl, (qi_g, ki_g))
+
+    for fraction in (1.0, KL_SAMPLE):
+        name = "select + attention + kl" + ("" if fraction == 1 else f" (kl sampled {fraction:g})")
+        timed(f"{name} fwd+bwd", lambda fraction=fraction: bench_ms(lambda: sel_attn_kl(fraction)), results,
+              op="select+attention+kl", pass_="fwd+bwd", kl_sample=fraction,
+              flops=flops_sel + 14 * dh * hq * E + kfb * fraction, **tag)
+
     # Tile-shared selection: our kernel on FlexAttention's pattern, tiles of 1 and of 8 tokens
     shared_idx, other_QHk, n_other = tile_shared_selection(block_idx, bs, K)
     o_shared = our_attention(shared_idx, None, "msa attention, tile-shared sel.", "tile-shared")
@@ -435,18 +462,21 @@ def ratios(results, seqlens):
               and r["name"].startswith(name_prefix) and (op is None or r.get("op") == op)]
         return min(xs) if xs else None
 
-    lines = ["| T | dense best fwd+bwd ms | attention speed-up | select+attention vs dense | attention / flex | "
-             "select / attention fwd |", "|---|---|---|---|---|---|"]
+    lines = ["| T | dense best fwd+bwd ms | attention speed-up | select+attention vs dense | "
+             "select+attention+KL vs dense | same, KL sampled | attention / flex | select / attention fwd |",
+             "|---|---|---|---|---|---|---|---|"]
     for t in seqlens:
         dense = ms("dense sdpa", t)
         att = ms("msa attention fwd+bwd", t)
-        sa = ms("select + attention", t)
+        sa = ms("select + attention fwd+bwd", t)
+        sak = ms("select + attention + kl fwd+bwd", t)
+        saks = ms("select + attention + kl (kl sampled", t)
         flex = ms("flex attention", t)
         sel = ms("select fwd", t, "fwd")
         attf = ms("msa attention fwd", t, "fwd")
         f = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"  # noqa: E731
-        lines.append(f"| {_k(t)} | {dense:.1f} | {f(dense, att)}x | {f(dense, sa)}x | {f(att, flex)} | "
-                     f"{f(sel, attf)} |" if dense else f"| {_k(t)} | n/a | | | | |")
+        lines.append(f"| {_k(t)} | {dense:.1f} | {f(dense, att)}x | {f(dense, sa)}x | {f(dense, sak)}x | "
+                     f"{f(dense, saks)}x | {f(att, flex)} | {f(sel, attf)} |" if dense else f"| {_k(t)} | n/a | | | | | | |")
     return "\n".join(lines)
 
 

@@ -5,10 +5,14 @@
 
 One row of `context` tokens holding one document, bf16 autocast, forward + backward + AdamW step, on
 one GPU, no Ray: the model's own cost. The dense baseline is the same preset with
-model.msa.enabled=false (no index branch). Steps are timed with CUDA events after warm-up
-iterations; the median is reported with tokens/s, MFU (model FLOPs, pipeline/flops.py) and peak
-memory. Prints a table last; `--out` writes the numbers as JSON. Results on an H100:
-docs/perf/pipeline_h100.md.
+model.msa.enabled=false (no index branch); with one document per row the model's dense attention is
+causal SDPA with cuDNN first, the fastest dense attention for that mask (`dense`); `dense-flex`
+forces the document-mask FlexAttention path that packed rows take, for comparison. `warmup-s` and
+`sparse-s` sample the KL's query tokens (model.msa.warmup_kl_sample / kl_sample, --warmup-kl-sample
+and --kl-sample). Steps are timed with CUDA events after warm-up iterations; the median is reported
+with tokens/s, MFU (model FLOPs, pipeline/flops.py, against the bf16 matmul rate measured in the same
+run) and peak memory. `--profile T` adds a torch.profiler breakdown of one sparse step at T. Prints a
+table last; `--out` writes the numbers as JSON. Results: docs/perf/.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 from model.batch import IGNORE_INDEX, Batch
 from model.presets import get_preset
 from model.transformer import MultimodalTransformer
-from pipeline.flops import StepFlops, device_peak_tflops
+from pipeline.flops import StepFlops
 
 
 def _batch(cfg, T: int, device) -> Batch:
@@ -39,13 +43,27 @@ def _batch(cfg, T: int, device) -> Batch:
     ).to(device)
 
 
-def time_mode(preset: str, mode: str, T: int, iters: int, warmup: int, overrides: dict,
-              device: torch.device = torch.device("cuda")) -> dict:
-    cuda = device.type == "cuda"
+VARIANTS = ("dense", "dense-flex", "warmup", "warmup-s", "sparse", "sparse-s")
+
+
+def _build(preset: str, variant: str, T: int, overrides: dict, kl_sample: float, warmup_kl_sample: float):
     cfg = get_preset(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, T), **overrides)
-    if mode == "dense":
-        cfg = dataclasses.replace(cfg, msa=dataclasses.replace(cfg.msa, enabled=False))
+    msa = {"dense": dict(enabled=False), "dense-flex": dict(enabled=False),
+           "warmup-s": dict(warmup_kl_sample=warmup_kl_sample), "sparse-s": dict(kl_sample=kl_sample)}.get(variant, {})
+    return dataclasses.replace(cfg, msa=dataclasses.replace(cfg.msa, **msa))
+
+
+def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overrides: dict,
+              device: torch.device = torch.device("cuda"), kl_sample: float = 0.25, warmup_kl_sample: float = 1 / 32,
+              peak: float | None = None, profile: bool = False) -> dict:
+    from model import attention
+
+    cuda = device.type == "cuda"
+    mode = variant.split("-")[0]
+    cfg = _build(preset, variant, T, overrides, kl_sample, warmup_kl_sample)
+    # dense-flex: the document-mask path, as if the row were packed
+    attention.DenseMask.force_document_mask = variant == "dense-flex"
     model = MultimodalTransformer(cfg, img_patch_id=4).to(device)
     if mode != "dense":
         model.set_mode(mode)
@@ -81,22 +99,76 @@ def time_mode(preset: str, mode: str, T: int, iters: int, warmup: int, overrides
             out = step()
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    peak = device_peak_tflops(0.0) if cuda else None
-    res = {"preset": preset, "mode": mode, "context": T, "step_s": t, "step_s_all": times,
+    dense_impl = ("flex" if variant == "dense-flex" else "cudnn-causal-sdpa") if mode in ("dense", "warmup") \
+        else "msa-kernels"
+    res = {"preset": preset, "variant": variant, "mode": mode, "context": T, "dense_impl": dense_impl,
+           "kl_sample": cfg.msa.kl_sample if mode == "sparse" else cfg.msa.warmup_kl_sample if mode == "warmup" else None,
+           "step_ms": t * 1e3, "step_ms_all": [x * 1e3 for x in times],
            "tokens_per_s": T / t, "model_tflops": flops / t / 1e12, "mfu": (flops / t / (peak * 1e12)) if peak else None,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "sparsity": float(out.stats.get("sparsity", 0.0)),
-           "loss": float(out.losses["lm"])}
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+           "sparsity": float(out.stats.get("sparsity", 0.0)), "loss": float(out.losses["lm"])}
+    if profile and cuda:
+        res["profile"] = _profile(step)
+    attention.DenseMask.force_document_mask = False
     del model, opt, batch, out
     if cuda:
         torch.cuda.empty_cache()
     return res
 
 
+def _profile(step) -> dict:
+    """CUDA time per kernel of one step, grouped: the MSA Triton kernels, dense attention, matmuls,
+    the rest (the small ops around the kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels_ms = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            kernels_ms[ev.key] = kernels_ms.get(ev.key, 0.0) + t / 1e3
+
+    def group(name: str) -> str:
+        n = name.lower()
+        if any(w in n for w in ("_split_kernel", "kl_", "select", "attn_fwd", "attn_bwd", "merge", "sum_slots",
+                                "sum_chunks", "lse_split", "work_list", "bwd_delta")) and "cudnn" not in n:
+            return "msa triton kernels"
+        if any(w in n for w in ("cudnn", "flash", "fmha", "sdpa")):
+            return "dense attention (cudnn/flash)"
+        if any(w in n for w in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "wgmma")):
+            return "matmuls"
+        return "other (elementwise, norms, rope, copies, reductions)"
+
+    groups: dict[str, float] = {}
+    for k, v in kernels_ms.items():
+        groups[group(k)] = groups.get(group(k), 0.0) + v
+    top = sorted(kernels_ms.items(), key=lambda kv: -kv[1])[:30]
+    return {"groups_ms": groups, "top_kernels_ms": top, "total_ms": sum(kernels_ms.values())}
+
+
+def matmul_ceiling_tflops() -> float:
+    """The card's bf16 matmul rate, measured (8192^3, median): the MFU's denominator."""
+    import triton.testing
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_steps", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
-    p.add_argument("--modes", nargs="+", default=["dense", "warmup", "sparse"])
+    p.add_argument("--modes", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--skip", nargs="*", default=[], metavar="T:VARIANT", help="e.g. 65536:warmup (too slow to time)")
+    p.add_argument("--kl-sample", type=float, default=0.25)
+    p.add_argument("--warmup-kl-sample", type=float, default=1 / 32)
+    p.add_argument("--profile", type=int, default=0, help="profile the sparse-s step at this context")
+    p.add_argument("--commit", default="", help="recorded with the results")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None)
@@ -108,27 +180,60 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     t0 = time.time()
+    peak = matmul_ceiling_tflops() if device.type == "cuda" else None
+    if peak:
+        print(f"[bench] measured bf16 matmul ceiling: {peak:.0f} TFLOP/s", flush=True)
+    skip = set(args.skip)
     for T in args.contexts:
-        for mode in args.modes:
-            r = time_mode(args.preset, mode, T, args.iters, args.warmup, {}, device)
+        for variant in args.modes:
+            if f"{T}:{variant}" in skip:
+                continue
+            try:
+                r = time_mode(args.preset, variant, T, args.iters, args.warmup, {}, device, args.kl_sample,
+                              args.warmup_kl_sample, peak, profile=args.profile == T and variant == "sparse-s")
+            except torch.OutOfMemoryError as e:
+                r = {"variant": variant, "mode": variant.split("-")[0], "context": T, "error": f"out of memory: {e}"[:300]}
+                torch.cuda.empty_cache()
             rows.append(r)
-            print(f"[bench] {mode:>7} T={T:>6}: {r['step_s'] * 1e3:8.1f} ms  ({time.time() - t0:.0f}s)", flush=True)
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "rows": rows}
+            took = f"{r['step_ms']:8.1f} ms" if "step_ms" in r else r["error"][:60]
+            print(f"[bench] {variant:>10} T={T:>6}: {took}  ({time.time() - t0:.0f}s)", flush=True)
+    info = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "triton": _version("triton"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": args.commit, "preset": args.preset, "bf16_matmul_tflops": peak,
+            "kl_sample": args.kl_sample, "warmup_kl_sample": args.warmup_kl_sample, "rows": rows}
+    for r in rows:  # every record names its card and commit (the raw output is read record by record)
+        r.update(gpu=info["gpu"], commit=args.commit)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)
-    print(f"\n{info['device']}, torch {info['torch']}, preset {args.preset}, bf16, one row, fwd+bwd+AdamW")
-    print(f"{'context':>8} {'mode':>8} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} "
+    print(f"\n{info['gpu']}, torch {info['torch']}, preset {args.preset}, bf16, one row, fwd+bwd+AdamW; "
+          f"MFU against the measured {peak or 0:.0f} TFLOP/s")
+    print(f"{'context':>8} {'variant':>10} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6} "
           f"{'sparsity':>8} {'vs dense':>8}")
     for T in args.contexts:
-        dense = next((r for r in rows if r["context"] == T and r["mode"] == "dense"), None)
+        done = [r for r in rows if r["context"] == T and "step_ms" in r]
+        dense = min((r for r in done if r["mode"] == "dense"), key=lambda r: r["step_ms"], default=None)
         for r in (r for r in rows if r["context"] == T):
-            speed = f"{dense['step_s'] / r['step_s']:.2f}x" if dense else "-"
+            if "step_ms" not in r:
+                print(f"{T:>8} {r['variant']:>10} {r['error'][:60]}")
+                continue
+            speed = f"{dense['step_ms'] / r['step_ms']:.2f}x" if dense else "-"
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-            print(f"{T:>8} {r['mode']:>8} {r['step_s'] * 1e3:>9.1f} {r['tokens_per_s']:>9,.0f} "
-                  f"{r['model_tflops']:>8.1f} {mfu:>6} {r['peak_mem_gib']:>8.1f} {r['sparsity']:>8.2f} {speed:>8}")
+            print(f"{T:>8} {r['variant']:>10} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9,.0f} "
+                  f"{r['model_tflops']:>8.1f} {mfu:>6} {r['peak_gib']:>6.1f} {r['sparsity']:>8.2f} {speed:>8}")
+    prof = next((r["profile"] for r in rows if r.get("profile")), None)
+    if prof:
+        print(f"\nprofile of one sparse-s step at {args.profile}: {prof['total_ms']:.1f} ms of kernels")
+        for g, ms in sorted(prof["groups_ms"].items(), key=lambda kv: -kv[1]):
+            print(f"  {ms:8.1f} ms {100 * ms / prof['total_ms']:5.1f}%  {g}")
     return 0
+
+
+def _version(pkg: str) -> str:
+    try:
+        return __import__(pkg).__version__
+    except Exception:
+        return "n/a"
 
 
 if __name__ == "__main__":

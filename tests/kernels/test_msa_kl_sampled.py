@@ -77,3 +77,34 @@ def test_arguments_are_checked():
         msa_kl_loss_dense_sampled(q, k, qi, ki, cu, torch.ones(10, dtype=torch.bool), 0.0)
     with pytest.raises(ValueError, match="keep_N"):
         msa_kl_loss_dense_sampled(q, k, qi, ki, cu, torch.ones(9, dtype=torch.bool), 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the compiled Triton kernels)")
+def test_sparse_kl_with_unsampled_rows_matches_the_reference_on_gpu():
+    """The sparse phase's sampling leaves rows of -1 in block_idx: the compiled kernels must give the
+    reference's loss and gradients (bf16 inputs, fp32 reference on the same values)."""
+    import kernels
+
+    torch.manual_seed(0)
+    T, Hq, Hkv, D, I, bs = 2048, 32, 2, 128, 128, 128
+    dev = "cuda"
+    q = torch.randn(1, T, Hq, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, T, Hkv, D, device=dev, dtype=torch.bfloat16)
+    qi = torch.randn(1, T, Hkv, I, device=dev, dtype=torch.bfloat16)
+    ki = torch.randn(1, T, I, device=dev, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 700, T], dtype=torch.int32, device=dev)
+    bidx, ilse = kernels.msa_select(qi, ki, bs, 8, cu)
+    _, lse = kernels.msa_attention(q, k, torch.randn_like(k), bidx, bs, cu)
+    bidx = torch.where((torch.rand(T, device=dev) < 0.25)[None, :, None, None], bidx, -1)
+    out = {}
+    for backend in ("triton", "reference"):
+        a, b = qi.float().requires_grad_(True), ki.float().requires_grad_(True)
+        a_in, b_in = (a.to(torch.bfloat16), b.to(torch.bfloat16)) if backend == "triton" else (a, b)
+        loss = kernels.msa_kl_loss(q if backend == "triton" else q.float(), k if backend == "triton" else k.float(),
+                                   a_in, b_in, bidx, bs, cu, lse=lse, index_lse=ilse, backend=backend)
+        loss.backward()
+        out[backend] = (loss.detach().float(), a.grad, b.grad)
+    for got, want in zip(out["triton"], out["reference"]):
+        assert torch.isfinite(got).all()
+        assert (got - want).norm() / want.norm().clamp(min=1e-12) < 2e-2
