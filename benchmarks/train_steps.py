@@ -50,7 +50,8 @@ def _build(preset: str, variant: str, T: int, overrides: dict, kl_sample: float,
     cfg = get_preset(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, T), **overrides)
     msa = {"dense": dict(enabled=False), "dense-flex": dict(enabled=False),
-           "warmup-s": dict(warmup_kl_sample=warmup_kl_sample), "sparse-s": dict(kl_sample=kl_sample)}.get(variant, {})
+           "warmup": dict(warmup_kl_sample=1.0), "sparse": dict(kl_sample=1.0),  # the exact KL
+           "warmup-s": dict(warmup_kl_sample=warmup_kl_sample), "sparse-s": dict(kl_sample=kl_sample)}[variant]
     return dataclasses.replace(cfg, msa=dataclasses.replace(cfg.msa, **msa))
 
 

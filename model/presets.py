@@ -36,8 +36,11 @@ def _small() -> ModelConfig:
         vocab_size=32768, d_model=1024, n_layers=12, n_heads=32, n_kv_heads=2, head_dim=128, rope_dim=64,
         rope_theta=1_000_000.0, ffn_hidden=2560, max_seq_len=32768, image_size=256, patch_size=16,
         dense_impl="flex",
+        # the KL on sampled query tokens (unbiased; docs/perf/steps_h200.md has what it costs and
+        # benchmarks/kl_sampling.py what it does to the index branch): a quarter of the tokens when
+        # sparse, 1/32 in the dense-support warm-up (1,024 tokens of a 32K row)
         msa=MSAConfig(enabled=True, n_dense_layers=2, block_size=128, topk=16, index_dim=128, kl_weight=1.0,
-                      backend="triton"),
+                      kl_sample=0.25, warmup_kl_sample=1 / 32, backend="triton"),
         moe=MoEConfig(enabled=True, n_dense_layers=1, n_experts=32, top_k=4, expert_hidden=512, n_shared_experts=1,
                       aux_weight=0.01, dispatch="grouped_mm"),
     )
