@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MODES = ("dense", "warmup", "sparse")  # attention modes of the MSA layers, see model/README.md
+MODES = ("dense", "warmup", "sparse", "oracle")  # attention modes of the MSA layers, see model/README.md;
+#                                                   "oracle" is for evaluation only (model/oracle.py)
 MSA_BACKENDS = ("reference", "triton")  # kernels' backends; chosen explicitly, never by fallback
 DENSE_IMPLS = ("sdpa", "flex")  # how full (document-causal) attention is computed
 MOE_DISPATCH = ("bmm", "grouped_mm")

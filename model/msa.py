@@ -11,6 +11,8 @@ Modes (set per forward by the model; see model/README.md):
           (teacher = dense attention, head-averaged per group).
   sparse  attention over the selected blocks only; the KL on the selected visible keys,
           teacher = the main branch's own probabilities (its LSE is reused).
+  oracle  evaluation only: attention over blocks chosen by the true attention (model/oracle.py),
+          the index branch not run, no KL; a dense checkpoint evaluated block-sparse.
 
 Stop-gradients (all three of MSA.md): the index branch's input is the layer's normed hidden state
 *detached*; the KL kernel treats q, k and the LSE as constants; top-k has no gradient, so the LM
@@ -29,7 +31,7 @@ import torch
 import torch.nn as nn
 
 import kernels
-from model import stats
+from model import oracle, stats
 from model.attention import AttnContext, GQAAttention, dense_attention
 from model.config import ModelConfig
 from model.layers import RMSNorm, apply_rope
@@ -73,6 +75,9 @@ class MSAAttention(GQAAttention):
             extras["sparsity"] = q_BTHD.new_zeros((), dtype=torch.float32)
             return self.o_proj(o_BTHD.reshape(B, T, -1)), extras
 
+        if ctx.mode == "oracle":
+            return self._oracle_forward(q_BTHD, k_BTHD, v_BTHD, ctx)
+
         qi_BTHI, ki_BTI = self.index_qk(x_BTE, ctx.rope)
         q_1NHD, k_1NHD, v_1NHD = _flat(q_BTHD), _flat(k_BTHD), _flat(v_BTHD)
         qi_1NHI, ki_1NI = _flat(qi_BTHI), _flat(ki_BTI)
@@ -99,3 +104,20 @@ class MSAAttention(GQAAttention):
             extras["score_recall"], extras["block_recall"] = stats.recalls(
                 q_1NHD[0].detach(), k_1NHD[0].detach(), block_idx[0], layout, bs)
         return self.o_proj(o_BTHD.reshape(B, T, -1)), extras
+
+    def _oracle_forward(self, q_BTHD, k_BTHD, v_BTHD, ctx: AttnContext) -> tuple[torch.Tensor, dict]:
+        """Block-sparse attention over the blocks the true attention ranks highest (evaluation only)."""
+        B, T = q_BTHD.shape[:2]
+        msa, layout = self.cfg.msa, ctx.layout
+        bs = msa.block_size
+        topk = min(msa.topk, -(-B * T // bs))
+        q_1NHD, k_1NHD, v_1NHD = _flat(q_BTHD), _flat(k_BTHD), _flat(v_BTHD)
+        block_idx = oracle.oracle_select(q_1NHD[0].detach(), k_1NHD[0].detach(), layout, bs, topk)[None]
+        o_1NHD, _ = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, layout.cu_seqlens,
+                                          backend=msa.backend)
+        extras = {"sparsity": stats.sparsity(block_idx, layout, bs)}
+        if ctx.compute_stats:
+            extras["block_idx"] = block_idx
+            extras["score_recall"], extras["block_recall"] = stats.recalls(
+                q_1NHD[0].detach(), k_1NHD[0].detach(), block_idx[0], layout, bs)
+        return self.o_proj(o_1NHD.view(B, T, -1)), extras

@@ -129,7 +129,8 @@ class MultimodalTransformer(nn.Module):
         return self._mode
 
     def set_mode(self, mode: str) -> None:
-        """Switch the MSA layers' attention between steps: "dense" | "warmup" | "sparse".
+        """Switch the MSA layers' attention between steps: "dense" | "warmup" | "sparse", or
+        "oracle" (evaluation only: blocks chosen by the true attention, model/oracle.py).
 
         Parameters and their shapes never change; only what the forward computes does.
         """
