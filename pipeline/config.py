@@ -67,6 +67,7 @@ class TrainConfig:
     eval_every: int = 0  # held-out evaluation (data.eval_shards) every this many steps, on rank 0; 0: off
     eval_documents: int = 200  # held-out documents per periodic evaluation
     seed: int = 0
+    keep_checkpoints: int = 2  # newest checkpoints kept; msa-study keeps the one a retrofit starts from
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ConfigError("train.eval_every", "eval_every must be >= 0 and eval_documents >= 1")
         if self.grad_clip < 0:
             raise ConfigError("train.grad_clip", "must be >= 0 (0 disables clipping)")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("train.keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
 
 
 @dataclass
@@ -116,6 +119,7 @@ class TrackingConfig:
     experiment: str = "msa-pretrain"
     uri: str = ""  # "" means sqlite:///<output_dir>/mlflow.db
     run_name: str = ""
+    parent_run_id: str = ""  # an MLflow run to nest this run under (tag mlflow.parentRunId; msa-study)
 
     def validate(self) -> None:
         if not self.experiment:
@@ -142,6 +146,10 @@ class ScheduleConfig:
     retrofit_from: str = ""  # checkpoint directory (with state.pt) of a dense run
     retrofit_warmup_tokens: int = 0
     freeze_backbone_in_warmup: bool = True  # retrofit only: the warm-up trains the index branch alone
+    # retrofit only: continue the dense run at its checkpoint (its step, so the learning-rate schedule
+    # and token count go on, and its data plan and position, so the rest of the data comes in the
+    # same order) up to train.max_steps, instead of a new run from step 0; msa-study's retrofit arm
+    retrofit_continue: bool = False
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -152,6 +160,8 @@ class ScheduleConfig:
             raise ConfigError("schedule.retrofit_from", "mode 'retrofit' needs the checkpoint of a dense run")
         if self.mode != "retrofit" and self.retrofit_from:
             raise ConfigError("schedule.retrofit_from", f"is only used with mode 'retrofit', not {self.mode!r}")
+        if self.mode != "retrofit" and self.retrofit_continue:
+            raise ConfigError("schedule.retrofit_continue", f"is only used with mode 'retrofit', not {self.mode!r}")
 
 
 @dataclass

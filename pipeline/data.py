@@ -21,7 +21,7 @@ import pandas as pd
 from data_prep.schema import IMAGE_FIELD_RE, SchemaError, parse_document
 from data_prep.tokenizer import load_tokenizer
 from pipeline.packing import ImageDecoder, PackSpec, Tokenizer, pack_documents
-from pipeline.plan import DataPlan, latest_data_state
+from pipeline.plan import DataPlan, DataState, latest_data_state
 
 # reasons a document is dropped in the ingest; each becomes a column `dropped_<reason>`
 DROP_REASONS = ("bad_json", "bad_image", "image_too_large", "no_text", "missing_image")
@@ -181,15 +181,20 @@ class DatasetFactory:
     """
 
     def __init__(self, plan: DataPlan, run_dir: str, tokenizer_path: str, seq_len: int, image_size: int,
-                 patch_size: int, pack_docs: int, pack_actors: int):
+                 patch_size: int, pack_docs: int, pack_actors: int, start_docs_done: list[int] | None = None):
         self.plan_json = plan.to_json()
         self.run_dir = run_dir
+        # where a run without checkpoints of its own starts: a continued retrofit starts at its dense
+        # checkpoint's data position
+        self.start_docs_done = start_docs_done
         self.kwargs = dict(tokenizer_path=tokenizer_path, seq_len=seq_len, image_size=image_size,
                            patch_size=patch_size, pack_docs=pack_docs, pack_actors=pack_actors)
 
     def remaining(self) -> list[int]:
         plan = DataPlan.from_json(self.plan_json)
         latest = latest_data_state(Path(self.run_dir))
+        if latest is None and self.start_docs_done is not None:
+            return DataState(self.start_docs_done).remaining_entries(plan)
         return latest[1].remaining_entries(plan) if latest else list(range(len(plan.entries)))
 
     def __call__(self):

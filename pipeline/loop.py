@@ -48,6 +48,7 @@ class LoopState:
     tokens_seen: int = 0
     bad_in_a_row: int = 0
     skipped_steps: int = 0
+    start_step: int = 0  # where this run's own schedule starts (a continued retrofit: the dense checkpoint's step)
 
 
 def build_model(cfg: RunConfig) -> MultimodalTransformer:
@@ -64,17 +65,28 @@ def _kill_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
 
 
 def _init_model(cfg: RunConfig, rank: int):
-    """A fresh model: random, or for a retrofit the dense checkpoint plus fresh index projections."""
+    """A fresh model: random, or for a retrofit the dense checkpoint plus fresh index projections.
+    Returns (model, start): start is (LoopState, DataState) where a continued retrofit picks up the
+    dense run (schedule.retrofit_continue), else None."""
     model = build_model(cfg)
+    start = None
     if cfg.schedule.mode == "retrofit":
         from model.retrofit import load_dense_checkpoint
 
-        dense = load_state(Path(cfg.schedule.retrofit_from))["model"]
-        fresh = load_dense_checkpoint(model, dense)
+        dense_state = load_state(Path(cfg.schedule.retrofit_from))
+        fresh = load_dense_checkpoint(model, dense_state["model"])
         if rank == 0:
             print(f"[train] retrofit: loaded the dense checkpoint {cfg.schedule.retrofit_from}; "
                   f"{len(fresh)} fresh index tensors", flush=True)
-    return model
+        if cfg.schedule.retrofit_continue:
+            # the optimizer starts fresh (the index branch is new); step, tokens and data go on
+            step = dense_state["step"]
+            start = (LoopState(step=step, tokens_seen=dense_state["tokens_seen"], start_step=step),
+                     DataState(dense_state["data_state"]["docs_done"]))
+            if rank == 0:
+                print(f"[train] retrofit: continuing the dense run at step {step} "
+                      f"({dense_state['tokens_seen']:,} tokens seen)", flush=True)
+    return model, start
 
 
 def _quiet_report_logging() -> None:
@@ -107,18 +119,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             saved = load_state(Path(d))
-    raw = build_model(cfg) if saved else _init_model(cfg, rank)
+    raw, start = (build_model(cfg), None) if saved else _init_model(cfg, rank)
     model = wrap(raw, cfg.ray.parallel, device)
     optimizer = build_optimizer(raw, cfg.train)  # after wrapping: FSDP replaces the parameters
     st = LoopState()
     data_state = DataState([0] * len(plan.entries))
     if saved:
         load_states(model, optimizer, saved)
-        st = LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved["skipped_steps"])
+        st = LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved["skipped_steps"],
+                       start_step=saved.get("start_step", 0))
         data_state = DataState(saved["data_state"]["docs_done"]).restart(plan)
         restore_rng(saved["rng"])
         if rank == 0:
             print(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen)", flush=True)
+    elif start:
+        st, data_state = start[0], start[1].restart(plan)
     tracker = make_tracker(rank, loop_config["tracking_uri"], loop_config["run_id"])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else contextlib.nullcontext())
@@ -149,7 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             win.count(f"data/dropped_{reason}", int(book[f"dropped_{reason}"].sum()))
         batch = Batch.from_dict(cols).to(device)
 
-        mode = attention_mode(cfg, st.step)
+        mode = attention_mode(cfg, st.step - st.start_step)
         if mode != raw.mode:
             raw.set_mode(mode)
             if rank == 0:
@@ -309,7 +324,7 @@ def _report(st: LoopState, metrics, checkpoint, model, optimizer, plan, data_sta
         if rank == 0:
             save_state(Path(d), model_sd, optim_sd, st.step,
                        {"tokens_seen": st.tokens_seen, "skipped_steps": st.skipped_steps, "mlflow_run_id": run_id,
-                        "data_state": data_state.to_json()})
+                        "data_state": data_state.to_json(), "start_step": st.start_step})
             write_data_state(Path(d), plan, data_state, st.step)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
     return np.zeros_like(docs_delta)

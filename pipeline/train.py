@@ -90,6 +90,28 @@ class Launch:
     plan: DataPlan
     run_id: str | None  # MLflow run to continue, or None for a new run
     tracking_uri: str
+    start_docs_done: list[int] | None = None  # a continued retrofit: the dense checkpoint's data position
+
+
+def _continued_dense_run(cfg: RunConfig) -> tuple[DataPlan, list[int]]:
+    """schedule.retrofit_continue: the dense run's data plan and its checkpoint's data position, after
+    checking that the two runs step through the same schedule (same steps, same tokens per step)."""
+    ckpt = Path(cfg.schedule.retrofit_from)
+    info_path, state_path = ckpt.parent / RUN_INFO, ckpt / "data_state.json"
+    for p in (info_path, state_path):
+        if not p.exists():
+            raise ConfigError("schedule.retrofit_continue", f"needs {p} (the dense run's plan and data position)")
+    info = json.loads(info_path.read_text())
+    dense = config_from_dict(info["config"])
+    for name, mine, theirs in (("train.max_steps", cfg.train.max_steps, dense.train.max_steps),
+                               ("tokens per step", cfg.tokens_per_step, dense.tokens_per_step)):
+        if mine != theirs:
+            raise ConfigError("schedule.retrofit_continue", f"{name} {mine} differs from the dense run's {theirs}")
+    body = json.loads(state_path.read_text())
+    if body["step"] >= cfg.train.max_steps:
+        raise ConfigError("schedule.retrofit_from", f"the checkpoint is at step {body['step']}, "
+                                                    f"not before train.max_steps={cfg.train.max_steps}")
+    return DataPlan.from_json(info["plan"]), body["docs_done"]
 
 
 def prepare(args: argparse.Namespace) -> Launch:
@@ -100,12 +122,18 @@ def prepare(args: argparse.Namespace) -> Launch:
         # the run's own config, with what this command line overrides
         cfg = config_from_dict(apply_overrides(info["config"], args.overrides))
         uri = resolve_tracking_uri(args.tracking_uri, info["tracking_uri"])
-        return Launch(cfg, run_dir.name, run_dir, DataPlan.from_json(info["plan"]), info["mlflow_run_id"], uri)
+        start = _continued_dense_run(cfg)[1] if cfg.schedule.retrofit_continue else None
+        return Launch(cfg, run_dir.name, run_dir, DataPlan.from_json(info["plan"]), info["mlflow_run_id"], uri,
+                      start)
     run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / "ray" / run_name
     if run_dir.exists():
         raise ConfigError("tracking.run_name", f"{run_dir} exists already; use --resume to continue it")
     tokens_needed = cfg.train.max_steps * cfg.train.batch_size * cfg.ray.num_workers * cfg.seq_len
+    if cfg.schedule.retrofit_continue:
+        plan, start = _continued_dense_run(cfg)
+        return Launch(cfg, run_name, run_dir, plan, None, resolve_tracking_uri(args.tracking_uri, cfg.tracking_uri),
+                      start)
     plan = build_plan(cfg.data.shards, cfg.data.weights, tokens_needed, cfg.model.image_tokens, cfg.train.seed)
     return Launch(cfg, run_name, run_dir, plan, None, resolve_tracking_uri(args.tracking_uri, cfg.tracking_uri))
 
@@ -126,7 +154,9 @@ def run(launch: Launch, address: str) -> dict:
     try:
         if run_id is None:
             run_id = open_run(launch.tracking_uri, cfg.tracking.experiment, launch.run_name, flatten(cfg),
-                              tags={"mode": cfg.schedule.mode, "git_commit": git_commit(), "config_name": cfg.name})
+                              tags={"mode": cfg.schedule.mode, "git_commit": git_commit(), "config_name": cfg.name,
+                                    **({"mlflow.parentRunId": cfg.tracking.parent_run_id}
+                                       if cfg.tracking.parent_run_id else {})})
             launch.run_dir.mkdir(parents=True)
             (launch.run_dir / RUN_INFO).write_text(json.dumps({
                 "config": dataclasses.asdict(cfg), "plan": launch.plan.to_json(), "mlflow_run_id": run_id,
@@ -136,7 +166,8 @@ def run(launch: Launch, address: str) -> dict:
         print(f"[msa-train] run {launch.run_name}: MLflow run {run_id} in experiment "
               f"'{cfg.tracking.experiment}' at {launch.tracking_uri}", flush=True)
         datasets = DatasetFactory(launch.plan, str(launch.run_dir), tok_path, cfg.seq_len, cfg.model.image_size,
-                                  cfg.model.patch_size, cfg.data.pack_docs, cfg.data.pack_actors)
+                                  cfg.model.patch_size, cfg.data.pack_docs, cfg.data.pack_actors,
+                                  start_docs_done=launch.start_docs_done)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": dataclasses.asdict(cfg), "run_id": run_id,
@@ -149,7 +180,7 @@ def run(launch: Launch, address: str) -> dict:
             run_config=ray.train.RunConfig(
                 name=launch.run_name,
                 storage_path=str(launch.run_dir.parent),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
                 # Train's own per-report INFO lines would drown the progress lines
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
