@@ -92,12 +92,14 @@ class MSAAttention(GQAAttention):
         if ctx.mode == "sparse":
             o_1NHD, lse_1NH = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, cu, backend=backend)
             o_BTHD = o_1NHD.view(B, T, *o_1NHD.shape[2:])
-            extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, block_idx, bs, cu,
-                                               lse=lse_1NH.detach(), index_lse=index_lse, backend=backend)
+            if ctx.index_loss:
+                extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, block_idx, bs, cu,
+                                                   lse=lse_1NH.detach(), index_lse=index_lse, backend=backend)
             extras["sparsity"] = stats.sparsity(block_idx, layout, bs)
         else:  # warmup: dense attention, dense-support KL (block_idx=None)
             o_BTHD = dense_attention(q_BTHD, k_BTHD, v_BTHD, ctx.mask)
-            extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, None, bs, cu, backend=backend)
+            if ctx.index_loss:
+                extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, None, bs, cu, backend=backend)
             extras["sparsity"] = q_BTHD.new_zeros((), dtype=torch.float32)
         if ctx.compute_stats:
             extras["block_idx"] = block_idx.detach()  # [1, N, Hkv, K], for the selection picture

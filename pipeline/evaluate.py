@@ -23,7 +23,7 @@ documents for every model, in shard order):
 - With `stats_batches`, the MSA statistics (sparsity, score recall, block recall, overall and per
   layer) averaged over the first LM batches.
 
-Buckets are geometric in the context length L: 0, L/32, L/16, L/8, L/4, L/2 and up.
+Buckets are geometric in the context length L: edges 0, L/32, L/16, L/8, L/4, L/2, L.
 `--log` writes the metrics into the run's MLflow run at the checkpoint's step. The training loop
 calls `evaluate()` periodically too.
 """
@@ -53,15 +53,17 @@ IMAGE_QA_TYPES = ("color", "count", "shape")  # the demo's questions answered on
 
 
 def bucket_edges(context: int) -> tuple[int, ...]:
-    """Geometric bucket edges for distances and positions in a context of `context` tokens."""
-    edges = sorted({0, *(max(1, context // f) for f in BUCKET_FRACTIONS)})
+    """Geometric bucket edges for distances and positions in a context of `context` tokens, the
+    context itself the last (every position and in-row distance is below it)."""
+    edges = sorted({0, *(max(1, context // f) for f in BUCKET_FRACTIONS), context})
     return tuple(edges)
 
 
 def bucket_name(value: int, edges: tuple[int, ...]) -> str:
-    lo = max(b for b in edges if b <= value)
-    i = edges.index(lo)
-    return f"{lo}-{edges[i + 1]}" if i + 1 < len(edges) else f"{lo}+"
+    """"lo-hi" of the bucket holding value (values beyond the context join the last bucket; MLflow
+    metric names allow no "+")."""
+    i = max(j for j, b in enumerate(edges[:-1]) if b <= value)
+    return f"{edges[i]}-{edges[i + 1]}"
 
 
 def bucket_sort_key(name: str) -> float:
@@ -188,7 +190,7 @@ def evaluate(model: torch.nn.Module, shards_dir: str, tokenizer_path: str, seq_l
         batch = batch.to(device)
         with_stats = has_index and i < stats_batches
         with ctx:
-            out = model(batch, return_logits=True, compute_stats=with_stats)
+            out = model(batch, return_logits=True, compute_stats=with_stats, index_loss=False)
         ce_BT = F.cross_entropy(out.logits.float().transpose(1, 2), batch.targets_BT, ignore_index=IGNORE_INDEX,
                                 reduction="none")
         valid_BT = batch.targets_BT != IGNORE_INDEX
@@ -200,8 +202,8 @@ def evaluate(model: torch.nn.Module, shards_dir: str, tokenizer_path: str, seq_l
         is_other_BT = valid_BT & ~is_img_BT
         other[0] += float(ce_BT[is_other_BT].double().sum())
         other[1] += int(is_other_BT.sum())
-        for lo_i, lo in enumerate(edges):
-            hi = edges[lo_i + 1] if lo_i + 1 < len(edges) else None
+        for lo_i, lo in enumerate(edges[:-1]):
+            hi = edges[lo_i + 1] if lo_i + 2 < len(edges) else None  # the last bucket takes the rest
             in_b = valid_BT & (batch.positions_BT >= lo) & ((batch.positions_BT < hi) if hi else True)
             if in_b.any():
                 acc = pos_sum.setdefault(bucket_name(lo, edges), [0.0, 0])
@@ -235,7 +237,7 @@ def evaluate(model: torch.nn.Module, shards_dir: str, tokenizer_path: str, seq_l
         cols = pack_pieces(rows[i:i + batch_size], spec, tok.pad, one_per_row=True)
         batch = Batch.from_dict(cols).to(device)
         with ctx:
-            logits_BTV = model(batch, return_logits=True).logits
+            logits_BTV = model(batch, return_logits=True, index_loss=False).logits
         pred_BT = logits_BTV.argmax(-1)
         ok_B = ((pred_BT == batch.targets_BT) | ~batch.answer_mask_BT).all(-1)
         for r in range(len(ok_B)):

@@ -18,11 +18,11 @@ from pipeline.packing import ImageDecoder, PackSpec, Tokenizer, tokenize_documen
 
 
 def test_buckets_are_geometric_in_the_context():
-    assert bucket_edges(1024) == (0, 32, 64, 128, 256, 512)
-    assert bucket_edges(16384) == (0, 512, 1024, 2048, 4096, 8192)
+    assert bucket_edges(1024) == (0, 32, 64, 128, 256, 512, 1024)
+    assert bucket_edges(16384) == (0, 512, 1024, 2048, 4096, 8192, 16384)
     e = bucket_edges(1024)
     assert [bucket_name(v, e) for v in (0, 31, 32, 500, 512, 1023, 5000)] == \
-        ["0-32", "0-32", "32-64", "256-512", "512+", "512+", "512+"]
+        ["0-32", "0-32", "32-64", "256-512", "512-1024", "512-1024", "512-1024"]
 
 
 def test_image_text_mask_marks_text_right_after_an_image():
