@@ -115,8 +115,9 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
     assert json.loads((out / "results.json").read_text())["arms"]["native"]["runs"] == res["arms"]["native"]["runs"]
 
 
-def test_study_config_errors_name_the_field(tmp_path, capsys):
-    base = ["--config", "configs/study-tiny.toml", "--set", f"output_dir='{tmp_path}'"]
+def test_study_config_errors_name_the_field(demo_shards, heldout_long_shards, tmp_path, capsys):
+    base = ["--config", "configs/study-tiny.toml", "--set", f"output_dir='{tmp_path}'",
+            "--set", f"train_shards=['{demo_shards}']", "--set", f"eval.shards='{heldout_long_shards}'"]
     cases = [
         (["--set", "tokens=1000"], "tokens: 1000 is not a multiple"),
         (["--set", "retrofit_fraction=1.5"], "retrofit_fraction: must be in (0, 1)"),
@@ -126,11 +127,14 @@ def test_study_config_errors_name_the_field(tmp_path, capsys):
         (["--set", "eval.documents=0"], "eval.documents: must be at least 1"),
         (["--set", "bogus=1"], "bogus: unknown key"),
         (["--set", f"train_shards=['{tmp_path}']"], "train_shards[0]:"),
+        (["--set", f"eval.shards='{tmp_path}'"], "eval.shards:"),
+        (["--set", "overrides=['train.lr=-1']"], "train.lr: must be positive"),
     ]
     for extra, message in cases:
         assert study_main(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert message in err, (extra, err)
+    assert not list(tmp_path.iterdir())  # nothing was started
 
 
 def test_the_gpu_study_config_meets_the_issue(demo_shards, heldout_long_shards):
