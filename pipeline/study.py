@@ -422,7 +422,9 @@ def run_study(cfg: StudyConfig, argv: list[str]) -> Path:
           f"retrofit from step {plan.retrofit_step}; MLflow parent run {parent} at {cfg.tracking_uri}", flush=True)
     started = _start_ray(plan.base, plan.base.ray.address)
     status = "FAILED"
-    meta = {"command": "msa-study " + " ".join(argv), "device": device_name()}
+    commit, dirty = git_state()
+    meta = {"command": "msa-study " + " ".join(argv), "device": device_name(),
+            "commit": commit + ("+dirty" if dirty else "")}
     try:
         for seed in cfg.seeds:
             for arm in arms:
@@ -458,6 +460,7 @@ def run_study(cfg: StudyConfig, argv: list[str]) -> Path:
                                       eval_set_of(plan, cfg, res), source)
                     _log_to_run(client, run_id, rec, plan.steps)
                 rec["device"] = meta["device"]
+                rec["commit"] = meta["commit"]
                 _write_json(rec_path, rec)
             # a report after every seed: a study spread over sessions has one at every stop
             write_outputs(cfg, plan, study_dir, load_records(study_dir), meta, client, parent)
