@@ -4,6 +4,7 @@
     msa-prep obelics docs.parquet --image-root imgs --output /tmp/ob  # OBELICS-style records
     msa-prep pairs img2dataset_out/ --output /tmp/pairs             # image-caption pairs
     msa-prep demo --output /tmp/demo --documents 2000               # the embedded demo corpus
+    msa-prep demo --output /tmp/long --doc-tokens 16384 --image-tokens 258   # documents up to a 16K context
     msa-prep tokenizer /tmp/demo --vocab-size 4096
     msa-prep inspect /tmp/demo --output /tmp/demo-preview.html
 
@@ -114,10 +115,23 @@ def _run_conversion(args, reader, out: Path, extra: dict | None = None) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.documents < 1:
         raise FatalError("bad option: --documents must be >= 1")
+    if args.doc_tokens < 0 or args.image_tokens < 1:
+        raise FatalError("bad option: --doc-tokens must be >= 0 and --image-tokens >= 1")
+    if args.doc_tokens and args.doc_tokens < 256:
+        raise FatalError(f"bad option: --doc-tokens {args.doc_tokens} is too short for a retrieval question "
+                         f"at a distance (at least 256)")
+    if not 0 <= args.retrieval_frac <= 1:
+        raise FatalError(f"bad option: --retrieval-frac must be in [0, 1], got {args.retrieval_frac}")
     out = _prepare_output(args.output)
-    reader = DemoReader(args.documents, seed=args.seed, max_chars=args.max_chars, image_size=args.image_size)
-    return _run_conversion(args, reader, out, extra={"seed": args.seed, "max_chars": args.max_chars,
-                                                     "image_size": args.image_size})
+    reader = DemoReader(args.documents, seed=args.seed, max_chars=args.max_chars, image_size=args.image_size,
+                        doc_tokens=args.doc_tokens, image_tokens=args.image_tokens,
+                        retrieval_frac=args.retrieval_frac)
+    extra = {"seed": args.seed, "max_chars": args.max_chars, "image_size": args.image_size}
+    if args.doc_tokens:
+        extra.update(doc_tokens=args.doc_tokens, image_tokens=args.image_tokens)
+    if args.retrieval_frac != 0.4:
+        extra["retrieval_frac"] = args.retrieval_frac
+    return _run_conversion(args, reader, out, extra=extra)
 
 
 def cmd_html(args: argparse.Namespace) -> int:
@@ -232,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-chars", type=int, default=3000, help="length budget of long documents")
     d.add_argument("--image-size", type=int, default=64, help="side of the drawn pictures, pixels")
+    d.add_argument("--doc-tokens", type=int, default=0,
+                   help="size documents in estimated tokens instead of --max-chars: stories up to this long, "
+                        "retrieval questions at distances spread up to it (e.g. the study's context)")
+    d.add_argument("--image-tokens", type=int, default=18,
+                   help="tokens one image takes in the model's sequence, for --doc-tokens "
+                        "((image_size/patch_size)^2 + 2: 18 for tiny, 258 for small)")
+    d.add_argument("--retrieval-frac", type=float, default=0.4, help="share of retrieval documents")
     # the demo draws from a small space of pictures, so identical pictures in different documents are
     # expected (and a retrieval question needs its key picture): no image dedup unless asked
     _add_conversion_args(d, min_image_side=8, dedup_images=False, vocab_size=4096)

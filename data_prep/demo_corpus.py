@@ -7,17 +7,27 @@ Three kinds of documents:
 - `story`: pictures and facts mixed, as in a long illustrated page;
 - `retrieval`: a key item early on (a picture that is never described, or a fact), then a stretch
   of distractor pictures and facts, then a question near the end whose answer (a text segment with
-  role "answer") can only be found by attending back to the key item. The distance between the two
-  varies, so retrieval can be scored per distance bucket, and is recorded in `meta`.
+  role "answer") can only be found by attending back to the key item. The key item starts with a
+  text segment of role "key" (the fact itself, or "Remember picture X. " right before the picture),
+  so an evaluation can measure the distance in tokens; the distance varies, so retrieval can be
+  scored per distance bucket, and its length in characters is recorded in `meta`.
+
+Document length: by default in characters of text (`max_chars`). With `doc_tokens` the budget is in
+*estimated tokens* instead (text at ~CHARS_PER_TOKEN characters a token, every image
+`image_tokens` tokens): stories fill half to all of it, and retrieval questions are placed at
+log-uniform distances up to it, so documents as long as a long-context model's rows exist and every
+distance bucket up to that length gets questions.
 
 Nothing is downloaded: every picture is drawn here. Document i depends only on (seed, i), so any
 subset can be regenerated independently and in parallel.
 
     msa-prep demo --output /tmp/demo --documents 2000
+    msa-prep demo --output /tmp/long --documents 2000 --doc-tokens 16000 --image-tokens 258
 """
 from __future__ import annotations
 
 import io
+import math
 import random
 from dataclasses import dataclass
 
@@ -41,6 +51,12 @@ NAMES = ("A", "B", "C", "D", "E", "F", "G", "H", "K", "L", "M", "N", "P", "R", "
 OBJECTS = ("box", "door", "jar", "gate", "chest", "lamp", "boat", "key")
 
 DEFAULT_IMAGE_SIZE = 64
+# characters per token of the demo's text under its own BPE tokenizer (measured: 4.07 with 2048
+# tokens; larger vocabularies pack a little more), used only to size documents given in tokens
+CHARS_PER_TOKEN = 4.0
+# the budget left unused in token mode: the estimate is not exact, and a document longer than a row
+# would be cut (its retrieval question lost to the evaluation)
+TOKEN_MARGIN = 0.92
 
 
 @dataclass(frozen=True)
@@ -100,11 +116,21 @@ def draw_picture(pic: Picture, rng: random.Random, size: int = DEFAULT_IMAGE_SIZ
 
 
 class _DocBuilder:
-    def __init__(self, doc_id: str, rng: random.Random, image_size: int):
+    """Collects segments and keeps the document's size in budget units: characters of text by
+    default, estimated tokens when `image_units` is given (text chars / CHARS_PER_TOKEN + images)."""
+
+    def __init__(self, doc_id: str, rng: random.Random, image_size: int, image_units: float | None = None):
         self.doc_id, self.rng, self.image_size = doc_id, rng, image_size
         self.segments: list[Segment] = []
         self.images: dict[str, bytes] = {}
         self.chars = 0
+        self.tokens_mode = image_units is not None
+        self.text_unit = 1.0 / CHARS_PER_TOKEN if self.tokens_mode else 1.0
+        self.image_unit = float(image_units or 0.0)
+        self.size = 0.0
+
+    def cost(self, text: str) -> float:
+        return len(text) * self.text_unit
 
     def text(self, s: str, role: str = "") -> None:
         # consecutive plain text is merged into one segment
@@ -113,11 +139,13 @@ class _DocBuilder:
         else:
             self.segments.append(Segment("text", text=s, role=role))
         self.chars += len(s)
+        self.size += len(s) * self.text_unit
 
     def image(self, pic: Picture) -> None:
         name = f"{len(self.images):04d}.png"
         self.images[name] = draw_picture(pic, self.rng, self.image_size)
         self.segments.append(Segment("image", field=name))
+        self.size += self.image_unit
 
     def build(self, kind: str, meta: dict) -> Document:
         return Document(self.doc_id, "demo", self.segments, self.images, {"kind": kind, **meta})
@@ -185,22 +213,12 @@ def _retrieval_doc(b: _DocBuilder, max_chars: int) -> Document:
         color, obj = rng.choice(list(COLORS)), rng.choice(OBJECTS)
         avoid = (color, obj)
         sentence, answer = _fact(rng, color, obj)
-        b.text(sentence)
+        b.text(sentence, role="key")
         question = f"Question: what is the code of the {color} {obj}? Answer:"
     else:
         name = rng.choice([n for n in NAMES if n not in used])
         used.add(name)
-        pic = random_picture(rng)
-        # the key picture is never described in words: the answer is only in its pixels
-        b.text(f"Remember picture {name}. ")
-        b.image(pic)
-        b.text(" ")
-        if qa_type == "color":
-            question, answer = f"Question: what colour are the shapes in picture {name}? Answer:", pic.color
-        elif qa_type == "count":
-            question, answer = f"Question: how many shapes are in picture {name}? Answer:", COUNT_WORDS[pic.count - 1]
-        else:
-            question, answer = f"Question: which shape is in picture {name}? Answer:", pic.shape
+        question, answer = _key_picture(b, name, qa_type)
     # distance: uniform over the document budget, so every distance bucket gets questions
     gap = rng.randint(0, max(0, max_chars - b.chars - len(question) - 16))
     key_end = b.chars
@@ -212,12 +230,86 @@ def _retrieval_doc(b: _DocBuilder, max_chars: int) -> Document:
     return b.build("retrieval", {"qa_type": qa_type, "answer": answer, "distance_chars": distance})
 
 
+def _key_picture(b: _DocBuilder, name: str, qa_type: str) -> tuple[str, str]:
+    """The key picture of a picture question, marked by its "key" text; returns (question, answer)."""
+    pic = random_picture(b.rng)
+    # the key picture is never described in words: the answer is only in its pixels
+    b.text(f"Remember picture {name}. ", role="key")
+    b.image(pic)
+    b.text(" ")
+    if qa_type == "color":
+        return f"Question: what colour are the shapes in picture {name}? Answer:", pic.color
+    if qa_type == "count":
+        return f"Question: how many shapes are in picture {name}? Answer:", COUNT_WORDS[pic.count - 1]
+    return f"Question: which shape is in picture {name}? Answer:", pic.shape
+
+
+# ---------------------------------------------------------------------------------------------------
+# token mode: documents sized in estimated tokens (long-context studies)
+
+
+def _story_doc_tokens(b: _DocBuilder, budget: float) -> Document:
+    target = b.rng.uniform(budget / 2, budget)
+    used: set[str] = set()
+    while b.size < target:
+        _distractor(b, used, ("", ""))
+    return b.build("story", {})
+
+
+def _retrieval_doc_tokens(b: _DocBuilder, budget: float) -> Document:
+    """The question's distance from its key item is log-uniform between 16 tokens and the budget, so
+    geometric distance buckets (the evaluation's) get about equal shares; a lead-in of distractors
+    places the key item at a random position of what the budget leaves."""
+    rng = b.rng
+    qa_type = rng.choice(("fact", "color", "count", "shape"))
+    q_cost = 24.0  # the question and its answer, estimated tokens
+    distance = math.exp(rng.uniform(math.log(16), math.log(max(17.0, budget - q_cost - 8))))
+    lead = rng.uniform(0, max(0.0, budget - q_cost - distance - 8))
+    avoid = ("", "")
+    # the asked-for object or picture name is reserved up front: a long lead-in of distractors
+    # must neither repeat it nor use up the picture names
+    name = rng.choice(NAMES)
+    used: set[str] = {name}
+    if qa_type == "fact":
+        color, obj = rng.choice(list(COLORS)), rng.choice(OBJECTS)
+        avoid = (color, obj)
+    while b.size < lead:
+        _distractor(b, used, avoid)
+    start = b.size
+    if qa_type == "fact":
+        sentence, answer = _fact(rng, color, obj)
+        b.text(sentence, role="key")
+        question = f"Question: what is the code of the {color} {obj}? Answer:"
+    else:
+        question, answer = _key_picture(b, name, qa_type)
+    while b.size - start < distance:
+        _distractor(b, used, avoid)
+    est = round(b.size - start)
+    b.text(question)
+    b.text(" " + answer + ".", role="answer")
+    return b.build("retrieval", {"qa_type": qa_type, "answer": answer, "distance_tokens_est": est})
+
+
 def generate_document(seed: int, index: int, max_chars: int = 3000, image_size: int = DEFAULT_IMAGE_SIZE,
-                      retrieval_frac: float = 0.4) -> Document:
-    """Document `index` of the corpus with this seed (independent of every other index)."""
+                      retrieval_frac: float = 0.4, doc_tokens: int = 0, image_tokens: int = 18) -> Document:
+    """Document `index` of the corpus with this seed (independent of every other index).
+
+    doc_tokens > 0 sizes documents in estimated tokens instead of characters (`max_chars` is then
+    unused); `image_tokens` is what one image costs in the model's sequence (begin + patches + end).
+    """
     rng = random.Random(f"msa-demo/{seed}/{index}")
-    b = _DocBuilder(f"demo-s{seed}-{index:07d}", rng, image_size)
+    if doc_tokens > 0:
+        b = _DocBuilder(f"demo-s{seed}-{index:07d}", rng, image_size, image_units=image_tokens)
+    else:
+        b = _DocBuilder(f"demo-s{seed}-{index:07d}", rng, image_size)
     u = rng.random()
+    if doc_tokens > 0:
+        budget = doc_tokens * TOKEN_MARGIN
+        if u < retrieval_frac:
+            return _retrieval_doc_tokens(b, budget)
+        if u < retrieval_frac + (1 - retrieval_frac) / 2:
+            return _caption_doc(b)
+        return _story_doc_tokens(b, budget)
     if u < retrieval_frac:
         return _retrieval_doc(b, max_chars)
     if u < retrieval_frac + (1 - retrieval_frac) / 2:

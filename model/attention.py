@@ -157,6 +157,7 @@ class AttnContext:
     rope: tuple[torch.Tensor, torch.Tensor]  # cos/sin [B, T, rope_dim/2]
     mode: str  # "dense" | "warmup" | "sparse" (MSA layers; dense layers ignore it)
     compute_stats: bool
+    index_loss: bool = True  # MSA layers compute the KL (False: evaluation, which has no use for it)
 
 
 class GQAAttention(nn.Module):

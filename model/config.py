@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ATTENTION_MODES = ("dense", "warmup", "sparse")  # of the MSA layers, see model/README.md (run modes: pipeline/config.py)
+ATTENTION_MODES = ("dense", "warmup", "sparse", "oracle")  # of the MSA layers, see model/README.md (run modes:
+#                                                            pipeline/config.py); "oracle": evaluation only (model/oracle.py)
 MSA_BACKENDS = ("reference", "triton")  # kernels' backends; chosen explicitly, never by fallback
 DENSE_IMPLS = ("sdpa", "flex")  # how full (document-causal) attention is computed
 MOE_DISPATCH = ("bmm", "grouped_mm")

@@ -11,6 +11,8 @@ Modes (set per forward by the model; see model/README.md):
           (teacher = dense attention, head-averaged per group).
   sparse  attention over the selected blocks only; the KL on the selected visible keys,
           teacher = the main branch's own probabilities (its LSE is reused).
+  oracle  evaluation only: attention over blocks chosen by the true attention (model/oracle.py),
+          the index branch not run, no KL; a dense checkpoint evaluated block-sparse.
 With `msa.kl_sample` / `msa.warmup_kl_sample` below 1 the KL runs on a random sample of query tokens
 (an unbiased estimate of the loss and of the index branch's gradient; kernels/kl/sampled.py).
 
@@ -32,7 +34,7 @@ import torch.nn as nn
 
 import kernels
 from kernels.kl.sampled import msa_kl_loss_dense_sampled
-from model import stats
+from model import oracle, stats
 from model.attention import AttnContext, GQAAttention, dense_attention
 from model.config import ModelConfig
 from model.layers import RMSNorm, apply_rope
@@ -82,6 +84,9 @@ class MSAAttention(GQAAttention):
             extras["sparsity"] = q_BTHD.new_zeros((), dtype=torch.float32)
             return self.o_proj(o_BTHD.reshape(B, T, -1)), extras
 
+        if ctx.mode == "oracle":
+            return self._oracle_forward(q_BTHD, k_BTHD, v_BTHD, ctx)
+
         qi_BTHI, ki_BTI = self.index_qk(x_BTE, ctx.rope)
         q_1NHD, k_1NHD, v_1NHD = _flat(q_BTHD), _flat(k_BTHD), _flat(v_BTHD)
         qi_1NHI, ki_1NI = _flat(qi_BTHI), _flat(ki_BTI)
@@ -96,19 +101,20 @@ class MSAAttention(GQAAttention):
         if ctx.mode == "sparse":
             o_1NHD, lse_1NH = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, cu, backend=backend)
             o_BTHD = o_1NHD.view(B, T, *o_1NHD.shape[2:])
-            kl_idx, f = block_idx, msa.kl_sample
-            if f < 1:  # the tokens not drawn get an empty support: no work, no loss, no gradient
-                kl_idx = torch.where(_draw(B * T, f, x_BTE.device)[None, :, None, None], block_idx, -1)
-            extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, kl_idx, bs, cu,
-                                               lse=lse_1NH.detach(), index_lse=index_lse, backend=backend) / f
+            if ctx.index_loss:
+                kl_idx, f = block_idx, msa.kl_sample
+                if f < 1:  # the tokens not drawn get an empty support: no work, no loss, no gradient
+                    kl_idx = torch.where(_draw(B * T, f, x_BTE.device)[None, :, None, None], block_idx, -1)
+                extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, kl_idx, bs, cu,
+                                                   lse=lse_1NH.detach(), index_lse=index_lse, backend=backend) / f
             extras["sparsity"] = stats.sparsity(block_idx, layout, bs)
         else:  # warmup: dense attention, dense-support KL (block_idx=None)
             o_BTHD = dense_attention(q_BTHD, k_BTHD, v_BTHD, ctx.mask)
             f = msa.warmup_kl_sample
-            if f < 1:
+            if ctx.index_loss and f < 1:
                 extras["kl"] = msa_kl_loss_dense_sampled(q_1NHD[0], k_1NHD[0], qi_1NHI[0], ki_1NI[0], cu,
                                                          _draw(B * T, f, x_BTE.device), f)
-            else:
+            elif ctx.index_loss:
                 extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, None, bs, cu, backend=backend)
             extras["sparsity"] = q_BTHD.new_zeros((), dtype=torch.float32)
         if ctx.compute_stats:
@@ -116,3 +122,20 @@ class MSAAttention(GQAAttention):
             extras["score_recall"], extras["block_recall"] = stats.recalls(
                 q_1NHD[0].detach(), k_1NHD[0].detach(), block_idx[0], layout, bs)
         return self.o_proj(o_BTHD.reshape(B, T, -1)), extras
+
+    def _oracle_forward(self, q_BTHD, k_BTHD, v_BTHD, ctx: AttnContext) -> tuple[torch.Tensor, dict]:
+        """Block-sparse attention over the blocks the true attention ranks highest (evaluation only)."""
+        B, T = q_BTHD.shape[:2]
+        msa, layout = self.cfg.msa, ctx.layout
+        bs = msa.block_size
+        topk = min(msa.topk, -(-B * T // bs))
+        q_1NHD, k_1NHD, v_1NHD = _flat(q_BTHD), _flat(k_BTHD), _flat(v_BTHD)
+        block_idx = oracle.oracle_select(q_1NHD[0].detach(), k_1NHD[0].detach(), layout, bs, topk)[None]
+        o_1NHD, _ = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, layout.cu_seqlens,
+                                          backend=msa.backend)
+        extras = {"sparsity": stats.sparsity(block_idx, layout, bs)}
+        if ctx.compute_stats:
+            extras["block_idx"] = block_idx
+            extras["score_recall"], extras["block_recall"] = stats.recalls(
+                q_1NHD[0].detach(), k_1NHD[0].detach(), block_idx[0], layout, bs)
+        return self.o_proj(o_1NHD.view(B, T, -1)), extras

@@ -129,7 +129,8 @@ class MultimodalTransformer(nn.Module):
         return self._mode
 
     def set_mode(self, mode: str) -> None:
-        """Switch the MSA layers' attention between steps: "dense" | "warmup" | "sparse".
+        """Switch the MSA layers' attention between steps: "dense" | "warmup" | "sparse", or
+        "oracle" (evaluation only: blocks chosen by the true attention, model/oracle.py).
 
         Parameters and their shapes never change; only what the forward computes does.
         """
@@ -161,14 +162,16 @@ class MultimodalTransformer(nn.Module):
         # row-major order of patch positions == order of images in the row, patches in raster order
         return x_BTE.masked_scatter(is_patch_BT[..., None], patches_MPE.to(x_BTE.dtype).reshape(-1))
 
-    def forward(self, batch: Batch, *, compute_stats: bool = False, return_logits: bool = False) -> ModelOutput:
+    def forward(self, batch: Batch, *, compute_stats: bool = False, return_logits: bool = False,
+                index_loss: bool = True) -> ModelOutput:
+        """index_loss=False skips the MSA layers' KL (no "kl_index" loss): evaluation needs only the LM."""
         cfg = self.cfg
         x_BTE = self.embed_inputs(batch)
         layout = DocLayout.from_segments(batch.segment_ids_BT)
         ctx = AttnContext(
             layout=layout, mask=DenseMask(layout, cfg.dense_impl),
             rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),
-            mode=self._mode, compute_stats=compute_stats,
+            mode=self._mode, compute_stats=compute_stats, index_loss=index_loss,
         )
         attn_extras, moe_extras = {}, {}
         for block in self.blocks:

@@ -119,6 +119,7 @@ class TrackingConfig:
     experiment: str = "msa-pretrain"
     uri: str = ""  # "" means sqlite:///<output_dir>/mlflow.db
     run_name: str = ""
+    parent_run_id: str = ""  # an MLflow run to nest this run under (tag mlflow.parentRunId; msa-study)
 
     def validate(self) -> None:
         if not self.experiment:
@@ -145,6 +146,10 @@ class ScheduleConfig:
     retrofit_from: str = ""  # a dense run's checkpoint directory, or its run directory (newest checkpoint)
     retrofit_warmup_tokens: int = 0
     freeze_backbone_in_warmup: bool = True  # retrofit only: the warm-up trains the index branch alone
+    # retrofit only: continue the dense run at its checkpoint (its step, so the learning-rate schedule
+    # and token count go on, and its data plan and position, so the rest of the data comes in the
+    # same order) up to train.max_steps, instead of a new run from step 0; msa-study's retrofit arm
+    retrofit_continue: bool = False
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -155,6 +160,8 @@ class ScheduleConfig:
             raise ConfigError("schedule.retrofit_from", "mode 'retrofit' needs the checkpoint of a dense run")
         if self.mode != "retrofit" and self.retrofit_from:
             raise ConfigError("schedule.retrofit_from", f"is only used with mode 'retrofit', not {self.mode!r}")
+        if self.mode != "retrofit" and self.retrofit_continue:
+            raise ConfigError("schedule.retrofit_continue", f"is only used with mode 'retrofit', not {self.mode!r}")
 
 
 @dataclass

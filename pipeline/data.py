@@ -252,9 +252,12 @@ class DatasetFactory:
     """
 
     def __init__(self, plan: DataPlan, run_dir: str, tokenizer_path: str, seq_len: int, image_size: int,
-                 patch_size: int, pack_docs: int, pack_actors: int):
+                 patch_size: int, pack_docs: int, pack_actors: int, start_state: DataState | None = None):
         self.plan_json = plan.to_json()
         self.run_dir = run_dir
+        # where a run without checkpoints of its own starts: a continued retrofit starts at its dense
+        # checkpoint's data position (schedule.retrofit_continue)
+        self.start_state = start_state.to_json() if start_state else None
         self.kwargs = dict(tokenizer_path=tokenizer_path, seq_len=seq_len, image_size=image_size,
                            patch_size=patch_size, pack_docs=pack_docs, pack_actors=pack_actors)
 
@@ -263,7 +266,9 @@ class DatasetFactory:
 
         plan = DataPlan.from_json(self.plan_json)
         newest = latest_checkpoint(Path(self.run_dir))
-        return read_data_state(newest) if newest else DataState.empty(plan)
+        if newest:
+            return read_data_state(newest)
+        return DataState.from_json(self.start_state) if self.start_state else DataState.empty(plan)
 
     def __call__(self):
         plan = DataPlan.from_json(self.plan_json)

@@ -52,6 +52,7 @@ class LoopState:
     bad_in_a_row: int = 0
     skipped_steps: int = 0
     skipped_samples: dict[str, int] = field(default_factory=dict)  # reason -> documents, since the run began
+    start_step: int = 0  # where this run's own schedule starts (a continued retrofit: the dense checkpoint's step)
 
 
 def build_model(cfg: RunConfig) -> MultimodalTransformer:
@@ -93,18 +94,29 @@ class DataTrace:
 
 
 def _init_model(cfg: RunConfig, rank: int):
-    """A fresh model: random, or for a retrofit the dense checkpoint plus fresh index projections."""
+    """A fresh model: random, or for a retrofit the dense checkpoint plus fresh index projections.
+    Returns (model, start): start is (LoopState, DataState) where a continued retrofit picks up the
+    dense run (schedule.retrofit_continue), else None."""
     model = build_model(cfg)
+    start = None
     if cfg.schedule.mode == "retrofit":
         from model.retrofit import load_dense_checkpoint
 
         source = resolve_checkpoint(Path(cfg.schedule.retrofit_from))
-        dense = load_checkpoint(source)[0]["model"]
-        fresh = load_dense_checkpoint(model, dense)
+        dense_state, dense_data, _ = load_checkpoint(source)
+        fresh = load_dense_checkpoint(model, dense_state["model"])
         if rank == 0:
             print(f"[train] retrofit: loaded the dense checkpoint {source}; "
                   f"{len(fresh)} fresh index tensors", flush=True)
-    return model
+        if cfg.schedule.retrofit_continue:
+            # the optimizer starts fresh (the index branch is new); step, tokens and data go on
+            step = dense_state["step"]
+            start = (LoopState(step=step, tokens_seen=dense_state["tokens_seen"], start_step=step),
+                     DataState.from_json(dense_data))
+            if rank == 0:
+                print(f"[train] retrofit: continuing the dense run at step {step} "
+                      f"({dense_state['tokens_seen']:,} tokens seen)", flush=True)
+    return model, start
 
 
 def _quiet_report_logging() -> None:
@@ -148,9 +160,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
 
     resume_from, attempt = _checkpoint_to_resume(run_dir, rank, device)
-    raw = build_model(cfg) if resume_from else _init_model(cfg, rank)
-    st = LoopState()
-    data_state = DataState.empty(plan)
+    raw, start = (build_model(cfg), None) if resume_from else _init_model(cfg, rank)
+    st, data_state = start if start else (LoopState(), DataState.empty(plan))
     if resume_from:
         saved, data_json, manifest = load_checkpoint(resume_from)  # verified: sizes, hashes
         check_shapes(manifest, raw.state_dict(), resume_from)
@@ -159,7 +170,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if resume_from:
         load_states(model, optimizer, saved)
         st = LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved["skipped_steps"],
-                       skipped_samples=dict(saved.get("skipped_samples", {})))
+                       skipped_samples=dict(saved.get("skipped_samples", {})), start_step=saved.get("start_step", 0))
         data_state = DataState.from_json(data_json)
         restore_rng(saved["rng"])
         del saved
@@ -193,7 +204,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         book = {k: cols[k].cpu().numpy() for k in ("segment_ids", *BOOKKEEPING)}
         batch = Batch.from_dict(cols).to(device)
 
-        mode = attention_mode(cfg, st.step)
+        mode = attention_mode(cfg, st.step - st.start_step)
         if mode != raw.mode:
             raw.set_mode(mode)
             if rank == 0:
@@ -304,6 +315,7 @@ def _checkpoint(cfg: RunConfig, st: LoopState, model, optimizer, plan: DataPlan,
         path = write_checkpoint(run_dir, st.step, {
             "model": model_sd, "optimizer": optim_sd, "tokens_seen": st.tokens_seen,
             "skipped_steps": st.skipped_steps, "skipped_samples": dict(st.skipped_samples), "rng": rng_state(),
+            "start_step": st.start_step,
         }, data_state.to_json(plan), dataclasses.asdict(cfg.model))
         prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
         print(f"[train] checkpoint {path.name} written", flush=True)

@@ -4,7 +4,9 @@
     retrofit:    the dense checkpoint's weights + fresh index projections; warmup (backbone frozen by
                  default: only the index branch learns) for schedule.retrofit_warmup_tokens, then sparse
     dense:       dense throughout (no index branch)
-The mode depends on the step alone, so every rank (and a resumed run) takes the same decision.
+The mode depends on the step alone (counted from the run's start: a continued retrofit,
+schedule.retrofit_continue, counts its warm-up from the dense checkpoint's step), so every rank (and a
+resumed run) takes the same decision.
 """
 from __future__ import annotations
 

@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 
 from model.config import ConfigError
-from pipeline.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from pipeline.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, read_data_state, read_manifest,
+                                 resolve_checkpoint)
 from pipeline.config import RunConfig, apply_overrides, config_from_dict, flatten, load_config
-from pipeline.plan import DataPlan, build_plan
+from pipeline.plan import DataPlan, DataState, build_plan
 from pipeline.tracking import (close_run, git_commit, log_dict_artifact, open_run, resolve_tracking_uri,
                                run_completed)
 
@@ -96,6 +97,27 @@ class Launch:
     plan: DataPlan
     run_id: str | None  # MLflow run to continue, or None for a new run
     tracking_uri: str
+    start_state: DataState | None = None  # a continued retrofit: the dense checkpoint's data position
+
+
+def _continued_dense_run(cfg: RunConfig) -> tuple[DataPlan, DataState]:
+    """schedule.retrofit_continue: the dense run's data plan and its checkpoint's data position, after
+    checking that the two runs step through the same schedule (same steps, same tokens per step)."""
+    ckpt = resolve_checkpoint(Path(cfg.schedule.retrofit_from))
+    info_path = ckpt.parent / RUN_INFO
+    if not info_path.exists():
+        raise ConfigError("schedule.retrofit_continue", f"needs {info_path} (the dense run's plan)")
+    info = json.loads(info_path.read_text())
+    dense = config_from_dict(info["config"])
+    for name, mine, theirs in (("train.max_steps", cfg.train.max_steps, dense.train.max_steps),
+                               ("tokens per step", cfg.tokens_per_step, dense.tokens_per_step)):
+        if mine != theirs:
+            raise ConfigError("schedule.retrofit_continue", f"{name} {mine} differs from the dense run's {theirs}")
+    step = read_manifest(ckpt)["step"]
+    if step >= cfg.train.max_steps:
+        raise ConfigError("schedule.retrofit_from", f"the checkpoint is at step {step}, "
+                                                    f"not before train.max_steps={cfg.train.max_steps}")
+    return DataPlan.from_json(info["plan"]), read_data_state(ckpt)
 
 
 def _plan(cfg: RunConfig) -> DataPlan:
@@ -121,14 +143,21 @@ def prepare(args: argparse.Namespace) -> Launch:
         info = json.loads((run_dir / RUN_INFO).read_text())
         # the run's own config, with what this command line overrides
         cfg = config_from_dict(apply_overrides(info["config"], args.overrides))
-        plan = _extended_plan(cfg, DataPlan.from_json(info["plan"]))
         uri = resolve_tracking_uri(args.tracking_uri, info["tracking_uri"])
+        if cfg.schedule.retrofit_continue:  # its plan is the dense run's
+            return Launch(cfg, run_dir.name, run_dir, DataPlan.from_json(info["plan"]), info["mlflow_run_id"], uri,
+                          _continued_dense_run(cfg)[1])
+        plan = _extended_plan(cfg, DataPlan.from_json(info["plan"]))
         return Launch(cfg, run_dir.name, run_dir, plan, info["mlflow_run_id"], uri)
     run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.output_dir) / "ray" / run_name
     if run_dir.exists():
         raise ConfigError("tracking.run_name", f"{run_dir} exists already; use --resume to continue it")
-    return Launch(cfg, run_name, run_dir, _plan(cfg), None, resolve_tracking_uri(args.tracking_uri, cfg.tracking_uri))
+    uri = resolve_tracking_uri(args.tracking_uri, cfg.tracking_uri)
+    if cfg.schedule.retrofit_continue:
+        plan, start = _continued_dense_run(cfg)
+        return Launch(cfg, run_name, run_dir, plan, None, uri, start)
+    return Launch(cfg, run_name, run_dir, _plan(cfg), None, uri)
 
 
 def _write_run_info(launch: Launch, run_id: str) -> None:
@@ -158,7 +187,9 @@ def run(launch: Launch, address: str) -> dict:
     try:
         if run_id is None:
             run_id = open_run(launch.tracking_uri, cfg.tracking.experiment, launch.run_name, flatten(cfg),
-                              tags={"mode": cfg.schedule.mode, "git_commit": git_commit(), "config_name": cfg.name})
+                              tags={"mode": cfg.schedule.mode, "git_commit": git_commit(), "config_name": cfg.name,
+                                    **({"mlflow.parentRunId": cfg.tracking.parent_run_id}
+                                       if cfg.tracking.parent_run_id else {})})
             launch.run_dir.mkdir(parents=True)
             _write_run_info(launch, run_id)
             log_dict_artifact(launch.tracking_uri, run_id, dataclasses.asdict(cfg), "config.json")
@@ -172,7 +203,8 @@ def run(launch: Launch, address: str) -> dict:
         print(f"[msa-train] run {launch.run_name}: MLflow run {run_id} in experiment "
               f"'{cfg.tracking.experiment}' at {launch.tracking_uri}", flush=True)
         datasets = DatasetFactory(launch.plan, str(launch.run_dir), cfg.tokenizer_path, cfg.seq_len,
-                                  cfg.model.image_size, cfg.model.patch_size, cfg.data.pack_docs, cfg.data.pack_actors)
+                                  cfg.model.image_size, cfg.model.patch_size, cfg.data.pack_docs, cfg.data.pack_actors,
+                                  start_state=launch.start_state)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": dataclasses.asdict(cfg), "run_id": run_id,

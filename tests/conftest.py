@@ -46,3 +46,15 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def heldout_long_shards(tmp_path_factory):
+    """Held-out documents as long as a 512-token row, retrieval questions spread up to that length
+    (the study's evaluation set)."""
+    from data_prep.cli import main as prep_main
+
+    out = tmp_path_factory.mktemp("heldout_long") / "shards"
+    assert prep_main(["demo", "--output", str(out), "--documents", "40", "--doc-tokens", "512", "--seed", "1",
+                      "--retrieval-frac", "0.7", "--vocab-size", "0", "--quiet"]) == 0
+    return out

@@ -84,3 +84,49 @@ def test_retrieval_answers_are_grounded_in_the_document(seed):
         assert doc.meta["distance_chars"] > 0
         n_checked += 1
     assert n_checked > 40
+
+
+def test_retrieval_documents_mark_their_key_item():
+    for doc in generate_corpus(seed=2, n_documents=120, max_chars=1500):
+        if doc.meta["kind"] != "retrieval":
+            assert not any(s.role == "key" for s in doc.segments)
+            continue
+        roles = [s.role for s in doc.segments]
+        (k,) = [i for i, r in enumerate(roles) if r == "key"]
+        assert k < roles.index("answer")
+        key = doc.segments[k]
+        if doc.meta["qa_type"] == "fact":
+            assert key.text.startswith("The code of the ") and doc.meta["answer"] in key.text
+        else:
+            assert key.text.startswith("Remember picture ") and doc.segments[k + 1].type == "image"
+
+
+def _est_tokens(doc, image_tokens):
+    from data_prep.demo_corpus import CHARS_PER_TOKEN
+
+    return sum(len(s.text) / CHARS_PER_TOKEN if s.type == "text" else image_tokens for s in doc.segments)
+
+
+def test_token_mode_fills_the_context_and_spreads_distances_up_to_it():
+    L, img = 2048, 18
+    docs = list(generate_corpus(seed=0, n_documents=400, doc_tokens=L, image_tokens=img))
+    sizes = [_est_tokens(d, img) for d in docs]
+    assert max(sizes) <= L  # the margin keeps documents inside a row of L tokens
+    stories = [s for s, d in zip(sizes, docs) if d.meta["kind"] == "story"]
+    assert min(stories) >= 0.4 * L and max(stories) >= 0.85 * L
+    retrieval = [d for d in docs if d.meta["kind"] == "retrieval"]
+    assert len(retrieval) > 120
+    dist = [d.meta["distance_tokens_est"] for d in retrieval]
+    assert min(dist) >= 16 and max(dist) <= L
+    # geometric buckets up to the context are all populated, for text facts and picture facts alike
+    edges = [0, L // 32, L // 16, L // 8, L // 4, L // 2, L + 1]
+    for kinds in ({"fact"}, {"color", "count", "shape"}):
+        ds = [d.meta["distance_tokens_est"] for d in retrieval if d.meta["qa_type"] in kinds]
+        counts = [sum(lo <= x < hi for x in ds) for lo, hi in zip(edges, edges[1:])]
+        assert all(c >= 3 for c in counts[1:]), counts
+
+
+def test_token_mode_is_deterministic_and_leaves_the_default_alone():
+    a = generate_document(5, 11, doc_tokens=1024)
+    assert a.to_sample() == generate_document(5, 11, doc_tokens=1024).to_sample()
+    assert "distance_tokens_est" not in generate_document(5, 11).meta

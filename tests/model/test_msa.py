@@ -99,3 +99,17 @@ def test_warmup_attends_densely():
     torch.testing.assert_close(warm.losses["lm"], dense.losses["lm"])
     assert warm.stats["sparsity"] == 0.0 and sparse.stats["sparsity"] > 0.1
     assert not torch.allclose(sparse.losses["lm"], dense.losses["lm"])
+
+
+@pytest.mark.parametrize("mode", ["warmup", "sparse"])
+def test_evaluation_can_skip_the_kl_and_gets_the_same_logits(mode):
+    cfg = small_config()
+    model = MultimodalTransformer(cfg, img_patch_id=IMG_PATCH).eval()
+    model.set_mode(mode)
+    batch = build_batch(cfg, [[100, 60], [128]], T=160)
+    with torch.no_grad():
+        full = model(batch, return_logits=True)
+        lm_only = model(batch, return_logits=True, index_loss=False)
+    assert "kl_index" in full.losses and "kl_index" not in lm_only.losses
+    assert torch.equal(full.logits, lm_only.logits)
+    assert lm_only.losses["lm"] == full.losses["lm"]
