@@ -4,7 +4,7 @@ training-free "efficiency patch" that native MSA is compared against (`msa-study
 
 Per (query token t, GQA group g) of one document:
   p[g, t](j)  = (1/G) * sum over heads h in g of softmax_j(q_h[t] . k_j / sqrt(dh)), j <= t
-                (the group's head-averaged dense attention: the KL teacher of MSA.md);
+                (the group's head-averaged dense attention: the KL teacher of docs/msa.md);
   S[g, t, b]  = max over keys j of block b, j <= t, of p[g, t](j)   (max-pooled, like the index branch);
   selection   = the local block (always) + the top-(k-1) visible non-local blocks by S, padded with -1
                 where fewer than k blocks are visible; the local block sits in the last valid slot

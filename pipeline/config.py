@@ -385,3 +385,33 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def resolved_params(cfg: RunConfig) -> dict[str, Any]:
+    """The config as a run's MLflow params: every value resolved (no 0 meaning "the default": the
+    learning rate of the index branch, the row length), and only what applies to this run's mode
+    (no index-branch fields for a dense run, no retrofit fields for a native one, no debug hooks)."""
+    params = flatten(cfg)
+    params["train.index_lr"] = cfg.train.index_lr or cfg.train.lr
+    params["data.seq_len"] = cfg.seq_len
+    params["data.tokenizer"] = cfg.tokenizer_path
+    params["train.stats_every"] = cfg.train.stats_every or cfg.train.log_every
+    drop = ["debug.", "tracking.uri", "tracking.parent_run_id"]
+    if not cfg.model.msa.enabled:
+        drop += ["model.msa.", "train.index_lr"]
+        params["model.msa.enabled"] = False
+    if not cfg.model.moe.enabled:
+        drop.append("model.moe.")
+        params["model.moe.enabled"] = False
+    if cfg.schedule.mode != "retrofit":
+        drop += ["schedule.retrofit_", "schedule.freeze_backbone_in_warmup"]
+    if cfg.schedule.mode != "msa":
+        drop.append("schedule.warmup_tokens")
+    if not cfg.train.eval_every:
+        drop += ["train.eval_documents", "data.eval_shards"]
+    if not cfg.data.weights:
+        drop.append("data.weights")
+    if cfg.ray.address == "":
+        params["ray.address"] = "local"
+    return {k: v for k, v in params.items()
+            if not any(k.startswith(d) for d in drop) or k in ("model.msa.enabled", "model.moe.enabled")}

@@ -31,14 +31,21 @@ from pipeline.checkpoint import (check_shapes, latest_checkpoint, load_checkpoin
 from pipeline.config import RunConfig, config_from_dict
 from pipeline.data import BOOKKEEPING, DROP_REASONS
 from pipeline.flops import StepFlops, device_peak_tflops
-from pipeline.metrics import Window, progress_line, reduce_window
+from pipeline.console import ProgressLog, progress_line
+from pipeline.metrics import Window, reduce_window
 from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
 from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState
-from pipeline.schedule import attention_mode, frozen_groups
+from pipeline.schedule import attention_mode, frozen_groups, warmup_steps
 from pipeline.tracking import make_tracker
 
 log = logging.getLogger(__name__)
+# rank 0's messages go to <run dir>/progress.log, which the driver prints (pipeline/console.py)
+_progress = ProgressLog(None)
+
+
+def say(line: str) -> None:
+    _progress.say(line)
 
 
 class TooManyBadSteps(RuntimeError):
@@ -106,16 +113,15 @@ def _init_model(cfg: RunConfig, rank: int):
         dense_state, dense_data, _ = load_checkpoint(source)
         fresh = load_dense_checkpoint(model, dense_state["model"])
         if rank == 0:
-            print(f"[train] retrofit: loaded the dense checkpoint {source}; "
-                  f"{len(fresh)} fresh index tensors", flush=True)
+            say(f"[train] retrofit: loaded the dense checkpoint {source}; {len(fresh)} fresh index tensors")
         if cfg.schedule.retrofit_continue:
             # the optimizer starts fresh (the index branch is new); step, tokens and data go on
             step = dense_state["step"]
             start = (LoopState(step=step, tokens_seen=dense_state["tokens_seen"], start_step=step),
                      DataState.from_json(dense_data))
             if rank == 0:
-                print(f"[train] retrofit: continuing the dense run at step {step} "
-                      f"({dense_state['tokens_seen']:,} tokens seen)", flush=True)
+                say(f"[train] retrofit: continuing the dense run at step {step} "
+                    f"({dense_state['tokens_seen']:,} tokens seen)")
     return model, start
 
 
@@ -137,7 +143,7 @@ def _checkpoint_to_resume(run_dir: Path, rank: int, device) -> tuple[Path | None
     choice = [None, time.time()]
     if rank == 0:
         for stale in remove_stale_temporaries(run_dir):
-            print(f"[train] removed an unfinished checkpoint write: {stale.name}", flush=True)
+            say(f"[train] removed an unfinished checkpoint write: {stale.name}")
         newest = latest_checkpoint(run_dir)
         choice[0] = str(newest) if newest else None
     if dist.is_available() and dist.is_initialized():
@@ -159,6 +165,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
 
+    global _progress
+    _progress = ProgressLog(run_dir) if rank == 0 else ProgressLog(None, quiet=True)
     resume_from, attempt = _checkpoint_to_resume(run_dir, rank, device)
     raw, start = (build_model(cfg), None) if resume_from else _init_model(cfg, rank)
     st, data_state = start if start else (LoopState(), DataState.empty(plan))
@@ -175,8 +183,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         restore_rng(saved["rng"])
         del saved
         if rank == 0:
-            print(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen) from {resume_from.name}",
-                  flush=True)
+            say(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen) from {resume_from.name}")
     tracker = make_tracker(rank, loop_config["tracking_uri"], loop_config["run_id"])
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else contextlib.nullcontext())
@@ -208,7 +215,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if mode != raw.mode:
             raw.set_mode(mode)
             if rank == 0:
-                print(f"[train] step {st.step}: attention mode -> {mode}", flush=True)
+                say(f"[train] step {st.step}: attention mode -> {mode}")
         lr = lr_at(st.step, cfg.train)
         set_lr(optimizer, lr, frozen_groups(cfg, mode))
         compute_stats = (st.step + 1) % stats_every == 0 and raw.has_index_branch
@@ -246,6 +253,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _pause_once(cfg, run_dir, rank, st.step)
 
         if st.step % cfg.train.log_every == 0 or st.step == cfg.train.max_steps:
+            window_s, steps_in_window = time.perf_counter() - win.t0, win.steps
             metrics = _window_metrics(win, device, lr, st, peak, world)
             # under FSDP every rank must take part in the forward passes; rank 0 logs the result
             if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and (rank == 0 or cfg.ray.parallel == "fsdp"):
@@ -256,12 +264,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # every step is trained and logged: the run is complete, whatever happens from here on
                 tracker.set_tags({"training_complete": "true"})
             if rank == 0:
-                done = st.step - step_start
-                eta = (time.perf_counter() - t_start) / max(done, 1) * (cfg.train.max_steps - st.step)
-                print(progress_line(st.step, cfg.train.max_steps, metrics, eta), flush=True)
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / max(st.step - step_start, 1) * (cfg.train.max_steps - st.step)
+                gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                say(progress_line(st.step, cfg.train.max_steps, metrics, elapsed, eta, window_s / max(steps_in_window, 1),
+                                  gib))
             checkpoint = st.step % cfg.train.checkpoint_every == 0 or final
             if checkpoint:
-                _log_plots(tracker, cfg, selection, st.step)
+                _log_plots(tracker, cfg, selection, st.step, st.start_step)
                 _checkpoint(cfg, st, model, optimizer, plan, data_state, consumed, run_dir, rank, tracker, final)
             ray.train.report({k.replace("/", "_"): v for k, v in metrics.items()} | {"step": st.step})
             win = Window()
@@ -318,10 +328,10 @@ def _checkpoint(cfg: RunConfig, st: LoopState, model, optimizer, plan: DataPlan,
             "start_step": st.start_step,
         }, data_state.to_json(plan), dataclasses.asdict(cfg.model))
         prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
-        print(f"[train] checkpoint {path.name} written", flush=True)
+        say(f"[train] checkpoint {path.name} written")
     except (OSError, RuntimeError) as e:
         what = "final_checkpoint_error" if final else "checkpoint_error"
-        print(f"[train] error: checkpoint at step {st.step} could not be written: {type(e).__name__}: {e}", flush=True)
+        say(f"[train] error: checkpoint at step {st.step} could not be written: {type(e).__name__}: {e}")
         tracker.set_tags({what: f"step {st.step}: {type(e).__name__}: {e}"[:5000]})
 
 
@@ -383,34 +393,34 @@ def _evaluate(cfg: RunConfig, model, device, autocast, verbose: bool) -> dict[st
     res = evaluate(model, cfg.data.eval_shards, cfg.tokenizer_path, cfg.seq_len, cfg.model.image_size, cfg.model.patch_size,
                    device, cfg.train.batch_size, cfg.train.eval_documents, autocast)
     if verbose:
-        print(f"[eval] lm_loss {res.lm_loss:.4f}  retrieval_acc {res.retrieval_acc:.3f} ({res.questions} questions)",
-              flush=True)
+        say(f"[eval] lm_loss {res.lm_loss:.4f}  retrieval_acc {res.retrieval_acc:.3f} ({res.questions} questions)")
     return {k: v for k, v in res.metrics().items() if not math.isnan(v)}
 
 
-def _log_plots(tracker, cfg: RunConfig, selection, step: int) -> None:
-    """Training curves and one sequence's block selection, as artifacts of the run (rank 0)."""
+def _log_plots(tracker, cfg: RunConfig, selection, step: int, start_step: int = 0) -> None:
+    """Training curves and one document's block selection, as artifacts of the run (rank 0)."""
     if not hasattr(tracker, "client"):  # the no-op twin: not rank 0, or tracking off
         return
     from pipeline.plots import selection_map, training_curves
 
     try:
         with tempfile.TemporaryDirectory() as d:
-            curves = training_curves(tracker.client, tracker.run_id, Path(d) / "training_curves.png")
+            switch = start_step + warmup_steps(cfg) if cfg.schedule.mode != "dense" else None
+            curves = training_curves(tracker.client, tracker.run_id, Path(d) / "training_curves.png", switch)
             if curves:
                 tracker.log_artifact(curves, "plots")
             if selection:
                 by_layer, seg_T = selection
-                layer = min(by_layer)
                 # the longest document of the batch's first row (row 0 starts the flat token axis)
                 docs = seg_T[seg_T > 0]
                 if len(docs):
                     longest = int(torch.bincount(docs).argmax())
                     where = torch.nonzero(seg_T == longest).flatten()
-                    idx = by_layer[layer][0, where[0]:where[-1] + 1, 0].cpu().numpy()
-                    path = selection_map(idx, cfg.model.msa.block_size, Path(d) / f"selection_layer{layer}.png",
-                                         f"step {step}: layer {layer}, group 0, a document of {len(where)} tokens")
+                    picked = {layer: idx[0, where[0]:where[-1] + 1].cpu().numpy()
+                              for layer, idx in sorted(by_layer.items())[:4]}
+                    path = selection_map(picked, cfg.model.msa.block_size, Path(d) / "selection.png",
+                                         f"step {step}: the blocks each token of a {len(where)}-token document attends to")
                     tracker.log_artifact(path, "plots")
     except Exception as e:  # a plot must never stop a run
         log.warning("could not log plots at step %d: %s", step, e)
-        print(f"[train] warning: could not log plots at step {step}: {e}", flush=True)
+        say(f"[train] warning: could not log plots at step {step}: {e}")

@@ -1,4 +1,4 @@
-"""What the loop measures between two log lines, and the progress line itself."""
+"""What the loop measures between two log lines (the progress line itself: pipeline/console.py)."""
 from __future__ import annotations
 
 import time
@@ -57,22 +57,3 @@ def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count
     out["flops_per_s"] = flops / max(elapsed, 1e-9)
     out["data_wait_frac"] = wait / max(elapsed * world, 1e-9)
     return out
-
-
-def progress_line(step: int, max_steps: int, m: dict[str, float], eta_s: float) -> str:
-    parts = [f"step {step:>6}/{max_steps}", f"loss {m['train/lm_loss']:.4f}"]
-    if "train/kl_index_loss" in m:
-        parts.append(f"kl {m['train/kl_index_loss']:.4f}")
-    if "train/sparsity" in m:
-        parts.append(f"sparsity {m['train/sparsity']:.1%}")
-    parts.append(f"tok/s {m['train/tokens_per_s']:,.0f}")
-    if "train/mfu" in m:
-        parts.append(f"mfu {m['train/mfu']:.1%}")
-    parts.append(f"wait {m['train/data_wait_frac']:.0%}")
-    parts.append(f"eta {_duration(eta_s)}")
-    return "[train] " + "  ".join(parts)
-
-
-def _duration(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -23,8 +23,13 @@ def _history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
     return [m.step for m in pts], [m.value for m in pts]
 
 
-def training_curves(client, run_id: str, out_path: Path) -> Path | None:
-    """One panel per curve that has data; per-layer sparsity and KL as one line per layer."""
+LAYER_STYLES = [(c, ls) for ls in ("-", "--", ":", "-.") for c in plt.get_cmap("tab10").colors]
+
+
+def training_curves(client, run_id: str, out_path: Path, switch_step: int | None = None) -> Path | None:
+    """One panel per curve that has data; per-layer sparsity and KL as one line per layer (each its
+    own colour and dash). `switch_step`: where attention went from the dense warm-up to sparse, marked
+    in every panel (the KL jumps there: from all visible keys to the selected ones)."""
     keys = set(client.get_run(run_id).data.metrics)
     panels = [k for k in CURVES if k in keys]
     layer_keys = sorted((k for k in keys if re.fullmatch(r"layer/\d+/(sparsity|kl_index_loss)", k)),
@@ -37,18 +42,27 @@ def training_curves(client, run_id: str, out_path: Path) -> Path | None:
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
     ax_iter = iter(axes.flat)
+    def mark(ax):
+        if switch_step:
+            ax.axvline(switch_step, color="tab:red", lw=0.8, ls="--", label=f"sparse from step {switch_step}")
+
     for key in panels:
         ax = next(ax_iter)
         ax.plot(*_history(client, run_id, key), marker=".")
+        mark(ax)
         ax.set_title(key)
         ax.set_xlabel("step")
+        if switch_step:
+            ax.legend(fontsize=7)
     for stat in per_layer:
         ax = next(ax_iter)
-        for k in (k for k in layer_keys if k.endswith("/" + stat)):
-            ax.plot(*_history(client, run_id, k), label=f"layer {k.split('/')[1]}")
+        for i, k in enumerate(k for k in layer_keys if k.endswith("/" + stat)):
+            color, dash = LAYER_STYLES[i % len(LAYER_STYLES)]
+            ax.plot(*_history(client, run_id, k), color=color, ls=dash, label=f"layer {k.split('/')[1]}")
+        mark(ax)
         ax.set_title(f"per layer: {stat}")
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2)
     for ax in ax_iter:
         ax.axis("off")
     fig.tight_layout()
@@ -57,23 +71,40 @@ def training_curves(client, run_id: str, out_path: Path) -> Path | None:
     return out_path
 
 
-def selection_map(block_idx_TK: np.ndarray, block_size: int, out_path: Path, title: str) -> Path:
-    """Which key blocks each query token of one sequence attends to (one group of one layer).
+def selection_map(by_layer: dict[int, np.ndarray], block_size: int, out_path: Path, title: str) -> Path:
+    """Which key blocks each query token of one document attends to, one panel per (layer, group).
 
-    block_idx_TK: int [T, topk] block numbers (-1 = unused slot). The picture is [T, n_blocks]: a
-    coloured cell where token t selected block b; the diagonal band is the local block.
+    by_layer: {layer: int [T, groups, topk]} block numbers (-1 = unused slot). Each panel is
+    [T, n_blocks]: the token's own (local) block in one colour, the other selected blocks in another.
     """
-    T = block_idx_TK.shape[0]
-    n_blocks = (T + block_size - 1) // block_size
-    img = np.zeros((T, n_blocks), np.float32)
-    t_idx, k_idx = np.nonzero(block_idx_TK >= 0)
-    img[t_idx, block_idx_TK[t_idx, k_idx]] = 1.0
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.imshow(img, aspect="auto", interpolation="nearest", cmap="Greys")
-    ax.set_xlabel("key block")
-    ax.set_ylabel("query token")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    panels = [(layer, g) for layer in sorted(by_layer) for g in range(by_layer[layer].shape[1])][:8]
+    cols = min(4, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows + 0.6), squeeze=False)
+    cmap = ListedColormap(["white", "tab:blue", "tab:orange"])
+    for ax, (layer, g) in zip(axes.flat, panels):
+        idx_TK = by_layer[layer][:, g]
+        T = idx_TK.shape[0]
+        n_blocks = (T + block_size - 1) // block_size
+        img = np.zeros((T, n_blocks), np.int8)
+        t_idx, k_idx = np.nonzero(idx_TK >= 0)
+        blocks = idx_TK[t_idx, k_idx]
+        img[t_idx, blocks] = np.where(blocks == t_idx // block_size, 2, 1)
+        ax.imshow(img, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=2)
+        ax.set_title(f"layer {layer}, group {g}", fontsize=9)
+        ax.set_xlabel("key block")
+        ax.set_ylabel("query token")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.legend(handles=[Patch(color="tab:orange", label="local block (always selected)"),
+                        Patch(color="tab:blue", label="selected by the index branch"),
+                        Patch(facecolor="white", edgecolor="grey", label="not attended")],
+               loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path

@@ -110,7 +110,7 @@ def build_results(cfg, plan, records: list[dict], meta: dict, commit: str, dirty
     devices = sorted({r.get("device", meta["device"]) for r in records})
     # the commit that trained and evaluated each run (records made before this was recorded: unknown)
     run_commits = sorted({r["commit"] for r in records if r.get("commit")})
-    return {
+    return _relative_paths({
         "study": cfg.name, "arms": out_arms, "comparisons": comparisons, "extra_comparisons": extra,
         "commit": commit + ("+dirty" if dirty else ""), "run_commits": run_commits,
         "device": "; ".join(devices) or meta["device"],
@@ -125,7 +125,17 @@ def build_results(cfg, plan, records: list[dict], meta: dict, commit: str, dirty
             "step_ms": "median over logging windows (the first left out) of window time / steps",
             "ci95": "paired by seed, mean +- t(0.975, n-1) sd / sqrt(n); null when n < 2",
         },
-    }
+    })
+
+
+def _relative_paths(x):
+    """Every absolute path below where the study ran, made relative to it: results.json and the
+    report travel to other machines (the study directory's records keep the absolute paths)."""
+    if isinstance(x, dict):
+        return {k: _relative_paths(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_relative_paths(v) for v in x]
+    return _shown(x) if isinstance(x, str) and x.startswith("/") else x
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,6 +169,15 @@ def _diff(c: dict | None, metric: str) -> str:
     if metric == "step_ms":
         return f"{c['diff_mean']:+.0f} [{lo:+.0f}, {hi:+.0f}]"
     return f"{c['diff_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _shown(path: str) -> str:
+    """A data path as the report shows it: relative to where the study ran, when it lies below it
+    (a report is read on other machines; the absolute path is in results.json)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 def _params(n: int) -> str:
@@ -318,10 +337,10 @@ def write_report(results: dict, path: Path, figures: list[str]) -> None:
              f"{s['warmup_tokens']:,} tokens and sparse to the end, whole model training, same LR schedule and "
              f"the rest of the same data in the same order (a fresh optimizer state)")
     L.append(f"- Seeds: {', '.join(str(x) for x in s['seeds'])} (initialisation and data order; paired across arms)")
-    L.append(f"- Training data: {', '.join(s['train_shards'])} ({s['train_documents']:,} documents)")
+    L.append(f"- Training data: {', '.join(_shown(p) for p in s['train_shards'])} ({s['train_documents']:,} documents)")
     ev = results["eval"]
     if ev:
-        L.append(f"- Evaluation: the first {ev['documents']} documents of {ev['shards']} (sha256 "
+        L.append(f"- Evaluation: the first {ev['documents']} documents of {_shown(ev['shards'])} (sha256 "
                  f"`{ev['sha256'][:16]}…`), identical for every run")
     else:
         L.append("- Evaluation: **the runs were not all evaluated on the same documents** (see results.json)")

@@ -16,6 +16,8 @@ from typing import Any
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the UI (Markdown)
 
 
 def resolve_tracking_uri(cli_uri: str | None, config_uri: str) -> str:
@@ -33,13 +35,41 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def git_commit() -> str:
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str | None:
     try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
+        out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """The project's own commit ("-dirty" with uncommitted changes), or "unknown": a checkout whose
+    repository is not this project's (an installed copy inside another repository) says nothing."""
+    top = _git("rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != PROJECT_ROOT:
         return "unknown"
+    sha = _git("rev-parse", "HEAD") or "unknown"
+    return sha + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """MLflow's standard source and user tags for a run started by `entry_point`."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    tags = {"mlflow.source.name": entry_point, "mlflow.user": user,
+            "mlflow.source.type": "JOB" if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else "LOCAL"}
+    commit = git_commit()
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
 
 
 def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
@@ -57,13 +87,17 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
     exp = client.get_experiment_by_name(experiment)
     if exp:
         exp_id = exp.experiment_id
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     else:
         # a local store keeps its artifacts beside the database file, not in whatever directory a
         # worker happens to run in
         location = None
         if uri.startswith("sqlite:///"):
             location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=location)
+        # the UI opens an experiment in its model-training view (not the GenAI one) by this tag
+        exp_id = client.create_experiment(experiment, artifact_location=location,
+                                          tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     run = client.create_run(exp_id, run_name=run_name or None, tags=tags)
     from mlflow.entities import Param
 
@@ -82,6 +116,16 @@ def close_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = 
     for k, v in (tags or {}).items():
         client.set_tag(run_id, k, v)
     client.set_terminated(run_id, status=status)
+
+
+def set_description(uri: str, run_id: str, text: str) -> None:
+    _client(uri).set_tag(run_id, DESCRIPTION_TAG, text)
+
+
+def final_metrics(uri: str, run_id: str, keys: tuple[str, ...]) -> dict[str, float]:
+    """The last logged value of each of `keys` that the run has."""
+    have = _client(uri).get_run(run_id).data.metrics
+    return {k: have[k] for k in keys if k in have}
 
 
 def run_completed(uri: str, run_id: str) -> bool:

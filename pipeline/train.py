@@ -28,10 +28,12 @@ from pathlib import Path
 from model.config import ConfigError
 from pipeline.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, read_data_state, read_manifest,
                                  resolve_checkpoint)
-from pipeline.config import RunConfig, apply_overrides, config_from_dict, flatten, load_config
+from model.flops import count_parameters
+from pipeline.config import RunConfig, apply_overrides, config_from_dict, load_config, resolved_params
 from pipeline.plan import DataPlan, DataState, build_plan
-from pipeline.tracking import (close_run, git_commit, log_dict_artifact, open_run, resolve_tracking_uri,
-                               run_completed)
+from pipeline.console import ProgressTail, duration
+from pipeline.tracking import (DESCRIPTION_TAG, close_run, final_metrics, git_commit, log_dict_artifact, open_run,
+                               resolve_tracking_uri, run_completed, set_description, source_tags)
 
 RUN_INFO = "run_info.json"
 
@@ -71,8 +73,10 @@ def _start_ray(cfg: RunConfig, address: str) -> bool:
     # logical CPUs: the training workers plus the packing actors plus one for reading; a local Ray is a
     # development set-up, so oversubscribing a small machine's cores is intended
     n = cfg.ray.local_num_cpus or int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + cfg.data.pack_actors + 1)
-    # the dashboard is started too: Ray Train's controller and `ray job submit` rely on it
-    ray.init(num_cpus=n, log_to_driver=True)
+    # the dashboard is started too: Ray Train's controller and `ray job submit` rely on it; every worker
+    # process silences the known-harmless framework warnings at their source (pipeline/console.py)
+    ray.init(num_cpus=n, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": "pipeline.console.quiet_ray_workers"})
     return True
 
 
@@ -182,12 +186,19 @@ def run(launch: Launch, address: str) -> dict:
               f"{cfg.train.max_steps}); to train on, raise it: --set train.max_steps=N", flush=True)
         return {"run_id": launch.run_id, "run_name": launch.run_name, "tracking_uri": launch.tracking_uri,
                 "experiment": cfg.tracking.experiment, "checkpoint": str(done[-1][1])}
+    t_begin = time.time()
     started = _start_ray(cfg, address)
     run_id = launch.run_id
     try:
         if run_id is None:
-            run_id = open_run(launch.tracking_uri, cfg.tracking.experiment, launch.run_name, flatten(cfg),
+            counts = count_parameters(cfg.model)
+            params = resolved_params(cfg) | {
+                "params.total": counts["params_total"], "params.active": counts["params_active"],
+                "params.index_branch": counts["params_index_branch"], "params.embedding": counts["params_embedding"],
+                "train.tokens_per_step": cfg.tokens_per_step}
+            run_id = open_run(launch.tracking_uri, cfg.tracking.experiment, launch.run_name, params,
                               tags={"mode": cfg.schedule.mode, "git_commit": git_commit(), "config_name": cfg.name,
+                                    DESCRIPTION_TAG: describe(cfg, counts), **source_tags("msa-train"),
                                     **({"mlflow.parentRunId": cfg.tracking.parent_run_id}
                                        if cfg.tracking.parent_run_id else {})})
             launch.run_dir.mkdir(parents=True)
@@ -227,7 +238,8 @@ def run(launch: Launch, address: str) -> dict:
             ),
             datasets={"train": datasets},
         )
-        trainer.fit()
+        with ProgressTail(launch.run_dir):  # rank 0's progress lines, without Ray's worker prefixes
+            trainer.fit()
         after_error = None
     except BaseException as e:
         if not (run_id and _close_after_error(launch.tracking_uri, run_id, e)):
@@ -236,12 +248,55 @@ def run(launch: Launch, address: str) -> dict:
     else:
         close_run(launch.tracking_uri, run_id, "FINISHED")
     finally:
+        if run_id:
+            _finish_description(launch, run_id)
         if started:
             ray.shutdown()
     newest = latest_checkpoint(launch.run_dir)
     return {"run_id": run_id, "run_name": launch.run_name, "tracking_uri": launch.tracking_uri,
             "experiment": cfg.tracking.experiment, "checkpoint": str(newest) if newest else None,
-            "after_error": after_error}
+            "after_error": after_error, "run_dir": str(launch.run_dir), "elapsed_s": time.time() - t_begin}
+
+
+MODE_WORDS = {
+    "dense": "Dense GQA baseline (no index branch)",
+    "msa": "Native MSA: dense warm-up of {warmup:,} tokens (the index branch learns from the KL), then sparse",
+    "retrofit": "Retrofit: a dense checkpoint + fresh index branch, warm-up of {warmup:,} tokens, then sparse",
+}
+HEADLINE = ("train/lm_loss", "train/kl_index_loss", "train/sparsity", "train/score_recall", "eval/lm_loss",
+            "eval/retrieval_acc", "train/tokens_per_s", "train/mfu", "train/tokens_seen", "train/skipped_samples")
+
+
+def describe(cfg: RunConfig, counts: dict) -> str:
+    """The run's description (Markdown, the MLflow UI's "Description"): what was trained on what."""
+    m, s = cfg.model, cfg.schedule
+    warmup = s.warmup_tokens if s.mode == "msa" else s.retrofit_warmup_tokens
+    attn = (f"{m.n_layers} layers: {m.msa.n_dense_layers} dense + {m.n_layers - m.msa.n_dense_layers} MSA "
+            f"(blocks of {m.msa.block_size}, top-{m.msa.topk})" if m.msa.enabled else f"{m.n_layers} dense layers")
+    moe = f", MoE {m.moe.n_experts} experts top-{m.moe.top_k}" if m.moe.enabled else ""
+    lines = [f"**{MODE_WORDS[s.mode].format(warmup=warmup)}**", "",
+             f"- model `{cfg.name}`: d_model {m.d_model}, {attn}{moe}; {counts['params_total'] / 1e6:,.1f}M "
+             f"parameters ({counts['params_active'] / 1e6:,.1f}M active, index branch "
+             f"{counts['params_index_branch'] / 1e6:,.2f}M)",
+             f"- data: {', '.join(cfg.data.shards)}; rows of {cfg.seq_len:,} tokens, "
+             f"{cfg.tokens_per_step:,} tokens per step, {cfg.train.max_steps:,} steps",
+             f"- {cfg.ray.num_workers} workers ({cfg.ray.parallel}), {cfg.train.dtype}"]
+    if s.mode == "retrofit":
+        lines.append(f"- retrofitted from `{s.retrofit_from}`")
+    return "\n".join(lines)
+
+
+def _finish_description(launch: Launch, run_id: str) -> None:
+    """Append the final metrics to the run's description (best effort: never fails the run)."""
+    try:
+        metrics = final_metrics(launch.tracking_uri, run_id, HEADLINE)
+        if not metrics:
+            return
+        table = ["", "| final | value |", "|---|---|"] + [f"| `{k}` | {v:,.4g} |" for k, v in metrics.items()]
+        set_description(launch.tracking_uri, run_id, describe(launch.cfg, count_parameters(launch.cfg.model))
+                        + "\n" + "\n".join(table))
+    except Exception as e:  # the tracking server may be what failed
+        print(f"[msa-train] warning: could not update the run's description: {e}", file=sys.stderr)
 
 
 class Terminated(BaseException):
@@ -278,6 +333,32 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _summary(out: dict) -> None:
+    """What a user needs at the end: the final metrics, where the run, its checkpoint and its MLflow
+    UI are."""
+    uri = out["tracking_uri"]
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
+    ui = f"{mlflow_cmd} ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+    if out.get("after_error"):
+        print(f"[msa-train] warning: every step was trained and logged, but then: {out['after_error']}",
+              file=sys.stderr)
+    print(f"\n[msa-train] done: run {out['run_name']} (MLflow run {out['run_id']}, experiment "
+          f"'{out['experiment']}') in {duration(out.get('elapsed_s', 0))}")
+    try:
+        metrics = final_metrics(uri, out["run_id"], HEADLINE)
+    except Exception:
+        metrics = {}
+    if metrics:
+        print("[msa-train] final:  " + "  ".join(f"{k.split('/', 1)[1]} {v:,.4g}" for k, v in metrics.items()))
+    if out.get("run_dir"):
+        print(f"[msa-train] run directory:  {out['run_dir']}")
+    if out["checkpoint"]:
+        print(f"[msa-train] last checkpoint: {out['checkpoint']}")
+        print(f"[msa-train] evaluate it with:  msa-eval --checkpoint {Path(out['checkpoint']).parent}")
+    print(f"[msa-train] to look at it:  {ui}   then open http://127.0.0.1:5000")
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         launch = prepare(args)
@@ -298,19 +379,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"msa-train: stopped ({e or 'interrupted'}); continue it with: msa-train --config {args.config} "
               f"--resume {launch.run_name}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
-    uri = out["tracking_uri"]
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    mlflow_cmd = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
-    ui = f"{mlflow_cmd} ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
-    if out.get("after_error"):
-        print(f"[msa-train] warning: every step was trained and logged, but then: {out['after_error']}",
-              file=sys.stderr)
-    print(f"\n[msa-train] done. Run {out['run_name']} (MLflow run {out['run_id']}, experiment "
-          f"'{out['experiment']}').")
-    print(f"[msa-train] to look at it:  {ui}   then open http://127.0.0.1:5000")
-    if out["checkpoint"]:
-        print(f"[msa-train] last checkpoint: {out['checkpoint']}")
-        print(f"[msa-train] evaluate it with:  msa-eval --checkpoint {Path(out['checkpoint']).parent}")
+    _summary(out)
     return 0
 
 

@@ -3,7 +3,6 @@ questions, and one evaluation of a small random model on real held-out shards.
 
     pytest -q tests/pipeline/test_evaluate.py
 """
-import json
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,7 @@ import torch
 from data_prep.reader import iter_documents
 from data_prep.tokenizer import load_tokenizer
 from model.batch import IGNORE_INDEX, Batch
-from pipeline.evaluate import (bucket_edges, bucket_name, evaluate, image_text_mask, key_distance,
-                               resolve_checkpoint)
+from pipeline.evaluate import bucket_edges, bucket_name, evaluate, image_text_mask, key_distance
 from pipeline.packing import ImageDecoder, PackSpec, Tokenizer, tokenize_document
 
 
@@ -95,16 +93,3 @@ def test_evaluate_a_small_model_on_held_out_shards(tokenizer, demo_shards, heldo
     assert again.documents_sha256 == res.documents_sha256
     assert again.lm_loss == pytest.approx(res.lm_loss, rel=1e-5)  # batching does not change the loss
     assert evaluate(model, *args, max_documents=29).documents_sha256 != res.documents_sha256
-
-
-def test_resolve_checkpoint_picks_the_newest_of_a_run(tmp_path):
-    for name, step in (("checkpoint_a", 10), ("checkpoint_b", 30), ("checkpoint_c", 20)):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "state.pt").write_bytes(b"")
-        (d / "data_state.json").write_text(json.dumps({"step": step}))
-    (tmp_path / "checkpoint_d").mkdir()  # being written: no state.pt yet
-    assert resolve_checkpoint(tmp_path) == tmp_path / "checkpoint_b"
-    assert resolve_checkpoint(tmp_path / "checkpoint_a") == tmp_path / "checkpoint_a"
-    with pytest.raises(FileNotFoundError, match="checkpoint_"):
-        resolve_checkpoint(tmp_path / "checkpoint_d")

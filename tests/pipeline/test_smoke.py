@@ -48,7 +48,23 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, heldout_shards, tmp_pat
     assert all(v >= 0 for v in kl)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/training_curves.png" in artifacts
-    assert any(p.startswith("plots/selection_layer") for p in artifacts)
+    assert "plots/selection.png" in artifacts
+    # what a reader of the run sees first: the model-training view, a description, who and what ran it
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "msa-train" and tags["mlflow.user"]
+    assert "Native MSA" in tags["mlflow.note.content"] and "| `train/lm_loss` |" in tags["mlflow.note.content"]
+    params = run.data.params
+    assert params["train.index_lr"] == params["train.lr"]  # resolved, not 0.0 for "use train.lr"
+    assert params["data.seq_len"] == "1024" and int(params["params.index_branch"]) > 0
+    assert int(params["params.active"]) < int(params["params.total"])
+    assert int(params["train.tokens_per_step"]) == 2 * 4 * 1024
+    assert not any(k.startswith(("debug.", "schedule.retrofit_")) for k in params)  # only what applies
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.json", "data", "plots"}
+    # the console: clean progress lines (no Ray worker prefix) and a summary at the end
+    progress = [line for line in printed.splitlines() if line.startswith("[train] step ") and "/30 " in line]
+    assert len(progress) == 6 and all("elapsed" in line and " ms" in line for line in progress), progress
+    assert "[msa-train] final:" in printed and "lm_loss" in printed.split("[msa-train] final:")[1]
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/lm_loss"),
                                     key=lambda m: m.step)]
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/lm_loss"))
