@@ -21,61 +21,38 @@ slots, C query rows of a chunk, L keys of one document, M key blocks of one docu
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from model.attention import DocLayout
-
-_CHUNK_ELEMS = 1 << 24  # fp32 scores per chunk (~64 MiB)
+from model.stats import dense_probs_by_chunk
 
 
 @torch.no_grad()
 def oracle_select(q_NHD: torch.Tensor, k_NHD: torch.Tensor, layout: DocLayout, block_size: int, topk: int,
                   softmax_scale: float | None = None) -> torch.Tensor:
     """block_idx int32 [N, H, K] chosen by the true (head-averaged, max-pooled) attention."""
-    N, Hq, D = q_NHD.shape
+    N = q_NHD.shape[0]
     H = k_NHD.shape[1]
-    G = Hq // H
     dev = q_NHD.device
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     out_NHK = torch.full((N, H, topk), -1, dtype=torch.int32, device=dev)
-    cu = layout.cu_seqlens.tolist()
-    with torch.autocast(dev.type, enabled=False):
-        q_N = q_NHD.float()
-        k_N = k_NHD.float()
-        for s0, e0 in zip(cu[:-1], cu[1:]):
-            L = e0 - s0
-            if L == 0:
-                continue
-            M = -(-L // block_size)
-            k_LHD = k_N[s0:e0]
-            step = max(1, _CHUNK_ELEMS // (Hq * L))
-            for c0 in range(0, L, step):
-                c1 = min(L, c0 + step)
-                C = c1 - c0
-                q_CHGD = q_N[s0 + c0:s0 + c1].view(C, H, G, D)
-                s_HGCL = torch.einsum("chgd,lhd->hgcl", q_CHGD, k_LHD) * scale
-                pos_C = torch.arange(c0, c1, device=dev)
-                causal_CL = torch.arange(L, device=dev)[None, :] <= pos_C[:, None]
-                p_HCL = torch.softmax(s_HGCL.masked_fill(~causal_CL, float("-inf")), dim=-1).mean(1)
-                # invisible keys have p = 0 and every non-local visible block is fully visible, so
-                # pooling the masked probabilities is the max over visible keys
-                pooled_HCM = torch.nn.functional.pad(p_HCL, (0, M * block_size - L)).view(
-                    H, C, M, block_size).amax(-1)
-                local_C = pos_C // block_size
-                blocks_M = torch.arange(M, device=dev)
-                others_HCM = pooled_HCM.masked_fill(blocks_M[None, None, :] >= local_C[None, :, None],
-                                                    float("-inf"))
-                n_other_C = local_C.clamp(max=topk - 1)
-                chosen_HCK = torch.full((H, C, topk), -1, dtype=torch.long, device=dev)
-                kk = min(topk - 1, M)
-                if kk > 0:
-                    top_HCk = others_HCM.topk(kk, dim=-1).indices
-                    keep = torch.arange(kk, device=dev)[None, None, :] < n_other_C[None, :, None]
-                    chosen_HCK[..., :kk] = torch.where(keep, top_HCk, -1)
-                slot_K = torch.arange(topk, device=dev)
-                is_local = slot_K[None, None, :] == n_other_C[None, :, None]
-                chosen_HCK = torch.where(is_local, local_C[None, :, None], chosen_HCK)
-                out_NHK[s0 + c0:s0 + c1] = chosen_HCK.permute(1, 0, 2).to(torch.int32)
+    for s0, c0, c1, L, p_HCL in dense_probs_by_chunk(q_NHD, k_NHD, layout, softmax_scale):
+        C, M = c1 - c0, -(-L // block_size)
+        pos_C = torch.arange(c0, c1, device=dev)
+        # invisible keys have p = 0 and every non-local visible block is fully visible, so
+        # pooling the masked probabilities is the max over visible keys
+        pooled_HCM = torch.nn.functional.pad(p_HCL, (0, M * block_size - L)).view(H, C, M, block_size).amax(-1)
+        local_C = pos_C // block_size
+        blocks_M = torch.arange(M, device=dev)
+        others_HCM = pooled_HCM.masked_fill(blocks_M[None, None, :] >= local_C[None, :, None], float("-inf"))
+        n_other_C = local_C.clamp(max=topk - 1)
+        chosen_HCK = torch.full((H, C, topk), -1, dtype=torch.long, device=dev)
+        kk = min(topk - 1, M)
+        if kk > 0:
+            top_HCk = others_HCM.topk(kk, dim=-1).indices
+            keep = torch.arange(kk, device=dev)[None, None, :] < n_other_C[None, :, None]
+            chosen_HCK[..., :kk] = torch.where(keep, top_HCk, -1)
+        slot_K = torch.arange(topk, device=dev)
+        is_local = slot_K[None, None, :] == n_other_C[None, :, None]
+        chosen_HCK = torch.where(is_local, local_C[None, :, None], chosen_HCK)
+        out_NHK[s0 + c0:s0 + c1] = chosen_HCK.permute(1, 0, 2).to(torch.int32)
     return out_NHK

@@ -46,49 +46,62 @@ def recalls(q_NHD: torch.Tensor, k_NHD: torch.Tensor, block_idx_NHK: torch.Tenso
     block recall: |selected blocks ∩ the n blocks with the most dense mass| / n, where n is the
     number of blocks selected for that token (k, or fewer near a document's start).
     """
-    N, Hq, D = q_NHD.shape
+    N = q_NHD.shape[0]
     H = k_NHD.shape[1]
-    G = Hq // H
     K = block_idx_NHK.shape[-1]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    q_N = q_NHD.float()
-    k_N = k_NHD.float()
     b_NHK = block_idx_NHK.reshape(N, H, K).long()
     dev = q_NHD.device
     score_sum = torch.zeros((), dtype=torch.float64, device=dev)
     block_sum = torch.zeros((), dtype=torch.float64, device=dev)
     count = 0
-    cu = layout.cu_seqlens.tolist()
-    for s, (s0, e0) in enumerate(zip(cu[:-1], cu[1:])):
-        if e0 == s0 or not bool(layout.seq_valid_S[s]):
-            continue  # padding runs are not measured
-        L = e0 - s0
-        M = -(-L // block_size)
-        k_LHD = k_N[s0:e0]
-        step = max(1, _CHUNK_ELEMS // (Hq * L))
-        for c0 in range(0, L, step):
-            c1 = min(L, c0 + step)
-            C = c1 - c0
-            q_CHGD = q_N[s0 + c0:s0 + c1].view(C, H, G, D)
-            s_HGCL = torch.einsum("chgd,lhd->hgcl", q_CHGD, k_LHD) * scale
-            causal_CL = torch.arange(L, device=dev)[None, :] <= torch.arange(c0, c1, device=dev)[:, None]
-            p_HCL = torch.softmax(s_HGCL.masked_fill(~causal_CL, float("-inf")), dim=-1).mean(1)
-            mass_HCM = torch.nn.functional.pad(p_HCL, (0, M * block_size - L)).view(H, C, M, block_size).sum(-1)
-            chosen_HCK = b_NHK[s0 + c0:s0 + c1].permute(1, 0, 2)
-            sel_HCM = torch.zeros(H, C, M + 1, dtype=torch.bool, device=dev)
-            sel_HCM.scatter_(-1, torch.where(chosen_HCK >= 0, chosen_HCK, M), True)
-            sel_HCM = sel_HCM[..., :M]
-            score_sum += (mass_HCM * sel_HCM).sum(-1).double().sum()
-            n_sel_HC = (chosen_HCK >= 0).sum(-1)
-            kk = min(K, M)
-            top_HCk = mass_HCM.topk(kk, dim=-1).indices
-            hit_HCk = sel_HCM.gather(-1, top_HCk) & (torch.arange(kk, device=dev) < n_sel_HC[..., None])
-            block_sum += (hit_HCk.sum(-1).float() / n_sel_HC.clamp(min=1)).double().sum()
-            count += H * C
+    for s0, c0, c1, L, p_HCL in dense_probs_by_chunk(q_NHD, k_NHD, layout, softmax_scale, skip_padding=True):
+        C, M = c1 - c0, -(-L // block_size)
+        mass_HCM = torch.nn.functional.pad(p_HCL, (0, M * block_size - L)).view(H, C, M, block_size).sum(-1)
+        chosen_HCK = b_NHK[s0 + c0:s0 + c1].permute(1, 0, 2)
+        sel_HCM = torch.zeros(H, C, M + 1, dtype=torch.bool, device=dev)
+        sel_HCM.scatter_(-1, torch.where(chosen_HCK >= 0, chosen_HCK, M), True)
+        sel_HCM = sel_HCM[..., :M]
+        score_sum += (mass_HCM * sel_HCM).sum(-1).double().sum()
+        n_sel_HC = (chosen_HCK >= 0).sum(-1)
+        kk = min(K, M)
+        top_HCk = mass_HCM.topk(kk, dim=-1).indices
+        hit_HCk = sel_HCM.gather(-1, top_HCk) & (torch.arange(kk, device=dev) < n_sel_HC[..., None])
+        block_sum += (hit_HCk.sum(-1).float() / n_sel_HC.clamp(min=1)).double().sum()
+        count += H * C
     if count == 0:
         nan = torch.tensor(float("nan"), device=dev)
         return nan, nan
     return (score_sum / count).float(), (block_sum / count).float()
+
+
+def dense_probs_by_chunk(q_NHD: torch.Tensor, k_NHD: torch.Tensor, layout: DocLayout,
+                         softmax_scale: float | None = None, skip_padding: bool = False):
+    """The true attention, head-averaged per group, chunk by chunk of query rows of each document:
+    yields (document start s0, first row c0, end row c1, document length L, p [H, C, L] fp32).
+
+    p[h, c, j] = mean over the group's heads of softmax_j(q . k_j * scale), keys j <= c of the same
+    document (0 elsewhere). fp32 with autocast off, no autograd; O(L^2) per document, chunked so that
+    a chunk's scores stay near _CHUNK_ELEMS. `skip_padding` leaves out the padding runs."""
+    N, Hq, D = q_NHD.shape
+    H = k_NHD.shape[1]
+    G = Hq // H
+    dev = q_NHD.device
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    cu = layout.cu_seqlens.tolist()
+    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+        q_N, k_N = q_NHD.float(), k_NHD.float()
+        for s, (s0, e0) in enumerate(zip(cu[:-1], cu[1:])):
+            if e0 == s0 or (skip_padding and not bool(layout.seq_valid_S[s])):
+                continue
+            L = e0 - s0
+            k_LHD = k_N[s0:e0]
+            step = max(1, _CHUNK_ELEMS // (Hq * L))
+            for c0 in range(0, L, step):
+                c1 = min(L, c0 + step)
+                q_CHGD = q_N[s0 + c0:s0 + c1].view(c1 - c0, H, G, D)
+                s_HGCL = torch.einsum("chgd,lhd->hgcl", q_CHGD, k_LHD) * scale
+                causal_CL = torch.arange(L, device=dev)[None, :] <= torch.arange(c0, c1, device=dev)[:, None]
+                yield s0, c0, c1, L, torch.softmax(s_HGCL.masked_fill(~causal_CL, float("-inf")), dim=-1).mean(1)
 
 
 def _mean_over_valid(x_NH: torch.Tensor, valid_N: torch.Tensor) -> torch.Tensor:

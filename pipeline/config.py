@@ -362,7 +362,8 @@ def config_from_dict(data: dict, base_dir: Path | None = None) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, base_dir: Path | None = None) -> RunConfig:
+def read_toml(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A TOML config file as a dict, with `--set` overrides applied; errors name the file."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -370,8 +371,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None, base_dir: 
         raise ConfigError("--config", f"{path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
-    apply_overrides(data, overrides or [])
-    return config_from_dict(data, base_dir or Path.cwd())
+    return apply_overrides(data, overrides or [])
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, base_dir: Path | None = None) -> RunConfig:
+    return config_from_dict(read_toml(path, overrides), base_dir or Path.cwd())
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -154,19 +154,9 @@ class StudyConfig:
 def load_study_config(path: str | Path, overrides: list[str] | None = None, base_dir: Path | None = None) -> StudyConfig:
     """Load, override (`--set seeds=[0,1,2]`), validate, and make the paths absolute (relative to
     base_dir, the working directory by default, as msa-train's are)."""
-    import tomllib
+    from pipeline.config import _build, read_toml
 
-    from pipeline.config import _build, apply_overrides
-
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("--config", f"{path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
-    apply_overrides(data, overrides or [])
-    cfg = _build(StudyConfig, data, "")
+    cfg = _build(StudyConfig, read_toml(path, overrides), "")
     cfg.validate()
     base = Path(base_dir or Path.cwd())
 
