@@ -40,6 +40,8 @@ from kernels.select import op as sel_op
 
 HQ, HKV, DH, DI, BLOCK, TOPK = 32, 2, 128, 128, 128, 16
 KL_SAMPLE = 0.25  # the sampled KL's fraction of query tokens in the rows that time it
+BUDGET_K_MAX = 32  # slots of the adaptive budgets' rows (model.msa.topk as k_max)
+BUDGET_QI_SCALE = 3.0  # index queries scaled so that block probabilities are peaked and top_p counts vary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,11 +432,94 @@ def sweep(T, results):
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
+def _match(mean_blocks, lo, hi, target, steps=14):
+    """Bisection for the parameter in [lo, hi] whose mean blocks per token (increasing in it) is target."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_blocks(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def bench_budgets(T, results, smoke=False):
+    """The adaptive selection budgets at the same mean blocks per (token, group) as static top-k:
+    select, attention and select + attention + KL, forward+backward, each beside static top-k on
+    the same inputs (kernels/select/budget.py; the target: top_p within 15% of static's time)."""
+    from kernels import Budget
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float16
+    hq, hkv, dh, di, bs, K = (HQ, HKV, DH, DI, BLOCK, TOPK) if not smoke else (8, 2, 32, 32, 32, 4)
+    k_max = min(BUDGET_K_MAX if not smoke else 2 * K, -(-T // bs))
+    g = torch.Generator(device=dev).manual_seed(T + 1)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, device=dev)).to(dt)
+
+    q, k, v = (rnd(1, T, h, dh).requires_grad_(True) for h in (hq, hkv, hkv))
+    qi, ki = rnd(1, T, hkv, di, scale=BUDGET_QI_SCALE), rnd(1, T, di)
+    qi_g, ki_g = qi.detach().requires_grad_(True), ki.detach().requires_grad_(True)
+    do = rnd(1, T, hq, dh)
+
+    def blocks(budget, topk):
+        bidx, _ = kernels.msa_select(qi, ki, bs, topk, budget=budget)
+        n = (bidx >= 0).sum(-1).float()
+        return float(n.mean()), float(n.std())
+
+    target, _ = blocks(None, K)
+    steps = 4 if smoke else 14
+    ratio = _match(lambda r: blocks(Budget("ratio", k_min=1, ratio=r), k_max)[0], 1e-3, 1.0, target, steps)
+    p = _match(lambda x: blocks(Budget("top_p", k_min=1, p=x), k_max)[0], 1e-3, 1.0, target, steps)
+    print(f"  budgets at {target:.2f} blocks/token: ratio {ratio:.4f}, top_p p {p:.4f}", flush=True)
+    for name, budget, topk in (("static", None, K), ("ratio", Budget("ratio", k_min=1, ratio=ratio), k_max),
+                               ("top_p", Budget("top_p", k_min=1, p=p), k_max)):
+        mean, std = blocks(budget, topk)
+        tag = dict(T=T, budget=name, k_max=topk, blocks_mean=mean, blocks_std=std,
+                   budget_param=None if budget is None else (budget.ratio if name == "ratio" else budget.p))
+        bidx, ilse = kernels.msa_select(qi, ki, bs, topk, budget=budget)
+        E = attended_pairs(bidx, bs)
+        timed(f"[{name} budget] select fwd", lambda: bench_ms(lambda: kernels.msa_select(qi, ki, bs, topk, budget=budget)),
+              results, op="budget select", pass_="fwd", **tag)
+
+        def attn():
+            o, _ = kernels.msa_attention(q, k, v, bidx, bs)
+            torch.autograd.grad(o, (q, k, v), do)
+
+        timed(f"[{name} budget] attention fwd+bwd", lambda: bench_ms(attn), results, op="budget attention",
+              pass_="fwd+bwd", flops=14 * dh * hq * E, **tag)
+
+        def sel_attn_kl():
+            b2, il2 = kernels.msa_select(qi, ki, bs, topk, budget=budget)
+            o, lse = kernels.msa_attention(q, k, v, b2, bs)
+            torch.autograd.grad(o, (q, k, v), do)
+            kl = kernels.msa_kl_loss(q.detach(), k.detach(), qi_g, ki_g, b2, bs, lse=lse.detach(), index_lse=il2)
+            torch.autograd.grad(kl, (qi_g, ki_g))
+
+        timed(f"[{name} budget] select + attention + kl fwd+bwd", lambda: bench_ms(sel_attn_kl), results,
+              op="budget select+attention+kl", pass_="fwd+bwd", **tag)
+
+
+def budget_table(results, seqlens):
+    """The budgets' rows against static top-k on the same inputs: time and ratio to static."""
+    rows = [r for r in results if r.get("op", "").startswith("budget ") and r.get("ms")]
+    if not rows:
+        return ""
+    lines = ["| T | budget | k_max | parameter | blocks/token (mean ± std) | op | ms | vs static |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in seqlens:
+        for r in (x for x in rows if x["T"] == t):
+            base = next((x["ms"] for x in rows if x["T"] == t and x["budget"] == "static" and x["op"] == r["op"]), None)
+            param = "" if r["budget_param"] is None else f"{r['budget_param']:.4f}"
+            lines.append(f"| {_k(t)} | {r['budget']} | {r['k_max']} | {param} | {r['blocks_mean']:.2f} ± "
+                         f"{r['blocks_std']:.2f} | {r['op'][7:]} {r['pass_']} | {r['ms']:.2f} | "
+                         f"{r['ms'] / base:.2f}x |" if base else "")
+    return "\n".join(lines)
+
+
 def table(results, seqlens):
     """Markdown table: rows = op/pass, columns = T (ms, TFLOP/s)."""
     names = []
     for r in results:
-        if r.get("op") == "sweep":
+        if r.get("op") == "sweep" or r.get("op", "").startswith("budget "):
             continue
         if r["name"] not in names:
             names.append(r["name"])
@@ -641,6 +726,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks this script")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines")
+    ap.add_argument("--budget-seqlens", default="65536",
+                    help="T values at which to time the adaptive selection budgets against static top-k ('' = none)")
     ap.add_argument("--tm-variants", default="", help="also time per-token selection with these tokens_per_tile")
     ap.add_argument("--l2-probe", action="store_true", help="measure gather bandwidth by buffer size")
     ap.add_argument("--breakdown", default="", help="T values: per-kernel time of the split schedule, then exit")
@@ -663,6 +750,7 @@ def main(argv=None):
     t_begin = time.time()
     os.makedirs(args.out, exist_ok=True)
     seqlens = [int(x) for x in args.seqlens.split(",")] if not args.smoke else [130, 200]
+    budget_seqlens = {int(x) for x in args.budget_seqlens.split(",") if x} if not args.smoke else {200}
     info = device_info()
     print(json.dumps(info), flush=True)
     tests_ok = None
@@ -697,13 +785,15 @@ def main(argv=None):
             continue
         stats.append(bench_seqlen(T, results, smoke=args.smoke, flex_compiled=None if args.no_flex else flex_compiled,
                                   dense=not args.no_dense, tm_variants=[int(x) for x in args.tm_variants.split(",") if x]))
+        if T in budget_seqlens:
+            bench_budgets(T, results, smoke=args.smoke)
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump(dict(info=info, tests_ok=tests_ok, stats=stats, results=results), f, indent=1)
     print(f"benchmark {time.time() - t_start:.0f} s", flush=True)
     md = [f"Device: {info.get('device', 'cpu')} ({info.get('nvidia_smi', '')}); torch {info['torch']}, "
           f"triton {info.get('triton')}; {info['date']}",
           f"GPU tests: {'passed' if tests_ok else ('FAILED' if tests_ok is False else 'not run')}",
-          "", table(results, seqlens), "", ratios(results, seqlens), "",
+          "", table(results, seqlens), "", ratios(results, seqlens), "", budget_table(results, seqlens), "",
           "Selection statistics: " + json.dumps(stats)]
     text = "\n".join(md)
     open(os.path.join(args.out, "bench.md"), "w").write(text + "\n")

@@ -11,8 +11,11 @@ forces the document-mask FlexAttention path that packed rows take, for compariso
 `sparse-s` sample the KL's query tokens (model.msa.warmup_kl_sample / kl_sample, --warmup-kl-sample
 and --kl-sample). Steps are timed with CUDA events after warm-up iterations; the median is reported
 with tokens/s, MFU (model FLOPs, pipeline/flops.py, against the bf16 matmul rate measured in the same
-run) and peak memory. `--profile T` adds a torch.profiler breakdown of one sparse step at T. Prints a
-table last; `--out` writes the numbers as JSON. Results: docs/perf/.
+run) and peak memory. `--profile T` adds a torch.profiler breakdown of one sparse step at T.
+`--msa-set budget=top_p --msa-set budget_p=0.9 --msa-set topk=32` sets model.msa fields of the MSA
+variants (an adaptive selection budget, for one); rows then also give the mean blocks per token and
+the MFU counts the keys the selection attended. Prints a table last; `--out` writes the numbers as
+JSON. Results: docs/perf/.
 """
 from __future__ import annotations
 
@@ -46,23 +49,42 @@ def _batch(cfg, T: int, device) -> Batch:
 VARIANTS = ("dense", "dense-flex", "warmup", "warmup-s", "sparse", "sparse-s")
 
 
-def _build(preset: str, variant: str, T: int, overrides: dict, kl_sample: float, warmup_kl_sample: float):
+def _build(preset: str, variant: str, T: int, overrides: dict, kl_sample: float, warmup_kl_sample: float,
+           msa_set: dict | None = None):
     cfg = get_preset(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, T), **overrides)
     msa = {"dense": dict(enabled=False), "dense-flex": dict(enabled=False),
            "warmup": dict(warmup_kl_sample=1.0), "sparse": dict(kl_sample=1.0),  # the exact KL
            "warmup-s": dict(warmup_kl_sample=warmup_kl_sample), "sparse-s": dict(kl_sample=kl_sample)}[variant]
+    if not variant.startswith("dense"):
+        msa = {**(msa_set or {}), **msa}
     return dataclasses.replace(cfg, msa=dataclasses.replace(cfg.msa, **msa))
+
+
+def _msa_set(items: list[str]) -> dict:
+    """--msa-set key=value items (TOML values) -> model.msa fields."""
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"train_steps: --msa-set wants key=value, got {item!r}")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()  # a bare word: a string
+    return out
 
 
 def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overrides: dict,
               device: torch.device = torch.device("cuda"), kl_sample: float = 0.25, warmup_kl_sample: float = 1 / 32,
-              peak: float | None = None, profile: bool = False) -> dict:
+              peak: float | None = None, profile: bool = False, msa_set: dict | None = None) -> dict:
     from model import attention
 
     cuda = device.type == "cuda"
     mode = variant.split("-")[0]
-    cfg = _build(preset, variant, T, overrides, kl_sample, warmup_kl_sample)
+    cfg = _build(preset, variant, T, overrides, kl_sample, warmup_kl_sample, msa_set)
     # dense-flex: the document-mask path, as if the row were packed
     attention.DenseMask.force_document_mask = variant == "dense-flex"
     model = MultimodalTransformer(cfg, img_patch_id=4).to(device)
@@ -100,6 +122,8 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
             out = step()
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
+    if out.attended_pairs is not None:  # an adaptive budget: the main branch as the selection made it
+        flops += float(StepFlops(cfg).attended_flops(out.attended_pairs))
     dense_impl = ("flex" if variant == "dense-flex" else "cudnn-causal-sdpa") if mode in ("dense", "warmup") \
         else "msa-kernels"
     res = {"preset": preset, "variant": variant, "mode": mode, "context": T, "dense_impl": dense_impl,
@@ -107,7 +131,9 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
            "step_ms": t * 1e3, "step_ms_all": [x * 1e3 for x in times],
            "tokens_per_s": T / t, "model_tflops": flops / t / 1e12, "mfu": (flops / t / (peak * 1e12)) if peak else None,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-           "sparsity": float(out.stats.get("sparsity", 0.0)), "loss": float(out.losses["lm"])}
+           "sparsity": float(out.stats.get("sparsity", 0.0)), "loss": float(out.losses["lm"]),
+           "budget": cfg.msa.budget if mode == "sparse" else None,
+           "blocks_per_token": float(out.stats["blocks_per_token"]) if "blocks_per_token" in out.stats else None}
     if profile and cuda:
         res["profile"] = _profile(step)
     attention.DenseMask.force_document_mask = False
@@ -170,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-kl-sample", type=float, default=1 / 32)
     p.add_argument("--profile", type=int, default=0, help="profile the sparse-s step at this context")
     p.add_argument("--commit", default="", help="recorded with the results")
+    p.add_argument("--msa-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model.msa field for the MSA variants, e.g. budget=top_p (repeatable)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None)
@@ -191,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 r = time_mode(args.preset, variant, T, args.iters, args.warmup, {}, device, args.kl_sample,
-                              args.warmup_kl_sample, peak, profile=args.profile == T and variant == "sparse-s")
+                              args.warmup_kl_sample, peak, profile=args.profile == T and variant == "sparse-s",
+                              msa_set=_msa_set(args.msa_set))
             except torch.OutOfMemoryError as e:
                 r = {"variant": variant, "mode": variant.split("-")[0], "context": T, "error": f"out of memory: {e}"[:300]}
                 torch.cuda.empty_cache()
@@ -201,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     info = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "triton": _version("triton"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "commit": args.commit, "preset": args.preset, "bf16_matmul_tflops": peak,
-            "kl_sample": args.kl_sample, "warmup_kl_sample": args.warmup_kl_sample, "rows": rows}
+            "kl_sample": args.kl_sample, "warmup_kl_sample": args.warmup_kl_sample, "msa_set": _msa_set(args.msa_set),
+            "rows": rows}
     for r in rows:  # every record names its card and commit (the raw output is read record by record)
         r.update(gpu=info["gpu"], commit=args.commit)
     if args.out:

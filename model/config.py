@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kernels.select.budget import BUDGETS, Budget
+
 ATTENTION_MODES = ("dense", "warmup", "sparse", "oracle")  # of the MSA layers, see model/README.md (run modes:
 #                                                            pipeline/config.py); "oracle": evaluation only (model/oracle.py)
 MSA_BACKENDS = ("reference", "triton")  # kernels' backends; chosen explicitly, never by fallback
@@ -45,7 +47,14 @@ class MSAConfig:
     enabled: bool = True  # layers >= n_dense_layers get an index branch and can run sparse
     n_dense_layers: int = 1  # the first layers always use full attention (paper: 3)
     block_size: int = 32  # keys per block, B (paper: 128)
-    topk: int = 4  # blocks per (token, group), local block included, k (paper: 16)
+    topk: int = 4  # blocks per (token, group), local block included, k (paper: 16); k_max of an adaptive budget
+    # How many blocks each (token, group) attends to (kernels/select/budget.py, model/README.md):
+    # "static" top-k; "ratio": clamp(ceil(budget_ratio * visible blocks), budget_k_min, topk);
+    # "top_p": the fewest blocks (local included) whose index-branch block probability reaches budget_p
+    budget: str = "static"
+    budget_k_min: int = 1  # ratio, top_p: at least this many blocks (fewer only where fewer are visible)
+    budget_ratio: float = 0.25  # ratio: the fraction of the visible blocks
+    budget_p: float = 0.9  # top_p: the probability mass to cover
     index_dim: int = 32  # dI (paper: 128)
     kl_weight: float = 1.0  # lambda; the index branch is isolated, so this only rescales its gradient
     # The KL on a random sample of query tokens (each kept with this probability; the loss is divided
@@ -58,6 +67,11 @@ class MSAConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def selection_budget(self, topk: int | None = None):
+        """The kernels' Budget for this config (topk: the k_max in use when capped below msa.topk)."""
+        k_max = self.topk if topk is None else topk
+        return Budget(self.budget, min(self.budget_k_min, k_max), self.budget_ratio, self.budget_p)
+
     def validate(self, prefix: str = "model.msa") -> None:
         _need(isinstance(self.enabled, bool), f"{prefix}.enabled", f"must be true or false, got {self.enabled!r}")
         _need(isinstance(self.n_dense_layers, int) and self.n_dense_layers >= 0, f"{prefix}.n_dense_layers",
@@ -67,6 +81,16 @@ class MSAConfig:
               f"must be a power of two >= 16 (kernel tiles), got {self.block_size!r}")
         _need(_pos_int(self.topk) and self.topk <= 32, f"{prefix}.topk",
               f"must be an integer in [1, 32] (the kernels keep the top-k in registers), got {self.topk!r}")
+        _need(self.budget in BUDGETS, f"{prefix}.budget", f"must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if self.budget != "static":
+            _need(_pos_int(self.budget_k_min) and self.budget_k_min <= self.topk, f"{prefix}.budget_k_min",
+                  f"must be an integer in [1, topk={self.topk}], got {self.budget_k_min!r}")
+        if self.budget == "ratio":
+            v = self.budget_ratio
+            _need(isinstance(v, (int, float)) and 0 < v <= 1, f"{prefix}.budget_ratio", f"must be in (0, 1], got {v!r}")
+        if self.budget == "top_p":
+            v = self.budget_p
+            _need(isinstance(v, (int, float)) and 0 < v <= 1, f"{prefix}.budget_p", f"must be in (0, 1], got {v!r}")
         _need(_pow2(self.index_dim) and 16 <= self.index_dim <= 256, f"{prefix}.index_dim",
               f"must be a power of two in [16, 256], got {self.index_dim!r}")
         _need(isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0, f"{prefix}.kl_weight",

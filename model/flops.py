@@ -12,6 +12,15 @@ averaged over t = 1..N. "per MSA layer" is the paper's figure (28.4x for paper-1
 "whole model" also counts the first layers, which stay dense in both models.
 Projections, FFNs and the KL are left out: they are the same per token at any context length.
 
+Selection budgets (`--budget`, kernels/select/budget.py) replace k by a count n(t) per token:
+    ratio  n(t) = clamp(ceil(ratio * blocks(t)), k_min, k), blocks(t) = ceil(t / B) visible blocks
+    top_p  data-dependent: from a measured distribution of counts (`--counts FILE`, the
+           `selection/blocks_per_token.json` artifact of a training run, or {"hist": {n: tokens}}),
+           taken as the same at every position; without one, the worst case n = k (= static)
+and the main branch costs 4*Hq*dh*min(t, n(t)*B). The static top-k figure is printed beside it.
+
+    msa-flops --preset paper-109b --context 1048576 --budget ratio --budget-ratio 0.01 --budget-k-min 4
+
 Parameters are counted on the real module built on the meta device (no memory). "active" = the
 parameters one token uses: all attention (index branch included), the shared experts and top_k of
 the routed experts, the dense FFNs, norms, routers and the patch encoder; the input embedding
@@ -26,6 +35,7 @@ import sys
 
 import torch
 
+from kernels.select.budget import BUDGETS, ratio_counts
 from model.config import ModelConfig
 from model.presets import PRESETS, get_preset
 
@@ -34,19 +44,55 @@ PAPER = {"preset": "paper-109b", "context": 1 << 20, "attention_compute_ratio": 
          "attention_compute_ratio_ceiling": 32.0, "params_total": 109e9, "params_active": 6e9}
 
 
-def attention_flops_per_token(cfg: ModelConfig, context: int) -> dict[str, float]:
-    """Mean per-token attention FLOPs of one layer, dense and MSA, over positions 1..context."""
+def attention_flops_per_token(cfg: ModelConfig, context: int, counts: dict[int, float] | None = None) -> dict[str, float]:
+    """Mean per-token attention FLOPs of one layer, dense and MSA, over positions 1..context, under
+    the config's selection budget (`counts`: the measured distribution of blocks per token for top_p)."""
     N = context
     Hq, dh, HI, dI = cfg.n_heads, cfg.head_dim, cfg.n_kv_heads, cfg.msa.index_dim
-    kB = cfg.msa.topk * cfg.msa.block_size
+    B, k = cfg.msa.block_size, cfg.msa.topk
     mean_t = (N + 1) / 2
-    m = min(N, kB)
-    mean_min_t_kB = (m * (m + 1) / 2 + (N - m) * kB) / N
     dense = 4 * Hq * dh * mean_t
     index = 2 * HI * dI * mean_t
-    main = 4 * Hq * dh * mean_min_t_kB
+    budget = cfg.msa.budget
+    if budget == "static" or (budget == "top_p" and not counts):
+        kB = k * B
+        m = min(N, kB)
+        mean_keys = (m * (m + 1) / 2 + (N - m) * kB) / N
+    else:
+        t_N = torch.arange(1, N + 1, dtype=torch.float64)
+        if budget == "ratio":
+            n_N = ratio_counts(torch.ceil(t_N / B).long(), cfg.msa.budget_k_min, k, cfg.msa.budget_ratio)
+            mean_keys = float(torch.minimum(t_N, n_N.double() * B).mean())
+        else:  # top_p from a measured distribution, the same at every position
+            total = sum(counts.values())
+            mean_keys = sum(w / total * float(torch.minimum(t_N, torch.tensor(n * B, dtype=torch.float64)).mean())
+                            for n, w in counts.items())
+    main = 4 * Hq * dh * mean_keys
     return {"dense": dense, "msa": index + main, "msa_index": index, "msa_main": main,
-            "ratio": dense / (index + main), "ceiling": (4 * Hq * dh) / (2 * HI * dI)}
+            "ratio": dense / (index + main), "ceiling": (4 * Hq * dh) / (2 * HI * dI),
+            "mean_attended_keys": mean_keys}
+
+
+def read_counts(path: str) -> dict[int, float]:
+    """A distribution of blocks per token: {"hist": {n: tokens}} (the training run's
+    selection/blocks_per_token.json artifact has it) or a plain {n: tokens} mapping."""
+    with open(path) as f:
+        raw = json.load(f)
+    hist = raw.get("hist", raw) if isinstance(raw, dict) else None
+    if not isinstance(hist, dict) or not hist:
+        raise ValueError(f"{path}: expected {{\"hist\": {{blocks: tokens, ...}}}}, got {type(raw).__name__}")
+    out = {}
+    for n, w in hist.items():
+        try:
+            n_i, w_f = int(n), float(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: hist entry {n!r}: {w!r} is not (blocks, tokens)") from None
+        if n_i < 1 or w_f < 0:
+            raise ValueError(f"{path}: hist entry {n!r}: {w!r}: blocks must be >= 1 and tokens >= 0")
+        out[n_i] = out.get(n_i, 0.0) + w_f
+    if sum(out.values()) <= 0:
+        raise ValueError(f"{path}: the histogram counts no tokens")
+    return out
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
@@ -68,9 +114,16 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
             "params_index_branch": index}
 
 
-def report(preset: str, context: int) -> dict:
+def report(preset: str, context: int, budget: dict | None = None, counts: dict[int, float] | None = None) -> dict:
+    """The figures of a preset at a context; `budget`: model.msa fields to override (budget,
+    topk, budget_ratio, budget_k_min), `counts`: the measured blocks per token for top_p."""
     cfg = get_preset(preset)
-    a = attention_flops_per_token(cfg, context)
+    static = attention_flops_per_token(cfg, context)
+    if budget:
+        for key, v in budget.items():
+            setattr(cfg.msa, key, v)
+        cfg.msa.validate()
+    a = attention_flops_per_token(cfg, context, counts)
     n_msa = len(cfg.msa_layers)
     n_full = cfg.n_layers - n_msa
     model_dense = cfg.n_layers * a["dense"]
@@ -87,8 +140,15 @@ def report(preset: str, context: int) -> dict:
         "model_attention_flops_per_token_dense": model_dense,
         "model_attention_flops_per_token_msa": model_msa,
         "model_attention_compute_ratio": model_dense / model_msa,
+        "budget": cfg.msa.budget, "topk": cfg.msa.topk,
+        "mean_attended_keys": a["mean_attended_keys"],
+        "static_attention_compute_ratio": static["ratio"],
         **count_parameters(cfg),
     }
+    if cfg.msa.budget == "ratio":
+        out.update(budget_ratio=cfg.msa.budget_ratio, budget_k_min=cfg.msa.budget_k_min)
+    if cfg.msa.budget == "top_p":
+        out["budget_counts"] = "measured" if counts else "worst case (k_max blocks for every token)"
     if preset == PAPER["preset"]:
         out["paper"] = dict(PAPER)
     return out
@@ -104,15 +164,23 @@ def print_report(r: dict) -> None:
     print(f"preset {r['preset']}  context {r['context']:,} tokens")
     print(f"  shape: {cfg.n_layers} layers ({r['n_layers'] - r['n_msa_layers']} full attention + "
           f"{r['n_msa_layers']} MSA), Hq {cfg.n_heads}, Hkv {cfg.n_kv_heads}, dh {cfg.head_dim}, "
-          f"dI {msa.index_dim}, k {msa.topk} x B {msa.block_size} = {msa.topk * msa.block_size} keys")
+          f"dI {msa.index_dim}, k {r['topk']} x B {msa.block_size} = {r['topk'] * msa.block_size} keys")
     if not msa.enabled:
         print("  (msa.enabled = false in this preset: the MSA figures are what its shape would cost)")
     print("per-token attention FLOPs, one MSA layer, mean over positions 1..N:")
     print(f"  dense  4*Hq*dh*t                        {r['attention_flops_per_token_dense']:.4g}")
-    print(f"  MSA    2*HI*dI*t + 4*Hq*dh*min(t, k*B)  {r['attention_flops_per_token_msa']:.4g}  "
+    keys = "k*B" if r["budget"] == "static" else "n(t)*B"
+    print(f"  MSA    2*HI*dI*t + 4*Hq*dh*min(t, {keys})  {r['attention_flops_per_token_msa']:.4g}  "
           f"(index {r['attention_flops_per_token_msa_index']:.4g}, main {r['attention_flops_per_token_msa_main']:.4g})")
+    if r["budget"] != "static":
+        how = {"ratio": f"n(t) = clamp(ceil({r.get('budget_ratio')} * blocks(t)), {r.get('budget_k_min')}, {r['topk']})",
+               "top_p": f"n(t) from {r.get('budget_counts')}"}[r["budget"]]
+        print(f"  budget {r['budget']}: {how}; {r['mean_attended_keys']:,.0f} keys attended per token on average")
     print(f"  ratio dense / MSA                       {r['attention_compute_ratio']:.1f}x  "
           f"(ceiling 4*Hq*dh / (2*HI*dI) = {r['attention_compute_ratio_ceiling']:.1f}x)")
+    if r["budget"] != "static":
+        print(f"  static top-{get_preset(r['preset']).msa.topk} for comparison        "
+              f"{r['static_attention_compute_ratio']:.1f}x")
     print(f"whole model (full-attention layers stay dense): {r['model_attention_flops_per_token_dense']:.4g} vs "
           f"{r['model_attention_flops_per_token_msa']:.4g} FLOPs per token, {r['model_attention_compute_ratio']:.1f}x")
     print(f"parameters: total {_fmt_params(r['params_total'])}, active {_fmt_params(r['params_active'])} per token "
@@ -132,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--context", required=True, type=int, help="context length N in tokens, e.g. 1048576")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    b = p.add_argument_group("selection budget (default: the preset's)")
+    b.add_argument("--budget", choices=BUDGETS, help="static top-k, ratio of the visible blocks, or top_p")
+    b.add_argument("--topk", type=int, help="k (k_max of an adaptive budget)")
+    b.add_argument("--budget-ratio", type=float, help="ratio: the fraction of the visible blocks")
+    b.add_argument("--budget-k-min", type=int, help="ratio, top_p: the fewest blocks per token")
+    b.add_argument("--counts", metavar="FILE", help="top_p: the measured blocks per token, a JSON "
+                   "histogram {\"hist\": {blocks: tokens}} (a run's selection/blocks_per_token.json)")
     return p
 
 
@@ -140,7 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.context < 1:
         print(f"msa-flops: error: --context must be a positive number of tokens, got {args.context}", file=sys.stderr)
         return 2
-    r = report(args.preset, args.context)
+    budget = {k: v for k, v in (("budget", args.budget), ("topk", args.topk), ("budget_ratio", args.budget_ratio),
+                                 ("budget_k_min", args.budget_k_min)) if v is not None}
+    try:
+        counts = read_counts(args.counts) if args.counts else None
+        r = report(args.preset, args.context, budget, counts)
+    except (OSError, ValueError) as e:  # a bad file or a field out of range (ConfigError names it)
+        print(f"msa-flops: error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(r))
     else:

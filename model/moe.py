@@ -13,7 +13,7 @@ Choices (the paper's are not published; the paper gives only "128 routed + 1 sha
     bias-based (aux-loss-free) balancing because it keeps the model stateless: its gradient is
     all-reduced by DDP like any other, resume needs no extra state, and no update inside the model
     can differ between ranks. The bias method needs loads synchronised across ranks before each
-    bias update, i.e. collective calls in model code. `after_optimizer_step()` exists as a no-op.
+    bias update, i.e. collective calls in model code. The model therefore needs no hook after the optimizer step.
   * Dropless dispatch, by batched matmuls: assignments are sorted by expert and either
       "bmm": scattered into a [X, C, E] buffer padded to the step's largest expert load, then three
              `torch.bmm`s (any device and dtype; costs one host sync for C and the padding), or
@@ -124,6 +124,3 @@ class MoE(nn.Module):
         aux = X * (f_X * P_X).sum()
         extras = {"aux": aux, "load": load_X.detach()}
         return y_NE.view(shape), extras
-
-    def after_optimizer_step(self) -> None:
-        """No-op: balancing is by the auxiliary loss (see the module docstring)."""

@@ -1,6 +1,7 @@
 """An MSA attention layer (docs/msa.md): the GQA main branch plus the index branch that selects, per
-token and GQA group, the local key block and the top-(k-1) other visible blocks, trained by a KL to
-the main branch's head-averaged attention.
+token and GQA group, the local key block and the top-(k-1) other visible blocks (or, with an
+adaptive `msa.budget`, a count of blocks per token and group), trained by a KL to the main branch's
+head-averaged attention.
 
 Legend: B batch rows, T tokens per row, N = B*T flat tokens, Hq query heads, Hkv KV heads = groups
 = index heads, D head dim, I index dim, K top-k slots, E d_model.
@@ -97,7 +98,8 @@ class MSAAttention(GQAAttention):
         if ctx.mode == "sparse" or ctx.compute_stats:
             # in warmup this is the selection sparse mode would make, measured for its recall
             block_idx, index_lse = kernels.msa_select(qi_1NHI.detach(), ki_1NI.detach(), bs, topk, cu,
-                                                      backend=backend)
+                                                      budget=msa.selection_budget(topk), backend=backend)
+            extras["blocks_per_token"] = stats.blocks_per_token(block_idx, layout)
         if ctx.mode == "sparse":
             o_1NHD, lse_1NH = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, cu, backend=backend)
             o_BTHD = o_1NHD.view(B, T, *o_1NHD.shape[2:])
@@ -108,6 +110,8 @@ class MSAAttention(GQAAttention):
                 extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, kl_idx, bs, cu,
                                                    lse=lse_1NH.detach(), index_lse=index_lse, backend=backend) / f
             extras["sparsity"] = stats.sparsity(block_idx, layout, bs)
+            if msa.budget != "static":  # the main branch's work is data-dependent: measured for the MFU
+                extras["attended_pairs"] = stats.attended_pairs(block_idx, layout, bs)
         else:  # warmup: dense attention, dense-support KL (block_idx=None)
             o_BTHD = dense_attention(q_BTHD, k_BTHD, v_BTHD, ctx.mask)
             f = msa.warmup_kl_sample
@@ -133,7 +137,8 @@ class MSAAttention(GQAAttention):
         block_idx = oracle.oracle_select(q_1NHD[0].detach(), k_1NHD[0].detach(), layout, bs, topk)[None]
         o_1NHD, _ = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, layout.cu_seqlens,
                                           backend=msa.backend)
-        extras = {"sparsity": stats.sparsity(block_idx, layout, bs)}
+        extras = {"sparsity": stats.sparsity(block_idx, layout, bs),
+                  "blocks_per_token": stats.blocks_per_token(block_idx, layout)}
         if ctx.compute_stats:
             extras["block_idx"] = block_idx
             extras["score_recall"], extras["block_recall"] = stats.recalls(

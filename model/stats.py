@@ -21,20 +21,40 @@ from model.attention import DocLayout
 _CHUNK_ELEMS = 1 << 24  # query rows per chunk: ~16M fp32 scores at a time
 
 
+def _attended_keys(block_idx_NHK: torch.Tensor, pos_N: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[N, H] keys each (token, group) attends to: a full earlier block contributes block_size keys,
+    the local block only the keys up to the token."""
+    b_NHK = block_idx_NHK.reshape(pos_N.numel(), *block_idx_NHK.shape[-2:]).long()
+    local_N11 = (pos_N // block_size)[:, None, None]
+    in_local_N11 = (pos_N - (pos_N // block_size) * block_size + 1)[:, None, None]
+    keys_NHK = torch.where(b_NHK < local_N11, block_size, torch.where(b_NHK == local_N11, in_local_N11, 0))
+    return torch.where(b_NHK >= 0, keys_NHK, 0).sum(-1)
+
+
 @torch.no_grad()
 def sparsity(block_idx_NHK: torch.Tensor, layout: DocLayout, block_size: int) -> torch.Tensor:
     """Mean over (real token, group) of 1 - attended keys / causally visible keys; 0-dim fp32."""
     pos_N = layout.pos_N
-    b_NHK = block_idx_NHK.reshape(pos_N.numel(), *block_idx_NHK.shape[-2:]).long()
-    local_N11 = (pos_N // block_size)[:, None, None]
-    # a full earlier block contributes block_size keys; the local block only the keys up to the token
-    in_local_N11 = (pos_N - (pos_N // block_size) * block_size + 1)[:, None, None]
-    keys_NHK = torch.where(b_NHK < local_N11, block_size, torch.where(b_NHK == local_N11, in_local_N11, 0))
-    keys_NHK = torch.where(b_NHK >= 0, keys_NHK, 0)
-    attended_NH = keys_NHK.sum(-1).float()
+    attended_NH = _attended_keys(block_idx_NHK, pos_N, block_size).float()
     visible_N1 = (pos_N + 1).float()[:, None]
     frac_NH = 1.0 - attended_NH / visible_N1
     return _mean_over_valid(frac_NH, layout.valid_N)
+
+
+@torch.no_grad()
+def attended_pairs(block_idx_NHK: torch.Tensor, layout: DocLayout, block_size: int) -> torch.Tensor:
+    """Sum over (real token, group) of the keys attended: the main branch's work, for the model
+    FLOPs of a budget whose counts depend on the data (pipeline/flops.py); 0-dim fp32."""
+    keys_NH = _attended_keys(block_idx_NHK, layout.pos_N, block_size).float()
+    return (keys_NH * layout.valid_N[:, None]).sum()
+
+
+@torch.no_grad()
+def blocks_per_token(block_idx_NHK: torch.Tensor, layout: DocLayout) -> torch.Tensor:
+    """Mean over (real token, group) of the number of selected blocks (the local one included); 0-dim fp32."""
+    pos_N = layout.pos_N
+    n_NH = (block_idx_NHK.reshape(pos_N.numel(), *block_idx_NHK.shape[-2:]) >= 0).sum(-1).float()
+    return _mean_over_valid(n_NH, layout.valid_N)
 
 
 @torch.no_grad()

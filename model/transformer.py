@@ -36,6 +36,12 @@ class ModelOutput:
     logits: torch.Tensor | None = None  # [B, T, V], only when asked for (evaluation)
     selection: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> block_idx [1, B*T, Hkv, K]
     #                                    int32, the MSA layers' selections (only with compute_stats)
+    attended_pairs: torch.Tensor | None = None  # 0-dim: (token, group, key) triples the sparse main
+    #                      branches attended, summed over MSA layers; only under an adaptive budget
+
+
+def _sum_or_none(xs: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.stack(xs).sum() if xs else None
 
 
 class Block(nn.Module):
@@ -110,12 +116,6 @@ class MultimodalTransformer(nn.Module):
     def loss_weights(self) -> dict[str, float]:
         """Weights of the named losses: the training loss is sum(w[k] * out.losses[k])."""
         return {"lm": 1.0, "kl_index": float(self.cfg.msa.kl_weight), "moe_aux": float(self.cfg.moe.aux_weight)}
-
-    def after_optimizer_step(self) -> None:
-        """Hook for the pipeline after each optimizer step; a no-op (balancing is by aux loss)."""
-        for block in self.blocks:
-            if isinstance(block.ffn, MoE):
-                block.ffn.after_optimizer_step()
 
     # -----------------------------------------------------------------------------------------
     # modes
@@ -192,12 +192,14 @@ class MultimodalTransformer(nn.Module):
             losses["moe_aux"] = torch.stack([m["aux"] for m in moe_extras.values()]).mean()
         return ModelOutput(losses=losses, stats=self._stats(lm.device, losses, attn_extras, moe_extras),
                            n_targets=batch.n_text_targets, logits=logits_BTV if return_logits else None,
-                           selection={i: a["block_idx"] for i, a in attn_extras.items() if "block_idx" in a})
+                           selection={i: a["block_idx"] for i, a in attn_extras.items() if "block_idx" in a},
+                           attended_pairs=_sum_or_none([a["attended_pairs"] for a in attn_extras.values()
+                                                        if "attended_pairs" in a]))
 
     @torch.no_grad()
     def _stats(self, device, losses: dict, attn_extras: dict, moe_extras: dict) -> dict[str, torch.Tensor]:
         named: dict[str, torch.Tensor] = {}
-        for key in ("sparsity", "kl", "score_recall", "block_recall"):
+        for key in ("sparsity", "blocks_per_token", "kl", "score_recall", "block_recall"):
             per_layer = {i: a[key].detach().float() for i, a in attn_extras.items() if key in a}
             if not per_layer:
                 continue

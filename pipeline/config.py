@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_prep.schema import IMG_PATCH, SPECIAL_TOKENS
 from model.config import ConfigError, ModelConfig
 from model.presets import get_preset
+from model.transformer import MultimodalTransformer
 
 
 @dataclass
@@ -404,6 +406,9 @@ def resolved_params(cfg: RunConfig) -> dict[str, Any]:
     if not cfg.model.msa.enabled:
         drop += ["model.msa.", "train.index_lr"]
         params["model.msa.enabled"] = False
+    budget = cfg.model.msa.budget
+    drop += [f"model.msa.{f}" for f, kinds in (("budget_k_min", ("ratio", "top_p")), ("budget_ratio", ("ratio",)),
+                                                 ("budget_p", ("top_p",))) if budget not in kinds]
     if not cfg.model.moe.enabled:
         drop.append("model.moe.")
         params["model.moe.enabled"] = False
@@ -419,3 +424,8 @@ def resolved_params(cfg: RunConfig) -> dict[str, Any]:
         params["ray.address"] = "local"
     return {k: v for k, v in params.items()
             if not any(k.startswith(d) for d in drop) or k in ("model.msa.enabled", "model.moe.enabled")}
+
+
+def build_model(cfg: RunConfig) -> MultimodalTransformer:
+    """The model a run config describes (on the CPU, freshly initialised)."""
+    return MultimodalTransformer(cfg.model, img_patch_id=SPECIAL_TOKENS.index(IMG_PATCH))

@@ -103,6 +103,8 @@ def progress_line(step: int, max_steps: int, m: dict[str, float], elapsed_s: flo
         parts.append(f"kl {m['train/kl_index_loss']:.4f}")
     if "train/sparsity" in m:
         parts.append(f"sparsity {m['train/sparsity']:.1%}")
+    if "train/blocks_per_token" in m:
+        parts.append(f"blocks {m['train/blocks_per_token']:.2f}")
     parts.append(f"tok/s {m['train/tokens_per_s']:,.0f}")
     parts.append(f"step {step_s * 1e3:,.0f} ms")
     if "train/mfu" in m:

@@ -213,8 +213,9 @@ def evaluate(model: torch.nn.Module, shards_dir: str, tokenizer_path: str, seq_l
         if with_stats:
             n_stat += 1
             for k, v in out.stats.items():
-                if k.endswith(("sparsity", "score_recall", "block_recall")):
-                    stat_sums[k] = stat_sums.get(k, 0.0) + v
+                if k.endswith(("sparsity", "blocks_per_token", "score_recall", "block_recall")):
+                    # model statistics are 0-dim tensors on the device; a float here, one sync per batch
+                    stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
 
     # retrieval: one question per row, so every answer is scored against its own document's meta
     rows, meta, dists = [], [], []
@@ -264,8 +265,7 @@ def load_checkpoint_model(checkpoint: Path):
     """The model of a checkpoint directory (or of a run directory's newest checkpoint), verified,
     with the run's config (from the run's run_info.json)."""
     from pipeline.checkpoint import check_shapes, load_checkpoint
-    from pipeline.config import config_from_dict
-    from pipeline.loop import build_model
+    from pipeline.config import build_model, config_from_dict
 
     checkpoint = resolve_checkpoint(Path(checkpoint))
     info_path = checkpoint.resolve().parent / "run_info.json"

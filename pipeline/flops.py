@@ -5,6 +5,9 @@
       dense layer or step: 4*Hq*dh per visible (query, key) pair
       MSA layer, sparse:   4*Hq*dh per attended pair (at most k*B keys per query)
                            + 2*HI*dI per visible pair (the index scores)
+                           under an adaptive budget (model.msa.budget) the attended pairs depend on
+                           the selection: the model counts them (ModelOutput.attended_pairs, summed
+                           over (token, group), so 4*dh*G each) and `attended_flops` adds them
       MSA layer, warmup:   dense main branch + the index scores
 Attention is counted per document (packed documents do not attend to each other), so short
 documents are not credited with a full row's quadratic cost.
@@ -61,6 +64,14 @@ class StepFlops:
                 attn += main * dense_pairs
             elif mode == "warmup":
                 attn += main * dense_pairs + index * dense_pairs
-            else:
+            elif cfg.msa.budget == "static":
                 attn += main * _pairs(lengths, cfg.msa.topk * cfg.msa.block_size) + index * dense_pairs
+            else:  # the main branch is counted from the selection: attended_flops
+                attn += index * dense_pairs
         return self.per_token * tokens + 3.0 * attn
+
+    def attended_flops(self, attended_pairs: torch.Tensor) -> torch.Tensor:
+        """Training FLOPs of the sparse main branches from the (token, group, key) triples they
+        attended (a 0-dim device tensor; it stays there until the window is reduced)."""
+        cfg = self.cfg
+        return 3.0 * 4.0 * cfg.head_dim * (cfg.n_heads // cfg.n_kv_heads) * attended_pairs.double()

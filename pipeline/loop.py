@@ -22,14 +22,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_prep.schema import IMG_PATCH, SPECIAL_TOKENS
 from model.batch import Batch
-from model.transformer import MultimodalTransformer
 from pipeline.checkpoint import (check_shapes, latest_checkpoint, load_checkpoint,
                                  prune_checkpoints, remove_stale_temporaries, resolve_checkpoint, restore_rng,
                                  rng_state, write_checkpoint)
-from pipeline.config import RunConfig, config_from_dict
+from pipeline.config import RunConfig, build_model, config_from_dict
 from pipeline.data import BOOKKEEPING, DROP_REASONS
+from pipeline.evaluate import evaluate
 from pipeline.flops import StepFlops, device_peak_tflops
 from pipeline.console import ProgressLog, progress_line
 from pipeline.metrics import Window, reduce_window
@@ -60,10 +59,6 @@ class LoopState:
     skipped_steps: int = 0
     skipped_samples: dict[str, int] = field(default_factory=dict)  # reason -> documents, since the run began
     start_step: int = 0  # where this run's own schedule starts (a continued retrofit: the dense checkpoint's step)
-
-
-def build_model(cfg: RunConfig) -> MultimodalTransformer:
-    return MultimodalTransformer(cfg.model, img_patch_id=SPECIAL_TOKENS.index(IMG_PATCH))
 
 
 def _pause_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
@@ -229,7 +224,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if norms is None:
             win.count("skipped")
         else:
-            raw.after_optimizer_step()
             for k, v in out.losses.items():
                 win.add(f"train/{k}_loss", v.detach())  # summed on the device, read at logging
             win.add("train/grad_norm", norms[0])
@@ -239,12 +233,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if k not in ("kl_index_loss", "moe_aux_loss"):  # already in the losses
                     win.add(k if k.startswith("layer/") else f"train/{k}", v)
         if out.selection:
-            selection = (out.selection, batch.segment_ids_BT[0].cpu())
+            selection = (out.selection, batch.segment_ids_BT.cpu(), batch.positions_BT.cpu())
         st.step += 1
         win.steps += 1
         # counted on the host copy: no device round trip for bookkeeping
         win.tokens += int((book["segment_ids"] != 0).sum())
         win.flops += step_flops(torch.from_numpy(book["segment_ids"]), mode)
+        if out.attended_pairs is not None:  # an adaptive budget: the sparse work as selected
+            win.flops = win.flops + step_flops.attended_flops(out.attended_pairs.detach())
         # the rows of this step are trained on (a skipped step too: its rows are not read again)
         consumed.add(book)
         for reason in DROP_REASONS:
@@ -388,8 +384,6 @@ def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float |
 
 def _evaluate(cfg: RunConfig, model, device, autocast, verbose: bool) -> dict[str, float]:
     """Held-out evaluation (DDP: on rank 0 while the others wait at the next collective)."""
-    from pipeline.evaluate import evaluate
-
     res = evaluate(model, cfg.data.eval_shards, cfg.tokenizer_path, cfg.seq_len, cfg.model.image_size, cfg.model.patch_size,
                    device, cfg.train.batch_size, cfg.train.eval_documents, autocast)
     if verbose:
@@ -397,11 +391,44 @@ def _evaluate(cfg: RunConfig, model, device, autocast, verbose: bool) -> dict[st
     return {k: v for k, v in res.metrics().items() if not math.isnan(v)}
 
 
+def _log_selection(tracker, cfg: RunConfig, selection, step: int, d: Path) -> None:
+    """The picture of one document's selection, and where the budget goes over the whole batch
+    (`selection/blocks_per_token.json`, which `msa-flops --counts` reads; `plots/budget.png`)."""
+    from pipeline.plots import blocks_profile, budget_plot, selection_map
+
+    by_layer, seg_BT, pos_BT = selection
+    msa = cfg.model.msa
+    seg_T = seg_BT[0]
+    # the longest document of the batch's first row (row 0 starts the flat token axis)
+    docs = seg_T[seg_T > 0]
+    if len(docs):
+        longest = int(torch.bincount(docs).argmax())
+        where = torch.nonzero(seg_T == longest).flatten()
+        picked = {layer: idx[0, where[0]:where[-1] + 1].cpu().numpy()
+                  for layer, idx in sorted(by_layer.items())[:4]}
+        path = selection_map(picked, msa.block_size, d / "selection.png",
+                             f"step {step}: the blocks each token of a {len(where)}-token document attends to")
+        tracker.log_artifact(path, "plots")
+    profile = blocks_profile({layer: idx[0].cpu().numpy() for layer, idx in by_layer.items()},
+                             pos_BT.flatten().numpy(), (seg_BT.flatten() > 0).numpy(), msa.block_size)
+    profile.update(step=step, budget=msa.budget, block_size=msa.block_size, k_max=msa.topk)
+    if msa.budget == "ratio":
+        profile.update(budget_ratio=msa.budget_ratio, budget_k_min=msa.budget_k_min)
+    elif msa.budget == "top_p":
+        profile.update(budget_p=msa.budget_p, budget_k_min=msa.budget_k_min)
+    (d / "blocks_per_token.json").write_text(json.dumps(profile))
+    tracker.log_artifact(d / "blocks_per_token.json", "selection")
+    if msa.budget != "static":
+        path = budget_plot(profile, msa.block_size, msa.topk, d / "budget.png",
+                           f"step {step}: where the {msa.budget} budget goes")
+        tracker.log_artifact(path, "plots")
+
+
 def _log_plots(tracker, cfg: RunConfig, selection, step: int, start_step: int = 0) -> None:
     """Training curves and one document's block selection, as artifacts of the run (rank 0)."""
     if not hasattr(tracker, "client"):  # the no-op twin: not rank 0, or tracking off
         return
-    from pipeline.plots import selection_map, training_curves
+    from pipeline.plots import training_curves
 
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -410,17 +437,7 @@ def _log_plots(tracker, cfg: RunConfig, selection, step: int, start_step: int = 
             if curves:
                 tracker.log_artifact(curves, "plots")
             if selection:
-                by_layer, seg_T = selection
-                # the longest document of the batch's first row (row 0 starts the flat token axis)
-                docs = seg_T[seg_T > 0]
-                if len(docs):
-                    longest = int(torch.bincount(docs).argmax())
-                    where = torch.nonzero(seg_T == longest).flatten()
-                    picked = {layer: idx[0, where[0]:where[-1] + 1].cpu().numpy()
-                              for layer, idx in sorted(by_layer.items())[:4]}
-                    path = selection_map(picked, cfg.model.msa.block_size, Path(d) / "selection.png",
-                                         f"step {step}: the blocks each token of a {len(where)}-token document attends to")
-                    tracker.log_artifact(path, "plots")
+                _log_selection(tracker, cfg, selection, step, Path(d))
     except Exception as e:  # a plot must never stop a run
         log.warning("could not log plots at step %d: %s", step, e)
         say(f"[train] warning: could not log plots at step {step}: {e}")

@@ -1,4 +1,5 @@
-"""Plots logged to the MLflow run as artifacts: training curves and a block-selection map.
+"""Plots logged to the MLflow run as artifacts: training curves, a block-selection map and where
+the selection budget goes (blocks per token by position).
 
 Made on rank 0 at checkpoints and at the end, from the run's own metric history (so a resumed run's
 plots cover the whole run).
@@ -14,8 +15,8 @@ matplotlib.use("Agg")  # no display on training nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-CURVES = ("train/lm_loss", "train/kl_index_loss", "train/sparsity", "train/score_recall", "eval/lm_loss",
-          "eval/retrieval_acc")
+CURVES = ("train/lm_loss", "train/kl_index_loss", "train/sparsity", "train/blocks_per_token", "train/score_recall",
+          "eval/lm_loss", "eval/retrieval_acc")
 
 
 def _history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
@@ -32,7 +33,7 @@ def training_curves(client, run_id: str, out_path: Path, switch_step: int | None
     in every panel (the KL jumps there: from all visible keys to the selected ones)."""
     keys = set(client.get_run(run_id).data.metrics)
     panels = [k for k in CURVES if k in keys]
-    layer_keys = sorted((k for k in keys if re.fullmatch(r"layer/\d+/(sparsity|kl_index_loss)", k)),
+    layer_keys = sorted((k for k in keys if re.fullmatch(r"layer/\d+/(sparsity|kl_index_loss|blocks_per_token)", k)),
                         key=lambda k: (k.split("/")[2], int(k.split("/")[1])))
     per_layer = sorted({k.split("/")[2] for k in layer_keys})
     n = len(panels) + len(per_layer)
@@ -105,6 +106,55 @@ def selection_map(by_layer: dict[int, np.ndarray], block_size: int, out_path: Pa
                loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def blocks_profile(by_layer: dict[int, np.ndarray], pos_N: np.ndarray, valid_N: np.ndarray, block_size: int) -> dict:
+    """Where the selection budget goes, from one step's selections (every row of the batch).
+
+    by_layer: {layer: int [N, groups, slots]} (-1 = unused slot) over the flat token axis, pos_N
+    each token's position in its document, valid_N whether it is a real token. Returns
+    {"hist": {blocks: (token, group) pairs, all layers}, "by_layer": {layer: {"position_block":
+    [...], "mean_blocks": [...]}}}: the mean blocks per (token, group) at each position block."""
+    hist: dict[int, int] = {}
+    layers = {}
+    blk_N = pos_N // block_size
+    for layer, idx_NHK in sorted(by_layer.items()):
+        n_NH = (idx_NHK >= 0).sum(-1)[valid_N]
+        vals, cnt = np.unique(n_NH, return_counts=True)
+        for v, c in zip(vals.tolist(), cnt.tolist()):
+            hist[v] = hist.get(v, 0) + c
+        b_N = blk_N[valid_N]
+        sums = np.bincount(b_N, weights=n_NH.mean(-1))
+        ns = np.bincount(b_N)
+        have = np.nonzero(ns)[0]
+        layers[str(layer)] = {"position_block": have.tolist(), "mean_blocks": (sums[have] / ns[have]).round(4).tolist()}
+    return {"hist": {str(k): v for k, v in sorted(hist.items())}, "by_layer": layers}
+
+
+def budget_plot(profile: dict, block_size: int, k_max: int, out_path: Path, title: str) -> Path:
+    """Mean blocks per (token, group) against the position in the document, one line per MSA layer,
+    with static top-k (min(k, visible blocks)) for reference; the histogram of counts beside it."""
+    fig, (ax, ax_h) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    longest = 0
+    for i, (layer, prof) in enumerate(profile["by_layer"].items()):
+        color, dash = LAYER_STYLES[i % len(LAYER_STYLES)]
+        x = np.asarray(prof["position_block"]) * block_size
+        ax.plot(x, prof["mean_blocks"], color=color, ls=dash, label=f"layer {layer}")
+        longest = max(longest, int(x.max()) + block_size if len(x) else 0)
+    x = np.arange(0, max(longest, block_size), block_size)
+    ax.plot(x, np.minimum(k_max, x // block_size + 1), color="black", lw=0.8, ls=":", label=f"static top-{k_max}")
+    ax.set_xlabel("position in the document (tokens)")
+    ax.set_ylabel("blocks per token and group")
+    ax.legend(fontsize=7, ncol=2)
+    counts = sorted((int(k), v) for k, v in profile["hist"].items())
+    ax_h.bar([k for k, _ in counts], [v for _, v in counts], color="tab:blue")
+    ax_h.set_xlabel("blocks per token and group (all MSA layers)")
+    ax_h.set_ylabel("(token, group) pairs")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path

@@ -30,6 +30,7 @@ METRICS = {
     "step_ms_sparse": ("step time, sparse steps (ms)", True),
     "tokens_per_s": ("tokens/s", False),
     "sparsity": ("sparsity", False),
+    "blocks_per_token": ("blocks per token and group", True),
     "score_recall": ("score recall", False),
     "block_recall": ("block recall", False),
     "tokens": ("training tokens", False),
@@ -265,9 +266,9 @@ def write_report(results: dict, path: Path, figures: list[str]) -> None:
              "(– where undefined). Lower loss and step time are better; higher retrieval is better.")
     L.append("")
     L.append("| arm | seeds | held-out LM loss | Δ loss [95% CI] | image text | other text | retrieval acc "
-             "| Δ retrieval [95% CI] | step ms | Δ step ms [95% CI] | tokens/s | sparsity | score recall "
-             "| block recall |")
-    L.append("|" + " --- |" * 14)
+             "| Δ retrieval [95% CI] | step ms | Δ step ms [95% CI] | tokens/s | sparsity | blocks/token "
+             "| score recall | block recall |")
+    L.append("|" + " --- |" * 15)
     for a, body in arms.items():
         sm = body["summary"]
         L.append(f"| {a} | {sm['eval_lm_loss']['n']} | {_pm(sm['eval_lm_loss'], 'eval_lm_loss')} "
@@ -276,7 +277,7 @@ def write_report(results: dict, path: Path, figures: list[str]) -> None:
                  f"| {_pm(sm['retrieval_acc'], '')} | {_diff(comp.get((a, 'retrieval_acc')), 'retrieval_acc')} "
                  f"| {_pm(sm['step_ms'], 'step_ms')} | {_diff(comp.get((a, 'step_ms')), 'step_ms')} "
                  f"| {_pm(sm['tokens_per_s'], 'tokens_per_s')} | {_pm(sm['sparsity'], '')} "
-                 f"| {_pm(sm['score_recall'], '')} | {_pm(sm['block_recall'], '')} |")
+                 f"| {_pm(sm['blocks_per_token'], '')} | {_pm(sm['score_recall'], '')} | {_pm(sm['block_recall'], '')} |")
     L.append("")
     L.append("Retrieval accuracy by distance (tokens from the key item to the answer), mean over seeds "
              "(questions per seed in parentheses):")

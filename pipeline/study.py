@@ -252,7 +252,7 @@ def _patched_model(checkpoint: Path, arm: ArmConfig):
     from model.retrofit import load_dense_checkpoint
     from pipeline.checkpoint import load_checkpoint
     from pipeline.config import apply_overrides, config_from_dict
-    from pipeline.loop import build_model
+    from pipeline.config import build_model
 
     info = json.loads((checkpoint.parent / "run_info.json").read_text())
     d = info["config"]
@@ -353,6 +353,8 @@ def make_record(arm: ArmConfig, seed: int, plan: StudyPlan, res, run_id: str, ch
         "retrieval_acc_by_kind": {k: clean(v) for k, v in res.retrieval_acc_by_kind.items()},
         "retrieval_questions": res.questions,
         "score_recall": res.stats.get("score_recall"), "block_recall": res.stats.get("block_recall"),
+        # mean selected blocks per (token, group): the compute an adaptive budget spends
+        "blocks_per_token": res.stats.get("blocks_per_token"),
         "per_layer": layers, "train_sparsity": train.get("train_sparsity"), "train_curve": train.get("train_curve", []),
         "checkpoint": str(checkpoint), "eval_set": eval_set, "eval_dropped": res.dropped, "source": source,
         "recorded": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -367,7 +369,7 @@ def _log_to_run(client, run_id: str, record: dict, step: int) -> None:
             "study/eval_lm_loss_image_text": record["eval_lm_loss_image_text"],
             "study/eval_lm_loss_other_text": record["eval_lm_loss_other_text"],
             "study/sparsity": record["sparsity"], "study/score_recall": record["score_recall"],
-            "study/block_recall": record["block_recall"]}
+            "study/block_recall": record["block_recall"], "study/blocks_per_token": record.get("blocks_per_token")}
     flat |= {f"study/retrieval_acc/{b}": v for b, v in record["retrieval_acc_by_distance"].items()}
     flat |= {f"study/eval_lm_loss/pos_{b}": v for b, v in record["eval_lm_loss_by_position"].items()}
     items = [Metric(k, float(v), ts, step) for k, v in sorted(flat.items())

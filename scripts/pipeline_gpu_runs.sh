@@ -4,11 +4,13 @@
 #   bash scripts/pipeline_gpu_runs.sh single   # bench, then msa-train `small` on 1 GPU: native MSA, and dense
 #   bash scripts/pipeline_gpu_runs.sh multi    # 2 GPUs: msa-train `small` over DDP (NCCL), then FSDP2
 #   bash scripts/pipeline_gpu_runs.sh all      # the 1-GPU and 2-GPU runs, no bench (a machine with 2 GPUs)
+#   bash scripts/pipeline_gpu_runs.sh budgets  # 1 GPU: the selection budgets: kernel rows at 64K, step
+#                                              # time at 32K, and msa-train `small` with top_p and ratio
 # Needs the project installed (`pip install -e .`), or SITE_ARCHIVE (scripts/README.md).
 # Knobs: OUT (default runs/gpu/pipeline: the log, steps.json, mlflow.db), RUN_LIMIT_S (stop each
 # msa-train run after this many seconds; 0, the default, means no limit), PYTHON.
 set -uo pipefail
-what=${1:?bench|single|multi|all}
+what=${1:?bench|single|multi|all|budgets}
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 OUT=${OUT:-$PWD/runs/gpu/pipeline}
 mkdir -p "$OUT"
@@ -41,6 +43,25 @@ if [ "$what" = multi ] || [ "$what" = all ]; then
     --set train.eval_every=50 --set schedule.warmup_tokens=163840
   train msa-2gpu-fsdp --set ray.num_workers=2 --set ray.parallel=fsdp --set train.max_steps=30 \
     --set train.checkpoint_every=30 --set train.eval_every=0 --set schedule.warmup_tokens=163840
+fi
+if [ "$what" = budgets ]; then
+  echo "=== kernels: budgets against static top-16 at the same mean blocks per token ===" | tee -a "$log"
+  $PY -m benchmarks.msa_kernels --seqlens 65536 --budget-seqlens 65536 --no-flex \
+    --out "$OUT/kernels_budgets" 2>&1 | tee -a "$log"
+  echo "=== model step time: budgets ===" | tee -a "$log"
+  $PY -m benchmarks.train_steps --preset small --contexts 32768 --modes dense sparse-s --iters 5 --warmup 2 \
+    --out "$OUT/steps_static.json" 2>&1 | tee -a "$log"
+  for b in "budget=ratio budget_ratio=0.0625 budget_k_min=4" "budget=top_p budget_p=0.9 budget_k_min=4"; do
+    name=${b%% *}
+    $PY -m benchmarks.train_steps --preset small --contexts 32768 --modes sparse-s --iters 5 --warmup 2 \
+      --msa-set topk=32 $(printf -- '--msa-set %s ' $b) --out "$OUT/steps_${name#budget=}.json" 2>&1 | tee -a "$log"
+  done
+  train msa-top_p --set train.max_steps=50 --set train.checkpoint_every=50 --set train.eval_every=50 \
+    --set schedule.warmup_tokens=81920 --set model.msa.topk=32 --set model.msa.budget="'top_p'" \
+    --set model.msa.budget_p=0.9 --set model.msa.budget_k_min=4
+  train msa-ratio --set train.max_steps=50 --set train.checkpoint_every=50 --set train.eval_every=0 \
+    --set schedule.warmup_tokens=81920 --set model.msa.topk=32 --set model.msa.budget="'ratio'" \
+    --set model.msa.budget_ratio=0.0625 --set model.msa.budget_k_min=4
 fi
 echo "=== done ===" | tee -a "$log"
 echo "MLflow: mlflow ui --backend-store-uri $uri" | tee -a "$log"

@@ -33,17 +33,25 @@ def _rank_block(s_RJ, blk, top_v, top_z, top_i, slot, qk_scale_log2, KP: tl.cons
     top_v = tl.where(hit, m_R[:, None], top_v)
     top_z = tl.where(hit, z_R[:, None], top_z)
     top_i = tl.where(hit, blk, top_i)
-    return top_v, top_z, top_i
+    return top_v, top_z, top_i, m_R
+
+
+@triton.jit
+def _add_block_score(bm_R, bs_R, m_R):
+    """Online log-sum-exp (log2 units) of the pooled scores of every visible block: the denominator
+    of the block softmax that the `top_p` budget thresholds. One exp2 per row and block."""
+    new_R = tl.maximum(bm_R, m_R)
+    return new_R, bs_R * tl.exp2(bm_R - new_R) + tl.exp2(m_R - new_R)
 
 
 @triton.jit
 def select_kernel(
-    qi_ptr, ki_ptr, bidx_ptr, lse_ptr,
+    qi_ptr, ki_ptr, bidx_ptr, lse_ptr, score_ptr, slot_lse_ptr, block_lse_ptr,
     start_ptr, seq_start_ptr, seq_end_ptr, n_tiles,
     stride_qi_n, stride_qi_h, stride_ki_n, stride_b_n, stride_b_h, stride_l_n,
     qk_scale_log2,
     BS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, HB: tl.constexpr,
-    DI: tl.constexpr, DOT_PREC: tl.constexpr, PIPE: tl.constexpr,
+    DI: tl.constexpr, DOT_PREC: tl.constexpr, PIPE: tl.constexpr, SCORES: tl.constexpr,
 ):
     R: tl.constexpr = BM * HB
     # Late tiles see the most blocks: launch them first so the long programs do not trail.
@@ -67,6 +75,8 @@ def select_kernel(
     top_v = tl.where(slot[None, :] < TOPK - 1, float("-inf"), float("inf")) + tl.zeros([R, KP], tl.float32)
     top_z = tl.full([R, KP], float("-inf"), tl.float32)
     top_i = tl.full([R, KP], -1, tl.int32)
+    bm_R = tl.full([R], float("-inf"), tl.float32)  # block-softmax running max and sum (SCORES only)
+    bs_R = tl.zeros([R], tl.float32)
     j = tl.arange(0, BS)
     if PIPE:
         # Software pipelining: the tensor cores compute block blk's scores (an asynchronous
@@ -77,16 +87,22 @@ def select_kernel(
             kpos = s0 + blk * BS + j
             ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + d[None, :])
             s_next = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC)
-            top_v, top_z, top_i = _rank_block(s_cur, blk - 1, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+            top_v, top_z, top_i, m_R = _rank_block(s_cur, blk - 1, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+            if SCORES:
+                bm_R, bs_R = _add_block_score(bm_R, bs_R, m_R)
             s_cur = s_next
         if local > 0:
-            top_v, top_z, top_i = _rank_block(s_cur, local - 1, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+            top_v, top_z, top_i, m_R = _rank_block(s_cur, local - 1, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+            if SCORES:
+                bm_R, bs_R = _add_block_score(bm_R, bs_R, m_R)
     else:
         for blk in range(0, local):
             kpos = s0 + blk * BS + j
             ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + d[None, :])
             s_RJ = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC)
-            top_v, top_z, top_i = _rank_block(s_RJ, blk, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+            top_v, top_z, top_i, m_R = _rank_block(s_RJ, blk, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+            if SCORES:
+                bm_R, bs_R = _add_block_score(bm_R, bs_R, m_R)
 
     # Local block: token-causal.
     kpos = s0 + local * BS + j
@@ -108,3 +124,17 @@ def select_kernel(
     tl.store(bidx_ptr + tok_R[:, None] * stride_b_n + head_R[:, None] * stride_b_h + slot[None, :], out,
              mask=valid_R[:, None] & (slot[None, :] < TOPK))
     tl.store(lse_ptr + tok_R * stride_l_n + head_R, lse2 * LN2_C, mask=valid_R)
+    if SCORES:
+        # For the adaptive budgets (kernels/select/budget.py): each slot's pooled score and key
+        # log-sum-exp, and the log-sum-exp of the pooled scores over all visible blocks, natural
+        # units, laid out like block_idx; empty slots hold -inf.
+        bm_R, bs_R = _add_block_score(bm_R, bs_R, m_loc)
+        is_loc = slot[None, :] == n_valid - 1
+        filled = slot[None, :] < n_valid - 1
+        v_out = tl.where(is_loc, m_loc[:, None], tl.where(filled, top_v, float("-inf")))
+        z_out = tl.where(is_loc, z_loc[:, None], tl.where(filled, top_z, float("-inf")))
+        smask = valid_R[:, None] & (slot[None, :] < TOPK)
+        soff = tok_R[:, None] * stride_b_n + head_R[:, None] * stride_b_h + slot[None, :]
+        tl.store(score_ptr + soff, v_out * LN2_C, mask=smask)
+        tl.store(slot_lse_ptr + soff, z_out * LN2_C, mask=smask)
+        tl.store(block_lse_ptr + tok_R * stride_l_n + head_R, (bm_R + tl.log2(bs_R)) * LN2_C, mask=valid_R)

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from kernels import _common
+from kernels.select.budget import Budget, trim
 from kernels.select.kernel import select_kernel
 from kernels.select.reference import msa_select_reference
 
@@ -49,17 +50,24 @@ def _check(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens):
     _common.check_cu_seqlens(cu_seqlens, B, T, dev)
 
 
-def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, backend: str = "triton"):
-    """Select, per (token, index head), the local block plus the top-(topk-1) other visible blocks.
+def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: Budget | None = None,
+               backend: str = "triton"):
+    """Select, per (token, index head), the local block plus the top-(topk-1) other visible blocks,
+    or, with an adaptive `budget`, the local block plus the best n-1 of them for a count n per
+    (token, head) in [budget.k_min, topk] (kernels/select/budget.py).
 
     qi [B, T, Hkv, dI], ki [B, T, dI] (fp16/bf16/fp32). Returns block_idx int32 [B, T, Hkv, topk]
     (local block in slot n_valid-1, -1 after it) and index_lse fp32 [B, T, Hkv], the log-sum-exp of
     qi.ki/sqrt(dI) over the visible keys of the selected blocks. See kernels/select/README.md.
     """
     _check(qi, ki, block_size, topk, cu_seqlens)
+    budget = budget or Budget()
+    if not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a kernels.select.budget.Budget, got {type(budget).__name__}")
+    budget.check(topk)
     _common.check_backend(backend, qi.device, qi.dtype)
     if backend == "reference":
-        return msa_select_reference(qi, ki, block_size, topk, cu_seqlens)
+        return msa_select_reference(qi, ki, block_size, topk, cu_seqlens, budget=budget)
 
     B, T, H, I = qi.shape
     N = B * T
@@ -69,6 +77,13 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, backend: 
     cu = _common.flat_cu_seqlens(B, T, cu_seqlens, qi.device)
     block_idx_NHK = _common.empty((N, H, topk), torch.int32, qi.device)
     index_lse_NH = _common.empty((N, H), torch.float32, qi.device)
+    scores = budget.adaptive
+    if scores:  # each slot's pooled score and key LSE, and the block-softmax LSE, for the budget
+        score_NHK = _common.empty((N, H, topk), torch.float32, qi.device)
+        slot_lse_NHK = _common.empty((N, H, topk), torch.float32, qi.device)
+        block_lse_NH = _common.empty((N, H), torch.float32, qi.device)
+    else:  # not written (SCORES=False); any valid pointer
+        score_NHK = slot_lse_NHK = block_lse_NH = index_lse_NH
 
     # Rows per program = BM tokens x HB heads; ~128 rows fill the tensor cores and amortise each
     # key-block load, and BM must divide block_size so a tile has one local block.
@@ -80,14 +95,16 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, backend: 
     start_P, seq_start_P, seq_end_P, P = _common.tile_table(cu, N, BM)
     grid = (P, H // HB)
     select_kernel[grid](
-        qi_NHI, ki_NI, block_idx_NHK, index_lse_NH,
+        qi_NHI, ki_NI, block_idx_NHK, index_lse_NH, score_NHK, slot_lse_NHK, block_lse_NH,
         start_P, seq_start_P, seq_end_P, P,
         qi_NHI.stride(0), qi_NHI.stride(1), ki_NI.stride(0), block_idx_NHK.stride(0), block_idx_NHK.stride(1),
         index_lse_NH.stride(0),
         _common.LOG2E / math.sqrt(I),
         BS=block_size, TOPK=topk, KP=max(2, _common.next_pow2(topk)), BM=BM, HB=HB, DI=I,
         DOT_PREC=_common.dot_precision(qi.dtype), PIPE=bool(GPU_CONFIG.get("pipe", False)),
-        num_warps=8 if BM * HB >= 128 else 4, num_stages=GPU_CONFIG["num_stages"],
+        SCORES=scores, num_warps=8 if BM * HB >= 128 else 4, num_stages=GPU_CONFIG["num_stages"],
     )
+    if scores:
+        block_idx_NHK, index_lse_NH = trim(block_idx_NHK, score_NHK, slot_lse_NHK, block_lse_NH, budget)
     return block_idx_NHK.view(B, T, H, topk), index_lse_NH.view(B, T, H)
 

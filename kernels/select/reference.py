@@ -37,9 +37,37 @@ def _chunks(L, H, B_L):
         yield c0, min(L, c0 + step)
 
 
+def budget_counts(pooled_HCM, local_C, topk, budget):
+    """Blocks per (head, query row) under `budget` (None: static), from the pooled scores of every
+    block (-inf where no key is visible). Written from the definitions in budget.py's docstring,
+    sharing no code with it."""
+    visible_C = local_C + 1
+    static_C = torch.clamp(visible_C, max=topk)
+    kind = "static" if budget is None else budget.kind
+    if kind == "static":
+        return static_C[None, :].expand(pooled_HCM.shape[0], -1)
+    if kind == "ratio":
+        want_C = torch.tensor([math.ceil(budget.ratio * int(v)) for v in visible_C.tolist()],
+                              dtype=torch.long, device=local_C.device)
+        n_C = torch.minimum(torch.clamp(want_C, min=budget.k_min, max=topk), visible_C)
+        return n_C[None, :].expand(pooled_HCM.shape[0], -1)
+    # top_p: block probabilities = softmax of the pooled scores over the visible blocks
+    prob_HCM = torch.softmax(pooled_HCM.double(), dim=-1)
+    M = pooled_HCM.shape[-1]
+    is_local_CM = torch.arange(M, device=local_C.device)[None, :] == local_C[:, None]
+    p_local_HC = (prob_HCM * is_local_CM[None]).sum(-1)
+    others_HCM = torch.where(is_local_CM[None], 0.0, prob_HCM)
+    covered_HCM = p_local_HC[..., None] + others_HCM.sort(-1, descending=True).values.cumsum(-1)
+    # the fewest other blocks m with local + best m >= p (m = 0 if the local block alone covers p)
+    m_HC = torch.where(p_local_HC >= budget.p, 0, 1 + (covered_HCM < budget.p).sum(-1))
+    n_HC = torch.clamp(1 + m_HC, min=budget.k_min, max=topk)
+    return torch.minimum(n_HC, visible_C[None, :])
+
+
 @torch.no_grad()
-def msa_select_reference(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens=None):
-    """block_idx int32 [B, T, H, K] and index_lse fp32 [B, T, H] as defined in kernels/select/README.md."""
+def msa_select_reference(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens=None, budget=None):
+    """block_idx int32 [B, T, H, K] and index_lse fp32 [B, T, H] as defined in kernels/select/README.md;
+    with an adaptive `budget` (kernels/select/budget.py) each (token, head) keeps its count n of blocks."""
     B, T, H, I = qi_BTHI.shape
     dev = qi_BTHI.device
     scale = 1.0 / math.sqrt(I)
@@ -56,17 +84,17 @@ def msa_select_reference(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens=None):
             blocks_M = torch.arange(M, device=dev)
             # Rank only the visible blocks other than the local one.
             others_HCM = pooled_HCM.masked_fill(blocks_M[None, None, :] >= local_C[None, :, None], float("-inf"))
-            n_other_C = torch.clamp(local_C, max=topk - 1)
+            n_other_HC = budget_counts(pooled_HCM, local_C, topk, budget) - 1
             chosen_HCK = torch.full((H, c1 - c0, topk), -1, dtype=torch.long, device=dev)
             if topk > 1 and M > 1:
                 kk = min(topk - 1, M)
                 _, top_HCk = torch.topk(others_HCM, kk, dim=-1)
                 slot_k = torch.arange(kk, device=dev)
-                keep = slot_k[None, None, :] < n_other_C[None, :, None]
+                keep = slot_k[None, None, :] < n_other_HC[..., None]
                 chosen_HCK[..., :kk] = torch.where(keep, top_HCk, -1)
             # The local block goes to the last valid slot, n_valid - 1 = n_other.
             slot_K = torch.arange(topk, device=dev)
-            is_local = slot_K[None, None, :] == n_other_C[None, :, None]
+            is_local = slot_K[None, None, :] == n_other_HC[..., None]
             chosen_HCK = torch.where(is_local, local_C[None, :, None], chosen_HCK)
             block_idx_BTHK[b, s0 + c0:s0 + c1] = chosen_HCK.permute(1, 0, 2).to(torch.int32)
             index_lse_BTH[b, s0 + c0:s0 + c1] = _lse_over_selection(s_HCL, chosen_HCK, block_size).T

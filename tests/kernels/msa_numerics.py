@@ -105,9 +105,10 @@ def rand(*shape, dtype, device, requires_grad=False):
     return torch.randn(*shape, device=device).to(dtype).requires_grad_(requires_grad)
 
 
-def random_block_idx(B, T, H, topk, block_size, cu_seqlens=None, device="cpu"):
+def random_block_idx(B, T, H, topk, block_size, cu_seqlens=None, device="cpu", variable=False):
     """A valid selection in the contract's layout: top-(k-1) of random scores over the visible
-    non-local blocks, then the local block in slot n_valid - 1, then -1."""
+    non-local blocks, then the local block in slot n_valid - 1, then -1. `variable`: each (token,
+    head) keeps a random count in [1, n_valid] instead, as the adaptive budgets do."""
     out = torch.full((B, T, H, topk), -1, dtype=torch.int32)
     for b, s0, e0 in attn_ref.sequences(B, T, cu_seqlens):
         L = e0 - s0
@@ -116,13 +117,14 @@ def random_block_idx(B, T, H, topk, block_size, cu_seqlens=None, device="cpu"):
         score = torch.rand(L, H, M).masked_fill(torch.arange(M)[None, None, :] >= local_L[:, None, None], -1.0)
         kk = min(topk - 1, M)
         slots = torch.full((L, H, topk), -1, dtype=torch.long)
+        n_other = local_L.clamp(max=topk - 1)[:, None].expand(L, H)
+        if variable:
+            n_other = (torch.rand(L, H) * (n_other + 1)).long()
         if kk > 0:
             top = torch.topk(score, kk, dim=-1).indices
-            n_other = local_L.clamp(max=topk - 1)
-            keep = torch.arange(kk)[None, None, :] < n_other[:, None, None]
+            keep = torch.arange(kk)[None, None, :] < n_other[..., None]
             slots[..., :kk] = torch.where(keep, top, -1)
-        n_other = local_L.clamp(max=topk - 1)
-        is_local = torch.arange(topk)[None, None, :] == n_other[:, None, None]
+        is_local = torch.arange(topk)[None, None, :] == n_other[..., None]
         slots = torch.where(is_local, local_L[:, None, None], slots)
         out[b, s0:e0] = slots.to(torch.int32)
     return out.to(device)

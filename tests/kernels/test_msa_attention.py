@@ -41,6 +41,11 @@ CASES = {
     "query_G16": (1, 70, 16, 1, 64, 32, 2, None, QUERY),
     "query_packed_G4": (1, 100, 8, 2, 32, 32, 2, [0, 5, 40, 41, 100], QUERY),
     "query_G2_union_tiles4": (1, 90, 4, 2, 32, 16, 4, None, dict(tokens_per_tile=4)),
+    # a count of blocks that varies per (token, group), as the adaptive budgets select
+    "variable_packed_G4_chunks": (1, 100, 8, 2, 32, 16, 5, [0, 5, 40, 41, 100],
+                                  dict(schedule="split", chunk_tokens=16, variable=True)),
+    "variable_batch2_G2_tail": (2, 77, 4, 2, 32, 16, 4, None, dict(schedule="split", variable=True)),
+    "variable_query_packed_G4": (1, 100, 8, 2, 32, 16, 5, [0, 5, 40, 41, 100], dict(schedule="query", variable=True)),
 }
 
 
@@ -50,8 +55,8 @@ def _run(case, dtype, device):
     q = rand(B, T, Hq, D, dtype=dtype, device=device, requires_grad=True)
     k = rand(B, T, Hkv, D, dtype=dtype, device=device, requires_grad=True)
     v = rand(B, T, Hkv, D, dtype=dtype, device=device, requires_grad=True)
-    bidx = random_block_idx(B, T, Hkv, K, BS, cu_t, device)
     opts = dict(opts)
+    bidx = random_block_idx(B, T, Hkv, K, BS, cu_t, device, variable=opts.pop("variable", False))
     with launch_variant(attn_op.GPU_CONFIG, opts.pop("variant", None)):
         o, lse = kernels.msa_attention(q, k, v, bidx, BS, cu_seqlens=cu_t, **opts)
         do = torch.randn_like(o)

@@ -37,7 +37,9 @@ def _run(case, mode, dtype, device):
     qi = (2 * torch.randn(B, T, Hkv, I, device=device)).to(dtype).requires_grad_(True)
     ki = rand(B, T, I, dtype=dtype, device=device, requires_grad=True)
     dense = mode.startswith("dense")
-    bidx = None if dense else random_block_idx(B, T, Hkv, K, BS, cu_t, device)
+    split_opts = dict(split_opts)
+    variable = split_opts.pop("variable", False)
+    bidx = None if dense else random_block_idx(B, T, Hkv, K, BS, cu_t, device, variable=variable)
     lse = index_lse = None
     if mode in ("sparse_given", "sparse_given_lse", "dense_given_lse"):
         att_idx = bidx
@@ -86,6 +88,8 @@ VARIANT_CASES = {
     "packed_G4_noprefetch": (1, 100, 8, 2, 32, 64, 32, 2, [0, 5, 40, 41, 100], dict(chunk_tokens=16, variant=NO_PREFETCH),
                              {}),
     "G16_prefetch": (1, 70, 16, 1, 64, 32, 32, 2, None, dict(chunk_tokens=7, variant=PREFETCH), {}),
+    # a count of blocks that varies per (token, group), as the adaptive budgets select
+    "variable_packed_G4": (1, 100, 8, 2, 32, 64, 16, 5, [0, 5, 40, 41, 100], dict(chunk_tokens=16, variable=True), {}),
 }
 
 

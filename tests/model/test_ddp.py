@@ -38,4 +38,3 @@ def test_trains_under_ddp(process_group, msa, mode):
         loss.backward()
         assert all(p.grad is not None for p in model.parameters())
         opt.step()
-        model.after_optimizer_step()

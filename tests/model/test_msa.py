@@ -113,3 +113,57 @@ def test_evaluation_can_skip_the_kl_and_gets_the_same_logits(mode):
     assert "kl_index" in full.losses and "kl_index" not in lm_only.losses
     assert torch.equal(full.logits, lm_only.logits)
     assert lm_only.losses["lm"] == full.losses["lm"]
+
+
+BUDGET_FIELDS = {
+    "ratio": dict(budget="ratio", budget_ratio=0.5, budget_k_min=2, topk=6),
+    "top_p": dict(budget="top_p", budget_p=0.6, budget_k_min=1, topk=6),
+}
+
+
+@pytest.mark.parametrize("budget", list(BUDGET_FIELDS))
+def test_adaptive_budget_trains_only_the_index_branch_by_kl_and_reports_its_blocks(budget):
+    cfg = small_config(msa=BUDGET_FIELDS[budget], max_seq_len=128)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    model.set_mode("sparse")
+    batch = build_batch(cfg, [[40, 88], [128]], 128, images_per_row=[1, 0])
+    out = model(batch, compute_stats=True)
+    # the statistics a user judges a budget by, overall and per MSA layer
+    bpt = out.stats["blocks_per_token"]
+    assert 1.0 <= float(bpt) <= 6.0 and "layer/1/blocks_per_token" in out.stats
+    sel = out.selection[1][0]  # [N, Hkv, K] of the first MSA layer
+    n_NH = (sel >= 0).sum(-1).float()
+    valid_N = batch.segment_ids_BT.flatten() > 0
+    torch.testing.assert_close(out.stats["layer/1/blocks_per_token"], n_NH[valid_N].mean())
+    if budget == "ratio":  # the count is a function of the position alone: clamp(ceil(0.5 * visible), 2, 6)
+        visible_N = batch.positions_BT.flatten() // 16 + 1
+        want_N = torch.minimum(torch.clamp(torch.ceil(visible_N * 0.5), 2, 6), visible_N.float())
+        assert torch.equal(n_NH[valid_N], want_N[valid_N][:, None].expand(-1, n_NH.shape[1]))
+    else:
+        assert len(torch.unique(n_NH[valid_N])) > 1, "top_p chose one count everywhere"
+    # the model FLOPs count the main branch from what was attended
+    assert out.attended_pairs is not None and float(out.attended_pairs) > 0
+    _check_kl_grads_only_index(model, out.losses["kl_index"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", list(BUDGET_FIELDS))
+def test_adaptive_budget_triton_matches_reference_backend(budget):
+    """The whole model on the Triton kernels (interpreter) against the fp32 reference kernels."""
+    outs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        cfg = small_config(msa={**BUDGET_FIELDS[budget], "backend": backend}, max_seq_len=96)
+        model = MultimodalTransformer(cfg, IMG_PATCH)
+        model.set_mode("sparse")
+        batch = build_batch(cfg, [[96], [30, 66]], 96)
+        out = model(batch, compute_stats=True)
+        (out.losses["lm"] + out.losses["kl_index"]).backward()
+        outs[backend] = (out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (ref, g_ref), (tri, g_tri) = outs["reference"], outs["triton"]
+    for layer, sel in ref.selection.items():
+        assert torch.equal(sel.sort(-1).values, tri.selection[layer].sort(-1).values)
+    torch.testing.assert_close(tri.losses["lm"], ref.losses["lm"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tri.losses["kl_index"], ref.losses["kl_index"], atol=1e-5, rtol=1e-4)
+    for name in g_ref:
+        torch.testing.assert_close(g_tri[name], g_ref[name], atol=1e-5, rtol=1e-4)

@@ -49,8 +49,8 @@ def test_losses_and_stats_are_named_for_the_pipeline():
     assert all(v.dim() == 0 for v in out.losses.values())
     assert out.n_targets == batch.n_text_targets > 0
     msa_layers, moe_layers = cfg.msa_layers, cfg.moe_layers
-    expected = {"sparsity", "kl_index_loss", "moe_aux_loss", "expert_load_max_over_mean"}
-    expected |= {f"layer/{i}/{k}" for i in msa_layers for k in ("sparsity", "kl_index_loss")}
+    expected = {"sparsity", "blocks_per_token", "kl_index_loss", "moe_aux_loss", "expert_load_max_over_mean"}
+    expected |= {f"layer/{i}/{k}" for i in msa_layers for k in ("sparsity", "blocks_per_token", "kl_index_loss")}
     expected |= {f"layer/{i}/expert_load_max_over_mean" for i in moe_layers}
     assert set(out.stats) == expected
     recall = {"score_recall", "block_recall"} | {f"layer/{i}/{k}" for i in msa_layers
@@ -117,7 +117,6 @@ def test_every_mode_trains(mode):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        model.after_optimizer_step()
         history.append({k: float(v.detach()) for k, v in out.losses.items()})
     assert history[-1]["lm"] < history[0]["lm"] - 0.3
     if mode != "dense":

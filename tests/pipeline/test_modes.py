@@ -1,5 +1,7 @@
-"""Every mode through msa-train: the dense baseline, then a retrofit of its checkpoint (native MSA is
-the smoke test's run)."""
+"""Every mode through msa-train: the dense baseline, then a retrofit of its checkpoint under the
+adaptive top_p selection budget (native MSA with static top-k is the smoke test's run)."""
+import json
+
 import pytest
 
 from pipeline.train import main as train_main
@@ -23,6 +25,8 @@ def test_dense_run_then_retrofit_of_its_checkpoint(demo_shards, tmp_path, capsys
 
     assert train_main(common + ["--set", "schedule.mode=retrofit", "--set", f"schedule.retrofit_from='{dense_ckpt}'",
                                 "--set", "schedule.retrofit_warmup_tokens=24576",  # 3 steps of 8192 tokens
+                                "--set", "model.msa.budget='top_p'", "--set", "model.msa.budget_p=0.7",
+                                "--set", "model.msa.topk=6",
                                 "--set", "train.max_steps=8", "--set", "tracking.run_name='retrofit'"]) == 0
     out = capsys.readouterr().out
     assert "retrofit: loaded the dense checkpoint" in out
@@ -43,3 +47,23 @@ def test_dense_run_then_retrofit_of_its_checkpoint(demo_shards, tmp_path, capsys
     first_dense = min(client.get_metric_history(runs["dense"].info.run_id, "train/lm_loss"), key=lambda m: m.step)
     first_retro = min(client.get_metric_history(r.info.run_id, "train/lm_loss"), key=lambda m: m.step)
     assert first_retro.value < first_dense.value - 1.0
+
+    # the budget: what a user judges it by, overall, per layer, and where it goes by position
+    assert r.data.params["model.msa.budget"] == "top_p" and r.data.params["model.msa.budget_p"] == "0.7"
+    assert "model.msa.budget_ratio" not in r.data.params
+    bpt = r.data.metrics["train/blocks_per_token"]
+    assert 1.0 <= bpt < 6.0, bpt
+    assert 1.0 <= r.data.metrics["layer/1/blocks_per_token"] <= 6.0
+    arts = {a.path for d in ("plots", "selection") for a in client.list_artifacts(r.info.run_id, d)}
+    assert {"plots/budget.png", "plots/selection.png", "selection/blocks_per_token.json"} <= arts, arts
+    prof = json.loads(open(client.download_artifacts(r.info.run_id, "selection/blocks_per_token.json",
+                                                     str(tmp_path))).read())
+    assert prof["budget"] == "top_p" and prof["k_max"] == 6 and list(prof["by_layer"]) == ["1"]
+    hist = {int(k): v for k, v in prof["hist"].items()}
+    assert min(hist) >= 1 and max(hist) <= 6 and len(hist) > 1, hist
+    # msa-flops reads the measured counts
+    from model.flops import main as flops_main
+    path = tmp_path / "selection" / "blocks_per_token.json"
+    assert flops_main(["--preset", "tiny", "--context", "1024", "--budget", "top_p", "--topk", "6",
+                       "--counts", str(path)]) == 0
+    assert "n(t) from measured" in capsys.readouterr().out

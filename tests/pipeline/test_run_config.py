@@ -25,9 +25,11 @@ def test_repo_tiny_config_loads(tmp_path):
     ("model.preset=huge", "model.preset", "unknown preset"),
     ("data.weights=[1.0, 2.0]", "data.weights", "2 weights for 1"),
     ("data.seq_len=4096", "data.seq_len", "exceeds model.max_seq_len"),
+    ("model.msa.budget=\"topk\"", "model.msa.budget", "static, ratio, top_p"),
+    ("model.msa.budget=\"top_p\"\nmodel.msa.budget_p=0", "model.msa.budget_p", "(0, 1]"),
 ])
 def test_bad_values_fail_naming_the_field(override, field, words):
-    data = apply_overrides({k: dict(v) for k, v in BASE.items()}, [override])
+    data = apply_overrides({k: dict(v) for k, v in BASE.items()}, override.split("\n"))
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
     assert str(e.value).startswith(field + ":"), str(e.value)
@@ -60,3 +62,23 @@ def test_flatten_covers_every_field():
     flat = flatten(cfg)
     assert flat["model.d_model"] == 128 and flat["train.lr"] == cfg.train.lr and flat["data.shards"] == ["x"]
     assert all("." in k or k in ("name", "output_dir") for k in flat)
+
+
+@pytest.mark.parametrize("override, field", [
+    (["model.msa.budget=\"ratio\"", "model.msa.budget_ratio=1.5"], "model.msa.budget_ratio"),
+    (["model.msa.budget=\"ratio\"", "model.msa.budget_k_min=9"], "model.msa.budget_k_min"),
+])
+def test_budget_fields_are_checked_for_their_budget(override, field):
+    data = apply_overrides({k: dict(v) for k, v in BASE.items()}, override)
+    with pytest.raises(ConfigError, match="^" + field):
+        config_from_dict(data)
+
+
+def test_params_log_only_the_budget_fields_that_apply():
+    from pipeline.config import resolved_params
+
+    static = resolved_params(config_from_dict({k: dict(v) for k, v in BASE.items()}))
+    assert static["model.msa.budget"] == "static" and not any(k.startswith("model.msa.budget_") for k in static)
+    data = apply_overrides({k: dict(v) for k, v in BASE.items()}, ["model.msa.budget=\"top_p\""])
+    top_p = resolved_params(config_from_dict(data))
+    assert {k for k in top_p if k.startswith("model.msa.budget_")} == {"model.msa.budget_p", "model.msa.budget_k_min"}
