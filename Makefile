@@ -22,8 +22,11 @@ demo: install
 	$(VENV)/bin/msa-prep demo --output $(DEMO)/heldout --documents 300 --max-chars 2000 --seed 1 --vocab-size 0
 	$(VENV)/bin/msa-train --config configs/tiny.toml
 
+# The unit tests run in two processes (they start no Ray); the end-to-end ones (`slow`: each starts
+# its own Ray and uses both cores) one at a time.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -m slow tests
 
 clean-demo:
 	rm -rf $(DEMO)

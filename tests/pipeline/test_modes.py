@@ -56,14 +56,13 @@ def test_dense_run_then_retrofit_of_its_checkpoint(demo_shards, tmp_path, capsys
     assert 1.0 <= r.data.metrics["layer/1/blocks_per_token"] <= 6.0
     arts = {a.path for d in ("plots", "selection") for a in client.list_artifacts(r.info.run_id, d)}
     assert {"plots/budget.png", "plots/selection.png", "selection/blocks_per_token.json"} <= arts, arts
-    prof = json.loads(open(client.download_artifacts(r.info.run_id, "selection/blocks_per_token.json",
-                                                     str(tmp_path))).read())
+    local = client.download_artifacts(r.info.run_id, "selection/blocks_per_token.json", str(tmp_path))
+    prof = json.loads(open(local).read())
     assert prof["budget"] == "top_p" and prof["k_max"] == 6 and list(prof["by_layer"]) == ["1"]
     hist = {int(k): v for k, v in prof["hist"].items()}
     assert min(hist) >= 1 and max(hist) <= 6 and len(hist) > 1, hist
     # msa-flops reads the measured counts
     from model.flops import main as flops_main
-    path = tmp_path / "selection" / "blocks_per_token.json"
     assert flops_main(["--preset", "tiny", "--context", "1024", "--budget", "top_p", "--topk", "6",
-                       "--counts", str(path)]) == 0
+                       "--counts", str(local)]) == 0
     assert "n(t) from measured" in capsys.readouterr().out
