@@ -122,10 +122,18 @@ class TrackingConfig:
     uri: str = ""  # "" means sqlite:///<output_dir>/mlflow.db
     run_name: str = ""
     parent_run_id: str = ""  # an MLflow run to nest this run under (tag mlflow.parentRunId; msa-study)
+    # MLflow's system metrics (system/*: CPU, memory, disk, network, and GPU utilisation and memory
+    # through NVML) sampled on rank 0's node: "gpu" when training on GPUs, "always", or "off"
+    system_metrics: str = "gpu"
+    system_metrics_interval_s: float = 10.0
 
     def validate(self) -> None:
         if not self.experiment:
             raise ConfigError("tracking.experiment", "must not be empty")
+        if self.system_metrics not in ("gpu", "always", "off"):
+            raise ConfigError("tracking.system_metrics", f"must be 'gpu', 'always' or 'off', got {self.system_metrics!r}")
+        if not self.system_metrics_interval_s > 0:
+            raise ConfigError("tracking.system_metrics_interval_s", f"must be positive, got {self.system_metrics_interval_s}")
 
 
 MODES = ("dense", "msa", "retrofit")

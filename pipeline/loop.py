@@ -36,7 +36,7 @@ from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
 from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState
 from pipeline.schedule import attention_mode, frozen_groups, warmup_steps
-from pipeline.tracking import make_tracker
+from pipeline.tracking import make_tracker, start_system_metrics
 
 log = logging.getLogger(__name__)
 # rank 0's messages go to <run dir>/progress.log, which the driver prints (pipeline/console.py)
@@ -180,6 +180,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             say(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen) from {resume_from.name}")
     tracker = make_tracker(rank, loop_config["tracking_uri"], loop_config["run_id"])
+    sysmon = None
+    want = cfg.tracking.system_metrics
+    if hasattr(tracker, "client") and (want == "always" or (want == "gpu" and device.type == "cuda")):
+        sysmon, line = start_system_metrics(loop_config["tracking_uri"], loop_config["run_id"],
+                                            cfg.tracking.system_metrics_interval_s)
+        say(f"[train] {line}")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
                 else contextlib.nullcontext())
     step_flops = StepFlops(cfg.model)
@@ -271,6 +277,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _checkpoint(cfg, st, model, optimizer, plan, data_state, consumed, run_dir, rank, tracker, final)
             ray.train.report({k.replace("/", "_"): v for k, v in metrics.items()} | {"step": st.step})
             win = Window()
+    if sysmon is not None:
+        sysmon.finish()
 
 
 class Consumed:

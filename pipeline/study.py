@@ -416,9 +416,10 @@ def run_study(cfg: StudyConfig, argv: list[str]) -> Path:
     arms = cfg.all_arms()
     # the dense arm first: the retrofit and patched arms of a seed start from its checkpoints
     arms.sort(key=lambda a: a.name != "dense")
+    retrofit = f"retrofit from step {plan.retrofit_step}; " if any(a.mode == "retrofit" for a in arms) else ""
     print(f"[msa-study] {cfg.name}: arms {', '.join(a.name for a in arms)}; seeds {cfg.seeds}; "
           f"{plan.steps} steps x {plan.tokens_per_step:,} tokens = {plan.tokens:,} tokens per run; "
-          f"retrofit from step {plan.retrofit_step}; MLflow parent run {parent} at {cfg.tracking_uri}", flush=True)
+          f"{retrofit}MLflow parent run {parent} at {cfg.tracking_uri}", flush=True)
     started = _start_ray(plan.base, plan.base.ray.address)
     status = "FAILED"
     commit, dirty = git_state()

@@ -181,5 +181,23 @@ class MlflowTracker(NullTracker):
             self.client.set_tag(self.run_id, k, v)
 
 
+def start_system_metrics(uri: str, run_id: str, interval_s: float):
+    """MLflow's system metrics monitor for the run on this node (a background thread logging
+    system/* every interval_s; it stops when the run is no longer RUNNING or on .finish()).
+    Returns (monitor or None, a line saying what is sampled or why nothing is)."""
+    import socket
+
+    try:
+        import psutil  # noqa: F401  (the CPU, memory, disk and network monitors)
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as e:
+        return None, f"system metrics off: {e}"
+    mon = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                               node_id=socket.gethostname(), tracking_uri=uri)
+    mon.start()
+    kinds = sorted(type(m).__name__.removesuffix("Monitor").lower() for m in mon.monitors)
+    return mon, f"system metrics every {interval_s:g} s: {', '.join(kinds)}"
+
+
 def make_tracker(rank: int, uri: str, run_id: str | None) -> NullTracker:
     return MlflowTracker(uri, run_id) if rank == 0 and run_id else NullTracker()

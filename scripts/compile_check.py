@@ -69,7 +69,7 @@ def _report(name, params, kernel, bindir):
     shown = {k: v for k, v in params.items() if k in ("G", "TM", "TQ", "R", "BN", "BS", "D", "DI", "HB", "BM", "DENSE",
                                                       "HAS_LSE", "HAS_ILSE", "TN", "SOFTMAX", "HAS_DLSE", "W",
                                                       "HAS_GRAD", "PREFETCH", "Q_EVICT", "PART_CACHE", "PART_EVICT",
-                                                      "PIPE", "num_warps", "num_stages")}
+                                                      "PIPE", "SCORES", "num_warps", "num_stages")}
     return f"{name:22s} {mma:6s} {local:7s} {usage}  {shown}"
 
 
@@ -85,6 +85,8 @@ def _run_case(kernels, case) -> int:
         ki = torch.randn(1, T, I).to(dt).requires_grad_(True)
         # Outputs are never written (nothing runs), so feed a valid selection by hand.
         bidx, ilse = kernels.msa_select(qi.detach(), ki.detach(), BS, K, cu_seqlens=cu_t)
+        # the variant that also writes each slot's scores, for the adaptive budgets
+        kernels.msa_select(qi.detach(), ki.detach(), BS, K, cu_seqlens=cu_t, budget=kernels.Budget("top_p"))
         nb = -(-T // BS)
         sel = torch.arange(min(K, nb), dtype=torch.int32).expand(1, T, Hkv, min(K, nb))
         bidx = torch.nn.functional.pad(sel, (0, K - sel.shape[-1]), value=-1).contiguous()
