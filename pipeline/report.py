@@ -136,7 +136,11 @@ def _relative_paths(x):
         return {k: _relative_paths(v) for k, v in x.items()}
     if isinstance(x, list):
         return [_relative_paths(v) for v in x]
-    return _shown(x) if isinstance(x, str) and x.startswith("/") else x
+    if isinstance(x, str) and x.startswith("/"):
+        return _shown(x)
+    if isinstance(x, str):  # a path inside a string, as in an override "data.shards=['/abs/dir']"
+        return x.replace(str(Path.cwd().resolve()) + "/", "")
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------
