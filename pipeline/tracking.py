@@ -185,15 +185,13 @@ def start_system_metrics(uri: str, run_id: str, interval_s: float):
     """MLflow's system metrics monitor for the run on this node (a background thread logging
     system/* every interval_s; it stops when the run is no longer RUNNING or on .finish()).
     Returns (monitor or None, a line saying what is sampled or why nothing is)."""
-    import socket
-
     try:
         import psutil  # noqa: F401  (the CPU, memory, disk and network monitors)
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     except ImportError as e:
         return None, f"system metrics off: {e}"
-    mon = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
-                               node_id=socket.gethostname(), tracking_uri=uri)
+    # no node id: one node samples, and MLflow's UI shows system metrics under their plain names
+    mon = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=uri)
     mon.start()
     kinds = sorted(type(m).__name__.removesuffix("Monitor").lower() for m in mon.monitors)
     return mon, f"system metrics every {interval_s:g} s: {', '.join(kinds)}"
