@@ -93,7 +93,8 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     batch = _batch(cfg, T, device)
     weights = model.loss_weights()
-    flops = StepFlops(cfg)(batch.segment_ids_BT.cpu(), mode)
+    step_flops = StepFlops(cfg)
+    flops = step_flops(batch.segment_ids_BT.cpu(), mode)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
@@ -123,7 +124,7 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     if out.attended_pairs is not None:  # an adaptive budget: the main branch as the selection made it
-        flops += float(StepFlops(cfg).attended_flops(out.attended_pairs))
+        flops += float(step_flops.attended_flops(out.attended_pairs))
     dense_impl = ("flex" if variant == "dense-flex" else "cudnn-causal-sdpa") if mode in ("dense", "warmup") \
         else "msa-kernels"
     res = {"preset": preset, "variant": variant, "mode": mode, "context": T, "dense_impl": dense_impl,

@@ -19,7 +19,6 @@ Shape legend: N flat tokens, H index heads, K slots (k_max).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -101,11 +100,3 @@ def trim(block_idx_NHK: torch.Tensor, score_NHK: torch.Tensor, slot_lse_NHK: tor
     index_lse_NH = torch.logaddexp(torch.logsumexp(lse_kept_NHK, -1), lse_loc_NH)
     return out_NHK.to(torch.int32), index_lse_NH
 
-
-def expected_blocks(visible_blocks: int, budget: Budget, k_max: int) -> float:
-    """Blocks a token with `visible_blocks` visible attends to under a data-independent budget."""
-    if budget.kind == "static":
-        return float(min(k_max, visible_blocks))
-    if budget.kind == "ratio":
-        return float(min(visible_blocks, max(budget.k_min, min(k_max, math.ceil(visible_blocks * budget.ratio)))))
-    raise ValueError(f"the {budget.kind!r} budget depends on the data; give its measured counts")
