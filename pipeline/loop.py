@@ -32,6 +32,7 @@ from pipeline.evaluate import evaluate
 from pipeline.flops import StepFlops, device_peak_tflops
 from pipeline.console import ProgressLog, progress_line
 from pipeline.metrics import Window, reduce_window
+from pipeline.trace import DataTrace
 from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
 from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState
@@ -75,24 +76,6 @@ def _pause_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
     deadline = time.monotonic() + cfg.debug.pause_timeout_s
     while time.monotonic() < deadline:
         time.sleep(0.2)
-
-
-class DataTrace:
-    """debug.trace_data: the piece ids of every step's rows, per worker, for the exactly-once tests."""
-
-    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, attempt: float):
-        self.path = run_dir / ".debug" / f"data_trace_rank{rank}.jsonl" if cfg.debug.trace_data else None
-        self.attempt = attempt
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, step: int, plan_idx_R: np.ndarray, piece_ids_RP: np.ndarray) -> None:
-        if not self.path:
-            return
-        ids = {str(int(e)): [int(x) for x in piece_ids_RP[plan_idx_R == e].ravel() if x]
-               for e in np.unique(plan_idx_R)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"attempt": self.attempt, "step": step, "ids": ids}) + "\n")
 
 
 def _init_model(cfg: RunConfig, rank: int):
@@ -377,7 +360,8 @@ def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float |
     metrics = {k: m[k] for k in mean_keys if k in m}
     metrics.update({
         "train/tokens_per_s": m["tokens_per_s"],
-        "train/data_wait_frac": m["data_wait_frac"],
+        "train/data_wait_frac": m["data_wait_frac"],  # mean over workers
+        "train/data_wait_frac_max": m["data_wait_frac_max"],  # the worst-fed worker's
         "train/lr": lr,
         "train/tokens_seen": float(st.tokens_seen),
         "train/skipped_steps": float(st.skipped_steps),

@@ -42,12 +42,21 @@ def all_reduce_sum(values: list, device: torch.device) -> list[float]:
 
 def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count_keys: list[str]) -> dict[str, float]:
     """Window -> global metrics: each mean over the values all workers added, counters summed,
-    throughput over all workers. Every rank must pass the same keys (they are collective)."""
+    throughput over all workers, and the data wait of the worst-fed worker (one input-starved rank
+    stalls every other rank at the next collective, so the mean over ranks would hide it). Every rank
+    must pass the same keys (they are collective)."""
     elapsed = time.perf_counter() - win.t0
+    # the worst-fed rank, carried through the same sum: each rank adds its wait fraction to one slot
+    # of a vector as long as the world; the max of the summed vector is the max over ranks
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world_size > 1 else 0
+    waits = [0.0] * world_size
+    waits[rank] = win.data_wait_s / max(elapsed, 1e-9)
     local = ([win.sums.get(k, 0.0) for k in mean_keys] + [float(win.ns.get(k, 0)) for k in mean_keys]
-             + [float(win.counts.get(k, 0)) for k in count_keys] + [float(win.tokens), win.flops, win.data_wait_s,
-                                                                     1.0])
+             + [float(win.counts.get(k, 0)) for k in count_keys] + waits
+             + [float(win.tokens), win.flops, win.data_wait_s, 1.0])
     total = all_reduce_sum(local, device)
+    per_rank_wait = total[2 * len(mean_keys) + len(count_keys):][:world_size]
     n = len(mean_keys)
     out = {k: total[i] / total[n + i] for i, k in enumerate(mean_keys) if total[n + i] > 0}
     out.update({k: total[2 * n + i] for i, k in enumerate(count_keys)})
@@ -56,4 +65,5 @@ def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count
     out["tokens_per_s"] = tokens / max(elapsed, 1e-9)
     out["flops_per_s"] = flops / max(elapsed, 1e-9)
     out["data_wait_frac"] = wait / max(elapsed * world, 1e-9)
+    out["data_wait_frac_max"] = max(per_rank_wait)
     return out

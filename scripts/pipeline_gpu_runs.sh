@@ -6,17 +6,33 @@
 #   bash scripts/pipeline_gpu_runs.sh all      # the 1-GPU and 2-GPU runs, no bench (a machine with 2 GPUs)
 #   bash scripts/pipeline_gpu_runs.sh budgets  # 1 GPU: the selection budgets: kernel rows at 64K, step
 #                                              # time at 32K, and msa-train `small` with top_p and ratio
+#   bash scripts/pipeline_gpu_runs.sh scaling  # every GPU of the host: benchmarks.scaling (1 GPU, DDP and
+#                                              # FSDP2 on all GPUs, at CONTEXTS), then the kill test
 # Needs the project installed (`pip install -e .`), or SITE_ARCHIVE (scripts/README.md).
 # Knobs: OUT (default runs/gpu/pipeline: the log, steps.json, mlflow.db), RUN_LIMIT_S (stop each
 # msa-train run after this many seconds; 0, the default, means no limit), PYTHON.
 set -uo pipefail
-what=${1:?bench|single|multi|all|budgets}
+what=${1:?bench|single|multi|all|budgets|scaling}
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 OUT=${OUT:-$PWD/runs/gpu/pipeline}
 mkdir -p "$OUT"
 export RAY_DEDUP_LOGS=0
 log=$OUT/$what.log
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$log"
+if [ "$what" = scaling ]; then
+  # documents up to 32K tokens (so a 32K row holds long documents, where MSA is sparse), images of
+  # 258 tokens as in the `small` preset; made once per machine
+  data=$PWD/runs/scaling/data
+  [ -f "$data/tokenizer.json" ] || $PY -m data_prep.cli demo --output "$data" --documents 600 --doc-tokens 32768 \
+    --image-tokens 258 --vocab-size 8192 --workers "${PREP_WORKERS:-16}" --quiet 2>&1 | tee -a "$log"
+  ngpu=$(nvidia-smi -L | wc -l)
+  gpus="1 $ngpu"; [ "$ngpu" -lt 2 ] && gpus=1  # a dry run on one GPU: the one-GPU rows, no kill test
+  # SCALING_ARGS: e.g. "--contexts 8192" or "--kill-only" to split the work over calls
+  $PY -m benchmarks.scaling --gpus $gpus --contexts ${CONTEXTS:-8192 32768} --out "$OUT/scaling" \
+    --set "data.shards=['$data']" --set "data.eval_shards=''" ${SCALING_ARGS:-} 2>&1 | tee -a "$log"
+  echo "=== done ===" | tee -a "$log"
+  exit 0
+fi
 $PY -m data_prep.cli demo --output runs/demo/shards --documents 3000 --max-chars 2000 --quiet 2>&1 | tee -a "$log"
 $PY -m data_prep.cli demo --output runs/demo/heldout --documents 300 --max-chars 2000 --seed 1 --vocab-size 0 --quiet 2>&1 | tee -a "$log"
 uri=sqlite:///$OUT/mlflow.db

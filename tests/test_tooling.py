@@ -16,7 +16,7 @@ import pytest
 from setuptools import find_packages
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("benchmarks.msa_kernels", "benchmarks.train_steps", "benchmarks.prep_throughput")
+BENCHMARKS = ("benchmarks.msa_kernels", "benchmarks.train_steps", "benchmarks.prep_throughput", "benchmarks.scaling")
 
 
 def test_only_the_library_packages_are_installed():
@@ -71,3 +71,27 @@ def test_prep_throughput_runs(tmp_path):
                        "--workers", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| demo corpus" in proc.stdout
+
+
+def test_scaling_summary_and_efficiency():
+    from benchmarks.scaling import Layout, add_efficiency, layouts, summarize, table
+
+    assert [lay.name for lay in layouts([1, 2], ["ddp", "fsdp"])] == ["1gpu", "ddp2", "fsdp2"]
+    assert layouts([4], ["fsdp"]) == [Layout(4, "fsdp")]
+    history = {"train/tokens_per_s": [(5, 10.0), (10, 100.0), (15, 120.0), (20, 110.0)],
+               "train/data_wait_frac_max": [(5, 0.5), (15, 0.01), (20, 0.03)],
+               "train/data_wait_frac": [(5, 0.4), (15, 0.005), (20, 0.02)],
+               "train/lm_loss": [(20, 3.0), (5, 6.0)]}
+    s = summarize(history, measure_from=10)  # the start-up windows (steps 5 and 10) are left out
+    assert s["windows"] == 2 and s["tokens_per_s"] == 115.0
+    assert s["data_wait_max"] == 0.03 and s["data_wait_mean"] == 0.02 and s["last_lm_loss"] == 3.0
+    assert s["mfu"] is None
+    rows = [{"run": "1gpu-8k", "gpus": 1, "parallel": "-", "context": 8192, "tokens_per_s": 100.0, "exit_code": 0},
+            {"run": "ddp2-8k", "gpus": 2, "parallel": "ddp", "context": 8192, "tokens_per_s": 190.0, "exit_code": 0},
+            {"run": "ddp2-32k", "gpus": 2, "parallel": "ddp", "context": 32768, "tokens_per_s": 50.0, "exit_code": 0},
+            {"run": "fsdp2-8k", "gpus": 2, "parallel": "fsdp", "context": 8192, "exit_code": 1}]
+    add_efficiency(rows)
+    assert rows[1]["tokens_per_s_per_gpu"] == 95.0 and rows[1]["efficiency"] == pytest.approx(0.95)
+    assert "efficiency" not in rows[2]  # no one-GPU run at 32K to compare with
+    assert "| 8,192 | 2 | ddp | 190 | 95 | 95.0% |" in table(rows)
+    assert "no run (rc 1)" in table(rows)

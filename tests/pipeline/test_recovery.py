@@ -14,11 +14,11 @@ import signal
 import tarfile
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
+from pipeline.trace import exactly_once_problems, trained_timeline
 from pipeline.train import main as train_main
 
 pytestmark = pytest.mark.slow
@@ -83,17 +83,6 @@ def _steps(client, run_id, key="train/lm_loss"):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def _trained_timeline(run_dir: Path) -> dict[int, list[tuple[int, int]]]:
-    """step -> (plan entry, piece id) trained at that step, from the last attempt that ran the step
-    (a killed attempt's steps after its checkpoint were trained again by the next one)."""
-    by_step: dict[int, dict[float, list]] = defaultdict(lambda: defaultdict(list))
-    for f in (run_dir / ".debug").glob("data_trace_rank*.jsonl"):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            by_step[r["step"]][r["attempt"]] += [(int(e), i) for e, ids in r["ids"].items() for i in ids]
-    return {s: attempts[max(attempts)] for s, attempts in by_step.items()}
-
-
 def _fresh_ids(shard: str, plan_idx: int, documents: int, cfg: dict) -> set[int]:
     """Every id a fresh, uninterrupted pass over one shard produces (pieces and dropped documents)."""
     from pipeline.data import PackDocuments, read_shard
@@ -114,13 +103,8 @@ def _check_exactly_once(run_dir: Path, max_steps: int) -> None:
 
     info = json.loads((run_dir / "run_info.json").read_text())
     plan = DataPlan.from_json(info["plan"])
-    timeline = _trained_timeline(run_dir)
-    assert sorted(timeline) == list(range(1, max_steps + 1))  # every step, from its last attempt
-    seen: dict[tuple[int, int], int] = {}
-    for step, pairs in sorted(timeline.items()):
-        for pair in pairs:
-            assert pair not in seen, f"piece {pair} trained at step {seen[pair]} and again at step {step}"
-            seen[pair] = step
+    assert exactly_once_problems(run_dir, max_steps) == []  # every step, no piece twice
+    seen = {pair for pairs in trained_timeline(run_dir).values() for pair in pairs}
     state = read_data_state(latest_checkpoint(run_dir))
     consumed = [i for i, c in enumerate(state.consumed(plan)) if c]
     assert consumed, "the test should consume some plan entries completely"

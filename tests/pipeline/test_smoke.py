@@ -36,6 +36,7 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, heldout_shards, tmp_pat
     assert run.data.params["model.d_model"] == "128"
     assert run.data.params["train.max_steps"] == "30"
     for key in ("train/lm_loss", "train/tokens_per_s", "train/lr", "train/grad_norm", "train/data_wait_frac",
+                "train/data_wait_frac_max",
                 "train/kl_index_loss", "train/sparsity", "train/score_recall", "train/block_recall",
                 "train/moe_aux_loss", "train/expert_load_max_over_mean", "train/skipped_steps", "train/mfu",
                 "train/index_grad_norm",

@@ -1,0 +1,338 @@
+"""Data-parallel scaling of `msa-train` on one host: DDP and FSDP2 on N GPUs against one GPU, the data
+wait of the worst-fed worker, and recovery from a training worker killed by its pid.
+
+    python -m benchmarks.scaling --gpus 1 2 --contexts 8192 32768 --out runs/scaling \\
+        --set "data.shards=['runs/scaling/data']"                        # a 2-GPU host
+    python -m benchmarks.scaling --gpus 2 --kill-only --out runs/scaling ...   # the kill test alone
+    python -m benchmarks.scaling --cpu --config configs/tiny.toml --gpus 1 2 --contexts 1024 \\
+        --steps 8 --measure-from 4 --log-every 2 --out runs/scaling-cpu   # checks the script (gloo)
+
+Every measurement is a real `msa-train` run (a subprocess: Ray Train, the Ray Data pipeline, MLflow)
+of the config with one row of `context` tokens per GPU per step (weak scaling: the global batch grows
+with the GPUs), native MSA with a dense warm-up of `--warmup-steps` steps, then sparse. The figures
+come back from the MLflow store: tokens/s is the median over the logging windows after step
+`--measure-from` (the earlier ones hold start-up and compilation), per GPU and against one GPU at the
+same context (scaling efficiency); data wait is `train/data_wait_frac_max`, the worst-fed worker's
+share of a window spent waiting for its batch, at its largest over the measured windows.
+
+The kill test (`--kill`, on by default with more than one GPU): DDP on the most GPUs, worker 1
+stops after step `--kill-at` and this script kills it with SIGKILL by its pid; Ray Train restarts
+the worker group from the last checkpoint. Passes when the run ends FINISHED in MLflow as one run,
+every logged step once, and the data trace shows every step trained and no piece of a document twice.
+
+NCCL: NVLink multicast (NVLS) stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
+NVSHMEM_DISABLE_NVLS=1 are set where unset; the local Ray's workers inherit this environment).
+Writes scaling.json (every run's figures and the environment) and scaling.md (the table) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EXPERIMENT = "scaling"
+# leave NVLink multicast off: on shared hosts a program using it can take the GPUs out of service
+NCCL_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+METRICS = ("train/tokens_per_s", "train/data_wait_frac", "train/data_wait_frac_max", "train/mfu",
+           "train/sparsity", "train/lm_loss")
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    parallel: str  # "ddp" | "fsdp"; one GPU runs plain (the DDP path with one worker)
+
+    @property
+    def name(self) -> str:
+        return "1gpu" if self.gpus == 1 else f"{self.parallel}{self.gpus}"
+
+
+def layouts(gpus: list[int], parallel: list[str]) -> list[Layout]:
+    out = [Layout(1, "ddp")] if 1 in gpus else []
+    return out + [Layout(n, p) for n in sorted(set(gpus) - {1}) for p in parallel]
+
+
+def train_argv(args, layout: Layout, context: int, name: str, steps: int, extra: list[str]) -> list[str]:
+    sets = {
+        "tracking.experiment": f"'{EXPERIMENT}'", "tracking.run_name": f"'{name}'",
+        "output_dir": f"'{args.out / 'runs'}'", "data.seq_len": context,
+        "ray.num_workers": layout.gpus, "ray.parallel": f"'{layout.parallel}'",
+        "ray.use_gpu": "false" if args.cpu else "true",
+        "train.max_steps": steps, "train.log_every": args.log_every,
+        "train.stats_every": steps + 1,  # the recall statistics run dense attention: not in a timing run
+        "train.eval_every": 0, "train.checkpoint_every": steps, "train.keep_checkpoints": 1,
+        "schedule.mode": "'msa'", "schedule.warmup_tokens": args.warmup_steps * layout.gpus * context,
+    }
+    if args.cpu:
+        sets["train.dtype"] = "'float32'"
+    argv = ["--config", str(args.config), "--tracking-uri", args.tracking_uri]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={v}"]
+    for s in list(args.overrides) + extra:
+        argv += ["--set", s]
+    return argv
+
+
+def run_training(args, argv: list[str], name: str) -> tuple[int, float]:
+    """One msa-train process; its output goes to <out>/<name>.log. Returns (exit code, seconds)."""
+    log = args.out / f"{name}.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *argv], stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=args.run_timeout_s or None)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)  # msa-train marks the MLflow run KILLED on an interrupt
+            try:
+                rc = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+            f.write(f"\n[scaling] stopped after --run-timeout-s {args.run_timeout_s}\n")
+    return rc, time.time() - t0
+
+
+def mlflow_run(uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'") if exp else []
+    return client, runs
+
+
+def summarize(history: dict[str, list[tuple[int, float]]], measure_from: int) -> dict:
+    """history: metric -> [(step, value)] of one run. The windows logged after `measure_from`:
+    median tokens/s, MFU and sparsity, the largest data wait (worst-fed worker and mean)."""
+    def after(key):
+        return [v for s, v in sorted(history.get(key, [])) if s > measure_from]
+
+    tps = after("train/tokens_per_s")
+    out = {"windows": len(tps), "tokens_per_s": statistics.median(tps) if tps else None}
+    for key, name in (("train/mfu", "mfu"), ("train/sparsity", "sparsity")):
+        vals = after(key)
+        out[name] = statistics.median(vals) if vals else None
+    for key, name in (("train/data_wait_frac_max", "data_wait_max"), ("train/data_wait_frac", "data_wait_mean")):
+        vals = after(key)
+        out[name] = max(vals) if vals else None
+    loss = history.get("train/lm_loss", [])
+    out["last_lm_loss"] = sorted(loss)[-1][1] if loss else None
+    return out
+
+
+def add_efficiency(rows: list[dict]) -> None:
+    """Per-GPU tokens/s and scaling efficiency against the one-GPU run at the same context."""
+    single = {r["context"]: r for r in rows if r["gpus"] == 1 and r.get("tokens_per_s")}
+    for r in rows:
+        if r.get("tokens_per_s") is None:
+            continue
+        r["tokens_per_s_per_gpu"] = r["tokens_per_s"] / r["gpus"]
+        base = single.get(r["context"])
+        if base:
+            r["efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s"]
+
+
+def measure(args, layout: Layout, context: int) -> dict:
+    name = f"{layout.name}-{context // 1024}k"
+    rc, secs = run_training(args, train_argv(args, layout, context, name, args.steps, []), name)
+    row = {"run": name, "gpus": layout.gpus, "parallel": layout.parallel if layout.gpus > 1 else "-",
+           "context": context, "steps": args.steps, "exit_code": rc, "wall_s": round(secs, 1)}
+    client, runs = mlflow_run(args.tracking_uri, name)
+    if runs:
+        run = runs[0]
+        history = {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)] for k in METRICS}
+        row.update(status=run.info.status, run_id=run.info.run_id, **summarize(history, args.measure_from))
+    _drop_checkpoints(args, name)
+    return row
+
+
+class Killer(threading.Thread):
+    """Waits for the paused worker's pid file, then kills that process with SIGKILL."""
+
+    def __init__(self, run_dir: Path, rank: int, step: int):
+        super().__init__(daemon=True)
+        self.marker = run_dir / ".debug" / f"paused-rank{rank}-step{step}"
+        self.killed: int | None = None
+        self.stop = False
+
+    def run(self):
+        while not self.stop:
+            if self.marker.exists():
+                pid = int(self.marker.read_text())
+                os.kill(pid, signal.SIGKILL)
+                self.killed = pid
+                return
+            time.sleep(0.2)
+
+
+def kill_test(args, gpus: int, context: int) -> dict:
+    from pipeline.trace import exactly_once_problems
+
+    name = f"kill-ddp{gpus}-{context // 1024}k"
+    steps, every = args.kill_steps, args.kill_checkpoint_every
+    extra = [f"train.checkpoint_every={every}", "train.keep_checkpoints=2", f"debug.pause_at_step={args.kill_at}",
+             "debug.pause_rank=1", "debug.trace_data=true", "ray.max_failures=1"]
+    killer = Killer(args.out / "runs" / "ray" / name, rank=1, step=args.kill_at)
+    killer.start()
+    try:
+        rc, secs = run_training(args, train_argv(args, Layout(gpus, "ddp"), context, name, steps, extra), name)
+    finally:
+        killer.stop = True
+    result = {"run": name, "gpus": gpus, "context": context, "steps": steps, "killed_after_step": args.kill_at,
+              "checkpoint_every": every, "killed_pid": killer.killed, "exit_code": rc, "wall_s": round(secs, 1)}
+    client, runs = mlflow_run(args.tracking_uri, name)
+    problems = [] if killer.killed else ["the paused worker was never killed"]
+    if len(runs) != 1:
+        problems.append(f"{len(runs)} MLflow runs named {name}, expected 1")
+    if runs:
+        run = runs[0]
+        result.update(status=run.info.status, run_id=run.info.run_id, attempts=run.data.tags.get("attempts"))
+        if run.info.status != "FINISHED":
+            problems.append(f"MLflow status {run.info.status}")
+        expected = list(range(args.log_every, steps + 1, args.log_every))
+        for key in ("train/lm_loss", "train/tokens_per_s"):
+            logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            if logged != expected:
+                problems.append(f"{key} logged at steps {logged}, expected each of {expected} once")
+    log = (args.out / f"{name}.log").read_text(errors="replace")
+    resumed = [line.strip() for line in log.splitlines() if "resumed at step" in line]
+    result["resumed"] = resumed[-1] if resumed else None
+    if not resumed:
+        problems.append("no worker resumed from a checkpoint")
+    problems += exactly_once_problems(args.out / "runs" / "ray" / name, steps)
+    result.update(problems=problems, passed=not problems)
+    _drop_checkpoints(args, name)
+    return result
+
+
+def _drop_checkpoints(args, name: str) -> None:
+    """The small preset's checkpoint is ~9 GB with its optimizer state; a host's disk holds a few."""
+    import shutil
+
+    for ckpt in (args.out / "runs" / "ray" / name).glob("checkpoint_*"):
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def environment(args) -> dict:
+    env = {"host": platform.node(), "python": platform.python_version(),
+           "commit": os.environ.get("GIT_COMMIT") or _git("rev-parse", "HEAD"),  # a copy of the tree may have no .git
+           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+           "nccl_env": {k: os.environ.get(k) for k in sorted(os.environ) if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM_"))}}
+    try:
+        import torch
+        import triton
+
+        env.update(torch=torch.__version__, triton=triton.__version__)
+        if torch.cuda.is_available():
+            env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception as e:  # the figures matter more than the description of the machine
+        env["error"] = repr(e)
+    if not args.cpu:
+        for key, cmd in (("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+                         ("topology", ["nvidia-smi", "topo", "-m"])):
+            try:
+                env[key] = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+            except (OSError, subprocess.TimeoutExpired) as e:
+                env[key] = repr(e)
+    return env
+
+
+def _git(*cmd: str) -> str:
+    try:
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return ""
+
+
+def table(rows: list[dict]) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["| context | GPUs | parallel | tokens/s | per GPU | scaling eff. | MFU | data wait (worst rank) | sparsity | status |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['context']:,} | {r['gpus']} | {r['parallel']} | {f(r.get('tokens_per_s'), ',.0f')} "
+                     f"| {f(r.get('tokens_per_s_per_gpu'), ',.0f')} | {f(r.get('efficiency'), '.1%')} "
+                     f"| {f(r.get('mfu'), '.1%')} | {f(r.get('data_wait_max'), '.2%')} | {f(r.get('sparsity'), '.2f')} "
+                     f"| {r.get('status', 'no run')} (rc {r['exit_code']}) |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=Path("configs/small.toml"))
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="worker counts (one GPU each)")
+    p.add_argument("--parallel", nargs="+", default=["ddp", "fsdp"], choices=("ddp", "fsdp"))
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup-steps", type=int, default=2, help="dense warm-up steps before sparse attention")
+    p.add_argument("--measure-from", type=int, default=10, help="windows logged after this step count")
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--kill", action=argparse.BooleanOptionalAction, default=None,
+                   help="the kill test on the most GPUs (default: on when more than one)")
+    p.add_argument("--kill-only", action="store_true", help="only the kill test")
+    p.add_argument("--kill-context", type=int, default=0, help="its context (default: the first of --contexts)")
+    p.add_argument("--kill-steps", type=int, default=30)
+    p.add_argument("--kill-at", type=int, default=15, help="worker 1 is killed after this step")
+    p.add_argument("--kill-checkpoint-every", type=int, default=10)
+    p.add_argument("--run-timeout-s", type=float, default=0, help="stop a run after this long (0: no limit)")
+    p.add_argument("--cpu", action="store_true", help="workers on CPUs (gloo), to check the script")
+    p.add_argument("--tracking-uri", default="", help="default: a SQLite file in --out")
+    p.add_argument("--out", type=Path, default=Path("runs/scaling"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to every msa-train run (data.shards, model fields, ...)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.tracking_uri = args.tracking_uri or f"sqlite:///{args.out / 'mlflow.db'}"
+    for k, v in NCCL_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    results_path = args.out / "scaling.json"
+    results = {"environment": environment(args), "args": {k: str(v) if isinstance(v, Path) else v
+                                                           for k, v in vars(args).items()}, "runs": [], "kill": None}
+
+    def save():
+        add_efficiency(results["runs"])
+        results_path.write_text(json.dumps(results, indent=1))
+        text = table(results["runs"])
+        if results["kill"]:
+            k = results["kill"]
+            text += (f"\n\nKill test ({k['run']}): worker 1 killed (pid {k['killed_pid']}) after step "
+                     f"{k['killed_after_step']}; {k.get('resumed')}; MLflow {k.get('status')}; "
+                     f"{'PASSED' if k['passed'] else 'FAILED: ' + '; '.join(k['problems'])}")
+        (args.out / "scaling.md").write_text(text + "\n")
+        return text
+
+    if not args.kill_only:
+        for context in args.contexts:
+            for layout in layouts(args.gpus, args.parallel):
+                print(f"[scaling] {layout.name} at {context:,} tokens ...", flush=True)
+                results["runs"].append(measure(args, layout, context))
+                print(save().splitlines()[-1], flush=True)
+    most = max(args.gpus)
+    if args.kill_only or (args.kill if args.kill is not None else most > 1):
+        if most < 2:
+            raise SystemExit("--kill needs at least 2 workers (--gpus)")
+        print(f"[scaling] kill test on {most} workers ...", flush=True)
+        results["kill"] = kill_test(args, most, args.kill_context or args.contexts[0])
+    print(save())
+    ok = all(r.get("status") == "FINISHED" for r in results["runs"]) and (results["kill"] or {"passed": True})["passed"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The logging window's reduction over workers: two real processes over gloo, no Ray."""
+import json
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.metrics import Window, reduce_window
+
+
+def _worker(rank: int, world: int, store_path: str, out_path: str) -> None:
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        win = Window(t0=time.perf_counter() - 2.0)  # a 2-second window
+        win.tokens = 1000 * (rank + 1)
+        win.data_wait_s = [0.1, 1.0][rank]  # rank 1 waited half of the window for its data
+        win.add("train/lm_loss", 2.0 + rank)
+        win.add("train/lm_loss", torch.tensor(4.0 + rank))
+        win.count("skipped", rank)
+        m = reduce_window(win, torch.device("cpu"), ["train/lm_loss"], ["skipped"])
+        with open(f"{out_path}.{rank}", "w") as f:
+            json.dump(m, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reduce_window_over_two_workers(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "m")), nprocs=2)
+    m0, m1 = (json.loads((tmp_path / f"m.{r}").read_text()) for r in (0, 1))
+    assert m0 == pytest.approx(m1, rel=0.05)  # every rank ends with the same metrics (up to its clock)
+    assert m0["train/lm_loss"] == pytest.approx((2 + 4 + 3 + 5) / 4)  # mean over every value added
+    assert m0["skipped"] == 1 and m0["tokens"] == 3000
+    # mean wait over workers (0.05 + 0.5) / 2, the worst-fed worker's alone 0.5
+    assert m0["data_wait_frac"] == pytest.approx(0.275, rel=0.05)
+    assert m0["data_wait_frac_max"] == pytest.approx(0.5, rel=0.05)
+    assert m0["tokens_per_s"] == pytest.approx(1500, rel=0.05)
+
+
+def test_reduce_window_one_process():
+    win = Window(t0=time.perf_counter() - 1.0)
+    win.data_wait_s = 0.25
+    m = reduce_window(win, torch.device("cpu"), [], [])
+    assert m["data_wait_frac"] == pytest.approx(0.25, rel=0.05)
+    assert m["data_wait_frac_max"] == m["data_wait_frac"]
