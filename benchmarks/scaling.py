@@ -69,7 +69,7 @@ def train_argv(args, layout: Layout, context: int, name: str, steps: int, extra:
         "ray.use_gpu": "false" if args.cpu else "true",
         "train.max_steps": steps, "train.log_every": args.log_every,
         "train.stats_every": steps + 1,  # the recall statistics run dense attention: not in a timing run
-        "train.eval_every": 0, "train.checkpoint_every": steps, "train.keep_checkpoints": 1,
+        "train.eval_every": 0, "train.checkpoint_every": steps + 1, "train.final_checkpoint": "false",
         "schedule.mode": "'msa'", "schedule.warmup_tokens": args.warmup_steps * layout.gpus * context,
     }
     if args.cpu:
@@ -179,7 +179,7 @@ def kill_test(args, gpus: int, context: int) -> dict:
 
     name = f"kill-ddp{gpus}-{context // 1024}k"
     steps, every = args.kill_steps, args.kill_checkpoint_every
-    extra = [f"train.checkpoint_every={every}", "train.keep_checkpoints=2", f"debug.pause_at_step={args.kill_at}",
+    extra = [f"train.checkpoint_every={every}", f"debug.pause_at_step={args.kill_at}",
              "debug.pause_rank=1", "debug.trace_data=true", "ray.max_failures=1"]
     killer = Killer(args.out / "runs" / "ray" / name, rank=1, step=args.kill_at)
     killer.start()
@@ -282,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the kill test on the most GPUs (default: on when more than one)")
     p.add_argument("--kill-only", action="store_true", help="only the kill test")
     p.add_argument("--kill-context", type=int, default=0, help="its context (default: the first of --contexts)")
-    p.add_argument("--kill-steps", type=int, default=30)
+    p.add_argument("--kill-steps", type=int, default=20)
     p.add_argument("--kill-at", type=int, default=15, help="worker 1 is killed after this step")
-    p.add_argument("--kill-checkpoint-every", type=int, default=10)
+    p.add_argument("--kill-checkpoint-every", type=int, default=12)
     p.add_argument("--run-timeout-s", type=float, default=0, help="stop a run after this long (0: no limit)")
     p.add_argument("--cpu", action="store_true", help="workers on CPUs (gloo), to check the script")
     p.add_argument("--tracking-uri", default="", help="default: a SQLite file in --out")

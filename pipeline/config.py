@@ -67,6 +67,9 @@ class TrainConfig:
     stats_every: int = 0  # score/block recall (needs dense attention) every this many steps; 0: log_every
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: from the GPU's name (none on CPU: no MFU)
     keep_checkpoints: int = 3  # the newest this many checkpoints are kept; 0 keeps every one
+    # false: no checkpoint at the last step unless checkpoint_every falls on it (throughput runs, whose
+    # end state nobody evaluates or continues; the `small` preset's full state is ~9 GB)
+    final_checkpoint: bool = True
     eval_every: int = 0  # held-out evaluation (data.eval_shards) every this many steps, on rank 0; 0: off
     eval_documents: int = 200  # held-out documents per periodic evaluation
     seed: int = 0

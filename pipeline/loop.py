@@ -254,7 +254,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
                 say(progress_line(st.step, cfg.train.max_steps, metrics, elapsed, eta, window_s / max(steps_in_window, 1),
                                   gib))
-            checkpoint = st.step % cfg.train.checkpoint_every == 0 or final
+            checkpoint = st.step % cfg.train.checkpoint_every == 0 or (final and cfg.train.final_checkpoint)
             if checkpoint:
                 _log_plots(tracker, cfg, selection, st.step, st.start_step)
                 _checkpoint(cfg, st, model, optimizer, plan, data_state, consumed, run_dir, rank, tracker, final)
