@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -198,7 +199,9 @@ def kill_test(args, gpus: int, context: int) -> dict:
         result.update(status=run.info.status, run_id=run.info.run_id, attempts=run.data.tags.get("attempts"))
         if run.info.status != "FINISHED":
             problems.append(f"MLflow status {run.info.status}")
-        expected = list(range(args.log_every, steps + 1, args.log_every))
+        # windows are logged every log_every steps, at every checkpoint and at the last step
+        expected = sorted(set(range(args.log_every, steps + 1, args.log_every)) | set(range(every, steps + 1, every))
+                          | {steps})
         for key in ("train/lm_loss", "train/tokens_per_s"):
             logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
             if logged != expected:
@@ -241,7 +244,8 @@ def environment(args) -> dict:
         for key, cmd in (("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
                          ("topology", ["nvidia-smi", "topo", "-m"])):
             try:
-                env[key] = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+                text = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+                env[key] = re.sub(r"\x1b\[[0-9;]*m", "", text)  # nvidia-smi underlines the header
             except (OSError, subprocess.TimeoutExpired) as e:
                 env[key] = repr(e)
     return env

@@ -237,14 +237,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         trace.write(st.step, book["plan_idx"], book["piece_ids"])
         _pause_once(cfg, run_dir, rank, st.step)
 
-        if st.step % cfg.train.log_every == 0 or st.step == cfg.train.max_steps:
+        final = st.step == cfg.train.max_steps
+        checkpoint = st.step % cfg.train.checkpoint_every == 0 or (final and cfg.train.final_checkpoint)
+        evaluate_now = bool(cfg.train.eval_every) and st.step % cfg.train.eval_every == 0
+        # a checkpoint or an evaluation also logs the window, whatever train.log_every says, so both
+        # happen on the step they name and every checkpoint has its metrics in the run
+        if st.step % cfg.train.log_every == 0 or final or checkpoint or evaluate_now:
             window_s, steps_in_window = time.perf_counter() - win.t0, win.steps
             metrics = _window_metrics(win, device, lr, st, peak, world)
             # under FSDP every rank must take part in the forward passes; rank 0 logs the result
-            if cfg.train.eval_every and st.step % cfg.train.eval_every == 0 and (rank == 0 or cfg.ray.parallel == "fsdp"):
+            if evaluate_now and (rank == 0 or cfg.ray.parallel == "fsdp"):
                 metrics.update(_evaluate(cfg, raw, device, autocast, verbose=rank == 0))
             tracker.log_metrics(metrics, st.step)
-            final = st.step == cfg.train.max_steps
             if final:
                 # every step is trained and logged: the run is complete, whatever happens from here on
                 tracker.set_tags({"training_complete": "true"})
@@ -254,7 +258,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
                 say(progress_line(st.step, cfg.train.max_steps, metrics, elapsed, eta, window_s / max(steps_in_window, 1),
                                   gib))
-            checkpoint = st.step % cfg.train.checkpoint_every == 0 or (final and cfg.train.final_checkpoint)
             if checkpoint:
                 _log_plots(tracker, cfg, selection, st.step, st.start_step)
                 _checkpoint(cfg, st, model, optimizer, plan, data_state, consumed, run_dir, rank, tracker, final)
