@@ -128,6 +128,15 @@ def final_metrics(uri: str, run_id: str, keys: tuple[str, ...]) -> dict[str, flo
     return {k: have[k] for k in keys if k in have}
 
 
+def run_page_url(uri: str, run_id: str, ui_base: str = "http://127.0.0.1:5000") -> str:
+    """The run's page in the MLflow UI (the server's own address for an http(s) tracking URI, else where
+    `mlflow ui` serves by default), in the model-training view: MLflow 3's UI opens its GenAI view
+    unless the link asks for the other one."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ui_base
+    exp_id = _client(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def run_completed(uri: str, run_id: str) -> bool:
     """Did the run train and log its last step (the loop tags it so before its final checkpoint)?"""
     return _client(uri).get_run(run_id).data.tags.get("training_complete") == "true"

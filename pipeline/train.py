@@ -33,7 +33,7 @@ from pipeline.config import RunConfig, apply_overrides, config_from_dict, load_c
 from pipeline.plan import DataPlan, DataState, build_plan
 from pipeline.console import ProgressTail, duration
 from pipeline.tracking import (DESCRIPTION_TAG, close_run, final_metrics, git_commit, log_dict_artifact, open_run,
-                               resolve_tracking_uri, run_completed, set_description, source_tags)
+                               resolve_tracking_uri, run_completed, run_page_url, set_description, source_tags)
 
 RUN_INFO = "run_info.json"
 
@@ -356,7 +356,14 @@ def _summary(out: dict) -> None:
     if out["checkpoint"]:
         print(f"[msa-train] last checkpoint: {out['checkpoint']}")
         print(f"[msa-train] evaluate it with:  msa-eval --checkpoint {Path(out['checkpoint']).parent}")
-    print(f"[msa-train] to look at it:  {ui}   then open http://127.0.0.1:5000")
+    try:
+        page = run_page_url(uri, out["run_id"])
+    except Exception:
+        page = "http://127.0.0.1:5000"
+    if uri.startswith("sqlite"):
+        print(f"[msa-train] to look at it:  {ui}   then open {page}")
+    else:
+        print(f"[msa-train] the run in the MLflow UI:  {page}")
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -84,3 +84,17 @@ def test_tracking_uri_precedence(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_tracking_uri(None, "sqlite:///cfg.db") == "http://127.0.0.1:5000"
     assert resolve_tracking_uri("http://10.0.0.1:5000", "sqlite:///cfg.db") == "http://10.0.0.1:5000"
+
+
+def test_run_page_url_opens_the_model_training_view(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import run_page_url
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("page")
+    run = client.create_run(exp_id)
+    url = run_page_url(uri, run.info.run_id)
+    assert url == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert run_page_url(uri, run.info.run_id, ui_base="http://127.0.0.1:5055").startswith("http://127.0.0.1:5055/#/")
