@@ -139,7 +139,7 @@ def _check_modules(rel):
                 yield i, f"`python -m {m.group(1)}` names a missing module"
 
 
-GENERATED_MD = {"bench.md"}  # written by the tools into their output folder
+GENERATED_MD = {"bench.md", "scaling.md"}  # written by the tools into their output folders
 
 
 def _check_md_names(rel):

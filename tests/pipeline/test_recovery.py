@@ -1,5 +1,5 @@
 """Recovery, end to end on a local Ray, for DDP (the default) and FSDP2: a training worker killed with
-`kill -9` by its pid mid-run, then `msa-train --resume` of the finished run. Each ends in one FINISHED
+`kill -9` by its pid mid-run, then (DDP) `msa-train --resume` of the finished run. Each ends in one FINISHED
 MLflow run with every logged step exactly once, and the data position restored exactly: across the
 kill and the resume no piece of a document is trained on twice within an epoch and none is skipped.
 
@@ -114,7 +114,7 @@ def _check_exactly_once(run_dir: Path, max_steps: int) -> None:
         assert trained == _fresh_ids(ref.path, i, ref.documents, info["config"]), f"plan entry {i} ({ref.path})"
 
 
-def _kill_and_resume(damaged_shards, tmp_path, capsys, parallel: str):
+def _kill_and_resume(damaged_shards, tmp_path, capsys, parallel: str, resume: bool = True):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -148,18 +148,21 @@ def _kill_and_resume(damaged_shards, tmp_path, capsys, parallel: str):
     run_dir = out_dir / "ray" / run.info.run_name
     _check_exactly_once(run_dir, 12)
 
-    # 2) the finished run is continued to 16 steps from its last checkpoint: the same MLflow run
-    rc = train_main(common + ["--resume", "--set", "train.max_steps=16"])
-    assert rc == 0
-    assert "resumed at step 12" in capsys.readouterr().out
-    runs = client.search_runs([client.get_experiment_by_name("recovery").experiment_id])
-    assert [r.info.run_id for r in runs] == [run.info.run_id]
-    run = runs[0]
-    assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
-    assert "failure_reason" not in run.data.tags
-    for key in ("train/lm_loss", "train/tokens_per_s", "train/skipped_samples"):
-        assert _steps(client, run.info.run_id, key) == [3, 4, 6, 8, 9, 12, 15, 16], key
-    _check_exactly_once(run_dir, 16)
+    kept_steps = [4, 8, 12]
+    if resume:
+        # 2) the finished run is continued to 16 steps from its last checkpoint: the same MLflow run
+        rc = train_main(common + ["--resume", "--set", "train.max_steps=16"])
+        assert rc == 0
+        assert "resumed at step 12" in capsys.readouterr().out
+        runs = client.search_runs([client.get_experiment_by_name("recovery").experiment_id])
+        assert [r.info.run_id for r in runs] == [run.info.run_id]
+        run = runs[0]
+        assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
+        assert "failure_reason" not in run.data.tags
+        for key in ("train/lm_loss", "train/tokens_per_s", "train/skipped_samples"):
+            assert _steps(client, run.info.run_id, key) == [3, 4, 6, 8, 9, 12, 15, 16], key
+        _check_exactly_once(run_dir, 16)
+        kept_steps = [8, 12, 16]
 
     # the damage was skipped and counted by reason, never a crash (epoch 0 reads every shard)
     skipped = {k.removeprefix("train/skipped_samples/"): v for k, v in run.data.metrics.items()
@@ -172,7 +175,7 @@ def _kill_and_resume(damaged_shards, tmp_path, capsys, parallel: str):
     from pipeline.checkpoint import list_checkpoints, verify_checkpoint
 
     kept = list_checkpoints(run_dir)
-    assert [s for s, _ in kept] == [8, 12, 16]  # train.keep_checkpoints = 3
+    assert [s for s, _ in kept] == kept_steps  # train.keep_checkpoints = 3
     verify_checkpoint(kept[-1][1])
 
 
@@ -180,8 +183,10 @@ def test_ddp_worker_killed_by_pid_then_resumed(damaged_shards, tmp_path, capsys)
     _kill_and_resume(damaged_shards, tmp_path, capsys, "ddp")
 
 
-def test_fsdp_worker_killed_by_pid_then_resumed(damaged_shards, tmp_path, capsys):
-    _kill_and_resume(damaged_shards, tmp_path, capsys, "fsdp")
+def test_fsdp_worker_killed_by_pid(damaged_shards, tmp_path, capsys):
+    # the kill already restores FSDP2's sharded state from a checkpoint; `--resume` takes the same load
+    # path, which the DDP test covers, so this one stops after the kill (one training run fewer in CI)
+    _kill_and_resume(damaged_shards, tmp_path, capsys, "fsdp", resume=False)
 
 
 def test_resume_without_a_run_is_a_clear_error(tmp_path, capsys):
