@@ -1,6 +1,6 @@
 """`msa-eval`: held-out LM loss and long-range retrieval accuracy of a checkpoint.
 
-    msa-eval --checkpoint runs/demo/ray/<run>/checkpoint_000120 [--shards runs/demo/heldout] [--log]
+    msa-eval --checkpoint runs/demo/ray/<run>/checkpoint_000060 [--shards runs/demo/heldout] [--log]
     msa-eval --checkpoint runs/demo/ray/<run>          # a run directory: its newest checkpoint
 
 What is measured, on the first `--max-documents` documents of the held-out shards (the same

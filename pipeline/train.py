@@ -350,7 +350,8 @@ def _summary(out: dict) -> None:
     except Exception:
         metrics = {}
     if metrics:
-        print("[msa-train] final:  " + "  ".join(f"{k.split('/', 1)[1]} {v:,.4g}" for k, v in metrics.items()))
+        # train/* by their short names; eval/lm_loss keeps its prefix (train/lm_loss is there too)
+        print("[msa-train] final:  " + "  ".join(f"{k.removeprefix('train/')} {v:,.4g}" for k, v in metrics.items()))
     if out.get("run_dir"):
         print(f"[msa-train] run directory:  {out['run_dir']}")
     if out["checkpoint"]:
