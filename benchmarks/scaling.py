@@ -35,7 +35,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,33 +155,14 @@ def measure(args, layout: Layout, context: int) -> dict:
     return row
 
 
-class Killer(threading.Thread):
-    """Waits for the paused worker's pid file, then kills that process with SIGKILL."""
-
-    def __init__(self, run_dir: Path, rank: int, step: int):
-        super().__init__(daemon=True)
-        self.marker = run_dir / ".debug" / f"paused-rank{rank}-step{step}"
-        self.killed: int | None = None
-        self.stop = False
-
-    def run(self):
-        while not self.stop:
-            if self.marker.exists():
-                pid = int(self.marker.read_text())
-                os.kill(pid, signal.SIGKILL)
-                self.killed = pid
-                return
-            time.sleep(0.2)
-
-
 def kill_test(args, gpus: int, context: int) -> dict:
-    from pipeline.trace import exactly_once_problems
+    from pipeline.trace import Killer, exactly_once_problems
 
     name = f"kill-ddp{gpus}-{context // 1024}k"
     steps, every = args.kill_steps, args.kill_checkpoint_every
     extra = [f"train.checkpoint_every={every}", f"debug.pause_at_step={args.kill_at}",
              "debug.pause_rank=1", "debug.trace_data=true", "ray.max_failures=1"]
-    killer = Killer(args.out / "runs" / "ray" / name, rank=1, step=args.kill_at)
+    killer = Killer(args.out / "runs" / "ray", rank=1, step=args.kill_at)
     killer.start()
     try:
         rc, secs = run_training(args, train_argv(args, Layout(gpus, "ddp"), context, name, steps, extra), name)

@@ -109,7 +109,7 @@ def progress_line(step: int, max_steps: int, m: dict[str, float], elapsed_s: flo
     parts.append(f"step {step_s * 1e3:,.0f} ms")
     if "train/mfu" in m:
         parts.append(f"mfu {m['train/mfu']:.1%}")
-    parts.append(f"wait {m.get('train/data_wait_frac_max', m['train/data_wait_frac']):.0%}")  # the worst-fed worker
+    parts.append(f"wait {m['train/data_wait_frac_max']:.0%}")  # the worst-fed worker
     if gpu_gib is not None:
         parts.append(f"mem {gpu_gib:.1f} GiB")
     parts.append(f"elapsed {duration(elapsed_s)}")

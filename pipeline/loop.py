@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from pipeline.evaluate import evaluate
 from pipeline.flops import StepFlops, device_peak_tflops
 from pipeline.console import ProgressLog, progress_line
 from pipeline.metrics import Window, reduce_window
-from pipeline.trace import DataTrace
+from pipeline.trace import DataTrace, pause_once
 from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
 from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState
@@ -60,22 +59,6 @@ class LoopState:
     skipped_steps: int = 0
     skipped_samples: dict[str, int] = field(default_factory=dict)  # reason -> documents, since the run began
     start_step: int = 0  # where this run's own schedule starts (a continued retrofit: the dense checkpoint's step)
-
-
-def _pause_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
-    """Recovery tests: one worker stops after a step, once, and waits to be killed (kill -9) from
-    outside by the pid it writes; it goes on by itself after debug.pause_timeout_s."""
-    if cfg.debug.pause_at_step != step or rank != cfg.debug.pause_rank:
-        return
-    marker = run_dir / ".debug" / f"paused-rank{rank}-step{step}"
-    if marker.exists():  # paused (and killed) once already: a restarted worker trains on
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
-    print(f"[debug] rank {rank} (pid {os.getpid()}) paused after step {step}", flush=True)
-    deadline = time.monotonic() + cfg.debug.pause_timeout_s
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def _init_model(cfg: RunConfig, rank: int):
@@ -235,7 +218,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for reason in DROP_REASONS:
             win.count(f"dropped_{reason}", int(book[f"dropped_{reason}"].sum()))
         trace.write(st.step, book["plan_idx"], book["piece_ids"])
-        _pause_once(cfg, run_dir, rank, st.step)
+        pause_once(cfg, run_dir, rank, st.step)
 
         final = st.step == cfg.train.max_steps
         checkpoint = st.step % cfg.train.checkpoint_every == 0 or (final and cfg.train.final_checkpoint)

@@ -1,14 +1,62 @@
-"""debug.trace_data: which pieces of which documents each step trained on, per worker, and the checks
-that read it back (every step trained, no piece twice) for the recovery tests and benchmarks."""
+"""The debug hooks for recovery tests and benchmarks. debug.trace_data: which pieces of which documents
+each step trained on, per worker, and the checks that read it back (every step trained, no piece
+twice). debug.pause_at_step: one worker stops after a step and writes its pid, and `Killer` kills it
+from outside with SIGKILL."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import RunConfig
+
+
+def pause_marker(run_dir: Path, rank: int, step: int) -> Path:
+    """Where the paused worker writes its pid."""
+    return run_dir / ".debug" / f"paused-rank{rank}-step{step}"
+
+
+def pause_once(cfg: RunConfig, run_dir: Path, rank: int, step: int) -> None:
+    """debug.pause_at_step: one worker stops after a step, once, and waits to be killed (kill -9) from
+    outside by the pid it writes; it goes on by itself after debug.pause_timeout_s."""
+    if cfg.debug.pause_at_step != step or rank != cfg.debug.pause_rank:
+        return
+    marker = pause_marker(run_dir, rank, step)
+    if marker.exists():  # paused (and killed) once already: a restarted worker trains on
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    print(f"[debug] rank {rank} (pid {os.getpid()}) paused after step {step}", flush=True)
+    deadline = time.monotonic() + cfg.debug.pause_timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+class Killer(threading.Thread):
+    """Waits for a paused worker's pid file under `runs_root` (<output_dir>/ray: any run in it), then
+    kills that process with SIGKILL. `killed` is its pid once done; set `stop` to give up."""
+
+    def __init__(self, runs_root: Path, rank: int, step: int):
+        super().__init__(daemon=True)
+        self.runs_root = runs_root
+        self.pattern = str(pause_marker(Path("*"), rank, step))
+        self.killed: int | None = None
+        self.stop = False
+
+    def run(self):
+        while not self.stop:
+            for marker in self.runs_root.glob(self.pattern):
+                pid = int(marker.read_text())
+                os.kill(pid, signal.SIGKILL)
+                self.killed = pid
+                return
+            time.sleep(0.2)
 
 
 class DataTrace:

@@ -9,16 +9,12 @@ sample without its text, a member whose name escapes its sample): the run skips 
 import dataclasses
 import io
 import json
-import os
-import signal
 import tarfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from pipeline.trace import exactly_once_problems, trained_timeline
+from pipeline.trace import Killer, exactly_once_problems, trained_timeline
 from pipeline.train import main as train_main
 
 pytestmark = pytest.mark.slow
@@ -59,24 +55,6 @@ def damaged_shards(tmp_path_factory):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return out
-
-
-class Killer(threading.Thread):
-    """Waits for the paused worker's pid file, then kills that process with SIGKILL (kill -9)."""
-
-    def __init__(self, root: Path, rank: int, step: int):
-        super().__init__(daemon=True)
-        self.pattern, self.killed, self.stop = f"*/.debug/paused-rank{rank}-step{step}", None, False
-        self.root = root
-
-    def run(self):
-        while not self.stop:
-            for marker in self.root.glob(self.pattern):
-                pid = int(marker.read_text())
-                os.kill(pid, signal.SIGKILL)
-                self.killed = pid
-                return
-            time.sleep(0.2)
 
 
 def _steps(client, run_id, key="train/lm_loss"):

@@ -31,3 +31,28 @@ def test_a_retried_step_counts_once_from_its_last_attempt(tmp_path):
 def test_a_piece_trained_twice_is_named(tmp_path):
     _trace(tmp_path, 0, 1.0, {1: ([0], [[1, 2]]), 2: ([0], [[2, 3]])})
     assert exactly_once_problems(tmp_path, 2) == ["piece (0, 2) trained at step 1 and again at step 2"]
+
+
+def test_a_paused_worker_is_killed_by_its_pid(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.trace import Killer, pause_marker
+
+    run_dir = tmp_path / "ray" / "run-a"
+    code = ("import sys; from pathlib import Path; from pipeline.config import RunConfig; "
+            "from pipeline.trace import pause_once; cfg = RunConfig(); cfg.debug.pause_at_step = 3; "
+            "cfg.debug.pause_rank = 1; cfg.debug.pause_timeout_s = 60; "
+            "pause_once(cfg, Path(sys.argv[1]), 1, 2); pause_once(cfg, Path(sys.argv[1]), 0, 3); "
+            "pause_once(cfg, Path(sys.argv[1]), 1, 3)")  # only rank 1 after step 3 pauses
+    killer = Killer(tmp_path / "ray", rank=1, step=3)
+    killer.start()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)])
+    try:
+        assert proc.wait(timeout=60) == -9  # SIGKILL, long before the pause's own timeout
+    finally:
+        killer.stop = True
+        proc.kill()
+    killer.join(5)
+    assert killer.killed == proc.pid
+    assert pause_marker(run_dir, 1, 3).read_text() == str(proc.pid)
