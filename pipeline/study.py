@@ -18,6 +18,10 @@ What it does (the arms are defined in pipeline/study_config.py):
    and tokens/s. The dense-patched arm evaluates each dense checkpoint with the oracle selector.
 3. One record per (arm, seed) in `<output_dir>/records/`: a rerun of the same command skips what is
    recorded, resumes a run that stopped half-way (msa-train --resume), and accumulates.
+   `parallel = N` (or --parallel N) trains N seeds at once: each in a child process of its own (a
+   "lane": this command with --lane, its own local Ray, on a GPU host its own GPU), its output in
+   `<output_dir>/logs/` and on the console prefixed by its seeds; the parent run and the report stay
+   with this process.
 4. results.json, report.md and figures/ (pipeline/report.py), logged as artifacts of the parent run.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -401,7 +406,80 @@ def git_state() -> tuple[str, bool]:
     return git_commit(), dirty
 
 
-def run_study(cfg: StudyConfig, argv: list[str]) -> Path:
+class LaneFailed(RuntimeError):
+    """A lane of a parallel study ended with an error (its log says which run and why)."""
+
+
+def lane_devices(parallel: int, address: str) -> list[str | None]:
+    """What each lane sees as its GPUs: one visible GPU each on a GPU host (CUDA_VISIBLE_DEVICES), None
+    on a CPU host; a clear error where there are fewer GPUs than lanes or the runs go to a cluster."""
+    import torch
+
+    if address:
+        raise ConfigError("parallel", f"{parallel} lanes start local Rays, one per lane; with ray.address set "
+                                      f"({address!r}) the runs go to a cluster: use parallel = 1")
+    if not torch.cuda.is_available():
+        return [None] * parallel
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if parallel > len(ids):
+        raise ConfigError("parallel", f"{parallel} lanes need a GPU each; this host shows {len(ids)}")
+    return ids[:parallel]
+
+
+def run_lanes(cfg: StudyConfig, argv: list[str], seeds: list[int], study_dir: Path,
+              devices: list[str | None]) -> list[str]:
+    """Train `seeds` in cfg.parallel child processes at once (seeds dealt out in turn); returns a line
+    for each lane that failed. Each lane's output goes to its log and, prefixed, to this console."""
+    import threading
+
+    lanes = [seeds[i::cfg.parallel] for i in range(cfg.parallel) if seeds[i::cfg.parallel]]
+    (study_dir / "logs").mkdir(exist_ok=True)
+    procs = []
+    for i, lane in enumerate(lanes):
+        tag = "s" + ",".join(map(str, lane))
+        env = dict(os.environ)
+        if devices[i] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices[i]
+        cmd = [sys.executable, "-m", "pipeline.study", *argv, "--set", f"seeds={lane}", "--parallel", "1", "--lane"]
+        log = study_dir / "logs" / f"lane-{tag}.log"
+        gpu = f" on GPU {devices[i]}" if devices[i] is not None else ""
+        print(f"[msa-study] lane {tag}: seeds {lane}{gpu}; log {log}", flush=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+        def pump(proc=proc, log=log, tag=tag):
+            with open(log, "a") as f:
+                for line in proc.stdout:
+                    f.write(line)
+                    f.flush()
+                    print(f"[{tag}] {line}", end="", flush=True)
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        procs.append((tag, log, proc, t))
+    failed = []
+    try:
+        for tag, log, proc, t in procs:
+            rc = proc.wait()
+            t.join()
+            if rc != 0:
+                failed.append(f"lane {tag} exited with status {rc} (log: {log})")
+    finally:  # interrupted: stop the lanes too, by SIGINT, so that each shuts down the Ray it started
+        for _, _, proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for _, _, proc, _ in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return failed
+
+
+def run_study(cfg: StudyConfig, argv: list[str], lane: bool = False) -> Path:
+    """The study; `lane`: a child of a parallel study, which trains and records its seeds only (the
+    parent process owns the parent run's status and writes the report)."""
     from pipeline.report import write_outputs
     from pipeline.tracking import _client, close_run, open_run
     from pipeline.train import _start_ray
@@ -409,9 +487,19 @@ def run_study(cfg: StudyConfig, argv: list[str]) -> Path:
     import ray
 
     plan = plan_study(cfg)
+    devices = lane_devices(cfg.parallel, plan.base.ray.address) if cfg.parallel > 1 and not lane else []
     study_dir = Path(cfg.output_dir)
     (study_dir / "records").mkdir(parents=True, exist_ok=True)
-    parent = _open_parent(cfg, plan, study_dir)
+    if lane:  # the parallel study's process opened the parent run and owns it
+        state = check_same_study(cfg, plan, study_dir)
+        if state is None:
+            raise ConfigError("--lane", f"no study in {study_dir}: a lane is started by msa-study --parallel")
+        parent = state["parent_run_id"]
+    else:
+        parent = _open_parent(cfg, plan, study_dir)
+    todo = [s for s in cfg.seeds if not all(record_path(study_dir, a.name, s).exists() for a in cfg.all_arms())]
+    if cfg.parallel > 1 and len(todo) > 1 and not lane:
+        return _run_parallel(cfg, plan, study_dir, parent, argv, todo, devices)
     client = _client(cfg.tracking_uri)
     arms = cfg.all_arms()
     # the dense arm first: the retrofit and patched arms of a seed start from its checkpoints
@@ -463,13 +551,39 @@ def run_study(cfg: StudyConfig, argv: list[str]) -> Path:
                 rec["commit"] = meta["commit"]
                 _write_json(rec_path, rec)
             # a report after every seed: a study spread over sessions has one at every stop
-            write_outputs(cfg, plan, study_dir, load_records(study_dir), meta, client, parent)
+            if not lane:
+                write_outputs(cfg, plan, study_dir, load_records(study_dir), meta, client, parent)
         status = "FINISHED"
     finally:
-        close_run(cfg.tracking_uri, parent, status)
+        if not lane:
+            close_run(cfg.tracking_uri, parent, status)
         if started:
             ray.shutdown()
     return study_dir
+
+
+def _run_parallel(cfg: StudyConfig, plan: StudyPlan, study_dir: Path, parent: str, argv: list[str],
+                  seeds: list[int], devices: list[str | None]) -> Path:
+    from pipeline.report import write_outputs
+    from pipeline.tracking import _client, close_run
+
+    commit, dirty = git_state()
+    meta = {"command": "msa-study " + " ".join(argv), "device": device_name(),
+            "commit": commit + ("+dirty" if dirty else "")}
+    print(f"[msa-study] {cfg.name}: seeds {seeds} in {min(cfg.parallel, len(seeds))} lanes at once; MLflow parent "
+          f"run {parent} at {cfg.tracking_uri}", flush=True)
+    status = "FAILED"
+    try:
+        failed = run_lanes(cfg, argv, seeds, study_dir, devices)
+        # the report covers whatever was recorded, also when a lane failed
+        write_outputs(cfg, plan, study_dir, load_records(study_dir), meta, _client(cfg.tracking_uri), parent)
+        if failed:
+            raise LaneFailed("; ".join(failed))
+        status = "FINISHED"
+    finally:
+        close_run(cfg.tracking_uri, parent, status)
+    return study_dir
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -479,6 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a study config field, e.g. --set 'seeds=[0,1,2]' (repeatable)")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild results.json, report.md and figures from the records; train nothing")
+    p.add_argument("--parallel", type=int, metavar="N",
+                   help="train N seeds at once, one process (and on a GPU host one GPU) each; the config's "
+                        "`parallel` otherwise")
+    p.add_argument("--lane", action="store_true", help=argparse.SUPPRESS)  # a child of a parallel study
     return p
 
 
@@ -486,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_study_config(args.config, args.overrides)
+        cfg = load_study_config(args.config, args.overrides + ([f"parallel={args.parallel}"]
+                                                               if args.parallel is not None else []))
         if args.report_only:
             from pipeline.report import write_outputs
 
@@ -496,10 +615,14 @@ def main(argv: list[str] | None = None) -> int:
             write_outputs(cfg, plan, study_dir, load_records(study_dir),
                           {"command": "msa-study " + " ".join(argv), "device": device_name()}, None, None)
         else:
-            study_dir = run_study(cfg, argv)
+            study_dir = run_study(cfg, [a for a in argv if a != "--lane"], lane=args.lane)
     except (ConfigError, FileNotFoundError) as e:
         print(f"msa-study: error: {e}", file=sys.stderr)
         return 2
+    except LaneFailed as e:
+        print(f"msa-study: error: {e}\n[msa-study] run the same command again to continue: finished runs are "
+              f"skipped, a stopped one resumes from its last checkpoint", file=sys.stderr)
+        return 1
     except Exception as e:
         from ray.train import TrainingFailedError
 
@@ -509,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
               f"continue: finished runs are skipped, the failed one resumes from its last checkpoint",
               file=sys.stderr)
         return 1
+    if args.lane:
+        return 0
     print(f"\n[msa-study] done: {study_dir / 'report.md'}, {study_dir / 'results.json'}, {study_dir / 'figures'}")
     return 0
 

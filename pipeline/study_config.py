@@ -87,6 +87,9 @@ class StudyConfig:
     base_config: str = ""  # an msa-train run config (TOML), relative to the working directory
     output_dir: str = "runs/study"  # the study directory: runs, records, results.json, report.md, figures
     seeds: list[int] = field(default_factory=lambda: [0, 1])
+    # seeds trained at once, each in its own process with its own local Ray and, on a GPU host, its
+    # own GPU (so at most one per visible GPU); 1 = one seed after another in this process
+    parallel: int = 1
     tokens: int = 0  # training tokens per arm and seed (row capacity: steps x batch x workers x seq_len)
     retrofit_fraction: float = 0.75  # share of the budget the retrofit arm spends dense
     arms: list[str] = field(default_factory=lambda: list(BUILTIN_ARMS))  # built-in arms to run, in order
@@ -107,6 +110,8 @@ class StudyConfig:
             raise ConfigError("seeds", "at least one seed is required")
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise ConfigError("seeds", f"must be distinct integers >= 0, got {self.seeds}")
+        if self.parallel < 1:
+            raise ConfigError("parallel", f"must be at least 1 (seeds trained at once), got {self.parallel}")
         if self.tokens < 1:
             raise ConfigError("tokens", f"must be a positive number of training tokens per arm and seed, got {self.tokens}")
         if not 0 < self.retrofit_fraction < 1:

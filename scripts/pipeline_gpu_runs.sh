@@ -6,13 +6,16 @@
 #   bash scripts/pipeline_gpu_runs.sh all      # the 1-GPU and 2-GPU runs, no bench (a machine with 2 GPUs)
 #   bash scripts/pipeline_gpu_runs.sh budgets  # 1 GPU: the selection budgets: kernel rows at 64K, step
 #                                              # time at 32K, and msa-train `small` with top_p and ratio
+#                                              # (budgets-bench, budgets-train: the two halves alone)
+#   bash scripts/pipeline_gpu_runs.sh study    # every GPU of the host: the corpora of configs/study-gpu.toml
+#                                              # (once), then msa-study with one seed per GPU at once
 #   bash scripts/pipeline_gpu_runs.sh scaling  # every GPU of the host: benchmarks.scaling (1 GPU, DDP and
 #                                              # FSDP2 on all GPUs, at CONTEXTS), then the kill test
 # Needs the project installed (`pip install -e .`), or SITE_ARCHIVE (scripts/README.md).
 # Knobs: OUT (default runs/gpu/pipeline: the log, steps.json, mlflow.db), RUN_LIMIT_S (stop each
 # msa-train run after this many seconds; 0, the default, means no limit), PYTHON.
 set -uo pipefail
-what=${1:?bench|single|multi|all|budgets|scaling}
+what=${1:?bench|single|multi|all|budgets|budgets-bench|budgets-train|study|scaling|corpora}
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 OUT=${OUT:-$PWD/runs/gpu/pipeline}
 mkdir -p "$OUT"
@@ -33,8 +36,28 @@ if [ "$what" = scaling ]; then
   echo "=== done ===" | tee -a "$log"
   exit 0
 fi
-$PY -m data_prep.cli demo --output runs/demo/shards --documents 3000 --max-chars 2000 --quiet 2>&1 | tee -a "$log"
-$PY -m data_prep.cli demo --output runs/demo/heldout --documents 300 --max-chars 2000 --seed 1 --vocab-size 0 --quiet 2>&1 | tee -a "$log"
+if [ "$what" = study ]; then
+  # the corpora named at the top of configs/study-gpu.toml, made once per machine
+  data=$PWD/runs/study-gpu/data
+  w=${PREP_WORKERS:-$(nproc)}
+  [ -f "$data/train/manifest.json" ] || $PY -m data_prep.cli demo --output "$data/train" --documents 1500 \
+    --doc-tokens 16384 --image-tokens 258 --vocab-size 8192 --workers "$w" --quiet 2>&1 | tee -a "$log"
+  [ -f "$data/heldout/manifest.json" ] || $PY -m data_prep.cli demo --output "$data/heldout" --documents 64 \
+    --doc-tokens 16384 --image-tokens 258 --seed 1 --retrieval-frac 0.6 --vocab-size 0 --workers "$w" \
+    --quiet 2>&1 | tee -a "$log"
+  ngpu=$(nvidia-smi -L | wc -l)
+  # STUDY_ARGS: e.g. "--set 'seeds=[0]'"; seeds go one per GPU at once (at most 2 GPUs: 2 seeds)
+  eval "$PY -m pipeline.study --config configs/study-gpu.toml --parallel $(( ngpu < 2 ? 1 : 2 )) ${STUDY_ARGS:-}" 2>&1 \
+    | grep -vE "^(\[s[0-9,]+\] )?\s*$|ray\.data|Ray Data|WARNING|PlacementGroupCleaner|logging\.cc|core_worker\.cc" | tee -a "$log"
+  echo "=== done ===" | tee -a "$log"
+  exit 0
+fi
+# the demo corpora, made once per machine (two halves of `budgets` may start at once, after they exist)
+[ -f runs/demo/shards/manifest.json ] || $PY -m data_prep.cli demo --output runs/demo/shards --documents 3000 \
+  --max-chars 2000 --quiet 2>&1 | tee -a "$log"
+[ -f runs/demo/heldout/manifest.json ] || $PY -m data_prep.cli demo --output runs/demo/heldout --documents 300 \
+  --max-chars 2000 --seed 1 --vocab-size 0 --quiet 2>&1 | tee -a "$log"
+[ "$what" = corpora ] && exit 0
 uri=sqlite:///$OUT/mlflow.db
 train() {  # name, overrides...
   local name=$1; shift
@@ -60,7 +83,7 @@ if [ "$what" = multi ] || [ "$what" = all ]; then
   train msa-2gpu-fsdp --set ray.num_workers=2 --set ray.parallel=fsdp --set train.max_steps=30 \
     --set train.checkpoint_every=30 --set train.eval_every=0 --set schedule.warmup_tokens=163840
 fi
-if [ "$what" = budgets ]; then
+if [ "$what" = budgets ] || [ "$what" = budgets-bench ]; then
   echo "=== kernels: budgets against static top-16 at the same mean blocks per token ===" | tee -a "$log"
   $PY -m benchmarks.msa_kernels --seqlens 65536 --budget-seqlens 65536 --no-flex \
     --out "$OUT/kernels_budgets" 2>&1 | tee -a "$log"
@@ -72,6 +95,8 @@ if [ "$what" = budgets ]; then
     $PY -m benchmarks.train_steps --preset small --contexts 32768 --modes sparse-s --iters 5 --warmup 2 \
       --msa-set topk=32 $(printf -- '--msa-set %s ' $b) --out "$OUT/steps_${name#budget=}.json" 2>&1 | tee -a "$log"
   done
+fi
+if [ "$what" = budgets ] || [ "$what" = budgets-train ]; then
   train msa-top_p --set train.max_steps=50 --set train.checkpoint_every=50 --set train.eval_every=50 \
     --set schedule.warmup_tokens=81920 --set model.msa.topk=32 --set model.msa.budget="'top_p'" \
     --set model.msa.budget_p=0.9 --set model.msa.budget_k_min=4

@@ -29,9 +29,15 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
 
     out = tmp_path / "study"
     argv = _argv(out, demo_shards, heldout_long_shards)
-    assert study_main(argv) == 0
+    # the two seeds at once, each in its own process with its own local Ray (on a GPU host, its own GPU)
+    assert study_main(argv + ["--parallel", "2"]) == 0
     printed = capsys.readouterr().out
     assert "retrofit starts at step 6" not in printed  # 0.75 of 8 steps is a logging step: no note
+    assert "seeds [0, 1] in 2 lanes at once" in printed
+    for seed in (0, 1):  # each lane's output is on the console, prefixed, and in its log
+        assert f"[s{seed}] [msa-study] dense-s{seed}: training 8 steps" in printed
+        log = (out / "logs" / f"lane-s{seed}.log").read_text()
+        assert f"native-s{seed}" in log and f"native-s{1 - seed}" not in log
 
     res = json.loads((out / "results.json").read_text())
     assert list(res["arms"]) == ["dense", "native", "retrofit", "dense-patched"]
@@ -129,6 +135,9 @@ def test_study_config_errors_name_the_field(demo_shards, heldout_long_shards, tm
         (["--set", f"train_shards=['{tmp_path}']"], "train_shards[0]:"),
         (["--set", f"eval.shards='{tmp_path}'"], "eval.shards:"),
         (["--set", "overrides=['train.lr=-1']"], "train.lr: must be positive"),
+        (["--parallel", "0"], "parallel: must be at least 1"),
+        (["--parallel", "2", "--set", "overrides=['train.log_every=2', 'ray.address=\"auto\"']"],
+         "parallel: 2 lanes start local Rays"),
     ]
     for extra, message in cases:
         assert study_main(base + extra) == 2, extra
