@@ -11,6 +11,7 @@ Known-harmless framework warnings are silenced at their source, in every Ray wor
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -28,9 +29,23 @@ NOISY_LOGGERS = (
 
 
 def quiet_ray_workers() -> None:
-    """worker_process_setup_hook: raise the noisy loggers to ERROR in a Ray worker process."""
+    """worker_process_setup_hook: raise the noisy loggers to ERROR in a Ray worker process, and tell
+    it the address of its own cluster.
+
+    Ray's state API (which Ray Train's placement-group cleaner polls) finds "the" local Ray from
+    RAY_ADDRESS or, without it, by looking for running GCS processes; with two local Rays on one host
+    (msa-study --parallel: one per lane) it finds both and raises "Found multiple active Ray
+    instances". A worker knows which one it belongs to, so it says so.
+    """
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        try:
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # not connected (the hook run outside a worker): nothing to say
+            pass
 
 
 class ProgressLog:

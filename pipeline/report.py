@@ -118,6 +118,9 @@ def build_results(cfg, plan, records: list[dict], meta: dict, commit: str, dirty
         "date": time.strftime("%Y-%m-%d"), "command": meta["command"],
         "eval": json.loads(next(iter(eval_sets))) if len(eval_sets) == 1 else None,
         "eval_sets_differ": len(eval_sets) > 1,
+        # (arm, seed) pairs of the config without a record yet: a study that is still accumulating
+        "missing": [f"{a.name}-s{seed}" for seed in cfg.seeds for a in cfg.all_arms()
+                    if not any(r["arm"] == a.name and r["seed"] == seed for r in records)],
         "setup": setup_of(cfg, plan),
         "definitions": {
             "tokens": "row capacity trained per run: steps x batch x workers x seq_len (tokens_seen: non-padding)",
@@ -279,6 +282,10 @@ def write_report(results: dict, path: Path, figures: list[str]) -> None:
     L.append("")
     L.append(f"    {results['command']}")
     L.append("")
+    if results.get("missing"):
+        L.append(f"**Incomplete**: not recorded yet: {', '.join(results['missing'])}. Running the study's "
+                 f"command again trains and evaluates only what is missing.")
+        L.append("")
     L.append("## Results")
     L.append("")
     L.append("Mean ± sample std over seeds; Δ = arm − dense paired by seed, with its 95% t-interval "

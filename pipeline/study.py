@@ -394,16 +394,11 @@ def eval_set_of(plan: StudyPlan, cfg: StudyConfig, res) -> dict:
 
 
 def git_state() -> tuple[str, bool]:
+    """The commit and whether the tree had uncommitted changes (pipeline.tracking.git_commit)."""
     from pipeline.tracking import git_commit
 
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                             capture_output=True, text=True, timeout=5)
-        dirty = bool(out.stdout.strip()) if out.returncode == 0 else False
-    except (OSError, subprocess.SubprocessError):
-        dirty = False
-    return git_commit(), dirty
+    commit = git_commit()
+    return commit.removesuffix("-dirty"), commit.endswith("-dirty")
 
 
 class LaneFailed(RuntimeError):

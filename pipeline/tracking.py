@@ -48,7 +48,11 @@ def _git(*args: str) -> str | None:
 
 def git_commit() -> str:
     """The project's own commit ("-dirty" with uncommitted changes), or "unknown": a checkout whose
-    repository is not this project's (an installed copy inside another repository) says nothing."""
+    repository is not this project's (an installed copy inside another repository) says nothing.
+    GIT_COMMIT, when set, wins: a copy of the tree shipped to another machine may carry no .git, or
+    one that does not describe the files beside it."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     top = _git("rev-parse", "--show-toplevel")
     if not top or Path(top).resolve() != PROJECT_ROOT:
         return "unknown"

@@ -98,3 +98,23 @@ def test_run_page_url_opens_the_model_training_view(tmp_path):
     url = run_page_url(uri, run.info.run_id)
     assert url == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run.info.run_id}?workflowType=machine_learning"
     assert run_page_url(uri, run.info.run_id, ui_base="http://127.0.0.1:5055").startswith("http://127.0.0.1:5055/#/")
+
+
+def test_git_commit_names_the_checkout_or_the_given_commit(monkeypatch):
+    """The commit every run and study record carries: the checkout's HEAD here (with -dirty when the
+    tree has changes), GIT_COMMIT where it is set (a copy of the tree on another machine, whose .git,
+    if any, need not describe the files beside it)."""
+    import subprocess
+
+    from pipeline.study import git_state
+    from pipeline.tracking import PROJECT_ROOT, git_commit
+
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout of the project")
+    assert git_commit().removesuffix("-dirty") == head.stdout.strip()
+    monkeypatch.setenv("GIT_COMMIT", "0123abcd" * 5)
+    assert git_commit() == "0123abcd" * 5 and git_state() == ("0123abcd" * 5, False)
+    monkeypatch.setenv("GIT_COMMIT", "0123abcd-dirty")
+    assert git_state() == ("0123abcd", True)

@@ -34,6 +34,8 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "retrofit starts at step 6" not in printed  # 0.75 of 8 steps is a logging step: no note
     assert "seeds [0, 1] in 2 lanes at once" in printed
+    # two local Rays on one host: Ray's own helpers inside each must find their cluster, not trip over the other
+    assert "multiple active Ray instances" not in printed
     for seed in (0, 1):  # each lane's output is on the console, prefixed, and in its log
         assert f"[s{seed}] [msa-study] dense-s{seed}: training 8 steps" in printed
         log = (out / "logs" / f"lane-s{seed}.log").read_text()
@@ -119,6 +121,14 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
     assert {p.name: p.stat().st_mtime for p in (out / "records").glob("*.json")} == records
     assert len(client.search_runs([exp.experiment_id])) == 9
     assert json.loads((out / "results.json").read_text())["arms"]["native"]["runs"] == res["arms"]["native"]["runs"]
+    assert res["missing"] == [] and "Incomplete" not in report
+
+    # a study still accumulating says what is missing (here: a record removed, the report rebuilt)
+    (out / "records" / "retrofit-s1.json").unlink()
+    assert study_main(argv + ["--report-only"]) == 0
+    part = json.loads((out / "results.json").read_text())
+    assert part["missing"] == ["retrofit-s1"] and [r["seed"] for r in part["arms"]["retrofit"]["runs"]] == [0]
+    assert "**Incomplete**: not recorded yet: retrofit-s1." in (out / "report.md").read_text()
 
 
 def test_study_config_errors_name_the_field(demo_shards, heldout_long_shards, tmp_path, capsys):
