@@ -10,6 +10,8 @@ Known-harmless framework warnings are silenced at their source, in every Ray wor
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -46,6 +48,67 @@ def quiet_ray_workers() -> None:
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         except Exception:  # not connected (the hook run outside a worker): nothing to say
             pass
+
+# Lines that Ray forwards from its own processes and that report nothing a user can act on; dropped
+# from the driver's stderr while a run trains (matched as substrings of a whole line).
+KNOWN_HARMLESS_LINES = (
+    # Ray Train's PreemptionWatcher and Ray Data's MapWorker actors are restartable and get their
+    # constructor arguments by reference; Ray's core worker says so at ERROR level each time one
+    # starts (ray-project/ray#53727), in every run
+    "has constructor arguments in the object store and max_restarts > 0",
+)
+
+
+class LineFilter(io.TextIOBase):
+    """A text stream that passes whole lines to `stream`, except those containing one of `drop`.
+    A line is held until its newline arrives (or the filter is closed)."""
+
+    def __init__(self, stream, drop: tuple[str, ...] = KNOWN_HARMLESS_LINES):
+        self.stream, self.drop, self._buf = stream, drop, ""
+        self._lock = threading.Lock()
+
+    def write(self, s: str) -> int:
+        with self._lock:
+            self._buf += s
+            if "\n" in self._buf:
+                done, self._buf = self._buf.rsplit("\n", 1)
+                kept = [line for line in done.split("\n") if not any(d in line for d in self.drop)]
+                if kept:
+                    self.stream.write("\n".join(kept) + "\n")
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:  # the rest of an unfinished line is not lost
+        with self._lock:
+            if self._buf and not any(d in self._buf for d in self.drop):
+                self.stream.write(self._buf)
+            self._buf = ""
+        self.stream.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+@contextlib.contextmanager
+def without_known_harmless_lines():
+    """sys.stderr filtered by LineFilter for the duration (where Ray's log monitor prints the lines
+    it forwards from worker processes)."""
+    original = sys.stderr
+    filtered = LineFilter(original)
+    sys.stderr = filtered
+    try:
+        yield filtered
+    finally:
+        sys.stderr = original
+        filtered.close()
 
 
 class ProgressLog:

@@ -497,8 +497,9 @@ def run_study(cfg: StudyConfig, argv: list[str], lane: bool = False) -> Path:
         return _run_parallel(cfg, plan, study_dir, parent, argv, todo, devices)
     client = _client(cfg.tracking_uri)
     arms = cfg.all_arms()
-    # the dense arm first: the retrofit and patched arms of a seed start from its checkpoints
-    arms.sort(key=lambda a: a.name != "dense")
+    # the dense arm first (the retrofit and patched arms of a seed start from its checkpoints), then the
+    # evaluation-only arms (seconds each: recorded before a long run that a time limit might cut)
+    arms.sort(key=lambda a: 0 if a.name == "dense" else 1 if a.mode == "dense-patched" else 2)
     retrofit = f"retrofit from step {plan.retrofit_step}; " if any(a.mode == "retrofit" for a in arms) else ""
     print(f"[msa-study] {cfg.name}: arms {', '.join(a.name for a in arms)}; seeds {cfg.seeds}; "
           f"{plan.steps} steps x {plan.tokens_per_step:,} tokens = {plan.tokens:,} tokens per run; "

@@ -31,7 +31,7 @@ from pipeline.checkpoint import (CheckpointError, latest_checkpoint, list_checkp
 from model.flops import count_parameters
 from pipeline.config import RunConfig, apply_overrides, config_from_dict, load_config, resolved_params
 from pipeline.plan import DataPlan, DataState, build_plan
-from pipeline.console import ProgressTail, duration
+from pipeline.console import ProgressTail, duration, without_known_harmless_lines
 from pipeline.tracking import (DESCRIPTION_TAG, close_run, final_metrics, git_commit, log_dict_artifact, open_run,
                                resolve_tracking_uri, run_completed, run_page_url, set_description, source_tags)
 
@@ -238,7 +238,8 @@ def run(launch: Launch, address: str) -> dict:
             ),
             datasets={"train": datasets},
         )
-        with ProgressTail(launch.run_dir):  # rank 0's progress lines, without Ray's worker prefixes
+        # rank 0's progress lines, without Ray's worker prefixes; Ray's known-harmless lines dropped
+        with ProgressTail(launch.run_dir), without_known_harmless_lines():
             trainer.fit()
         after_error = None
     except BaseException as e:

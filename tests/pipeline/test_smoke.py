@@ -25,8 +25,11 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, heldout_shards, tmp_pat
         "--tracking-uri", uri,
     ])
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "ui --backend-store-uri" in printed
+    # Ray's forwarded "constructor arguments in the object store" error lines (harmless) are dropped
+    assert "max_restarts > 0" not in captured.err
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("smoke")
