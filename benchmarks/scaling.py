@@ -206,8 +206,10 @@ def _drop_checkpoints(args, name: str) -> None:
 
 
 def environment(args) -> dict:
+    from pipeline.tracking import git_commit
+
     env = {"host": platform.node(), "python": platform.python_version(),
-           "commit": os.environ.get("GIT_COMMIT") or _git("rev-parse", "HEAD"),  # a copy of the tree may have no .git
+           "commit": git_commit(),  # GIT_COMMIT where the copy of the tree on the GPU host has no (or a stale) .git
            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
            "nccl_env": {k: os.environ.get(k) for k in sorted(os.environ) if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM_"))}}
     try:
@@ -229,13 +231,6 @@ def environment(args) -> dict:
             except (OSError, subprocess.TimeoutExpired) as e:
                 env[key] = repr(e)
     return env
-
-
-def _git(*cmd: str) -> str:
-    try:
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10).stdout.strip()
-    except OSError:
-        return ""
 
 
 def table(rows: list[dict]) -> str:

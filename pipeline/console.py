@@ -49,6 +49,7 @@ def quiet_ray_workers() -> None:
         except Exception:  # not connected (the hook run outside a worker): nothing to say
             pass
 
+
 # Lines that Ray forwards from its own processes and that report nothing a user can act on; dropped
 # from the driver's stderr while a run trains (matched as substrings of a whole line).
 KNOWN_HARMLESS_LINES = (

@@ -401,6 +401,13 @@ def git_state() -> tuple[str, bool]:
     return commit.removesuffix("-dirty"), commit.endswith("-dirty")
 
 
+def run_meta(argv: list[str]) -> dict:
+    """What every record and the report say about where and from what they were made."""
+    commit, dirty = git_state()
+    return {"command": "msa-study " + " ".join(argv), "device": device_name(),
+            "commit": commit + ("+dirty" if dirty else "")}
+
+
 class LaneFailed(RuntimeError):
     """A lane of a parallel study ended with an error (its log says which run and why)."""
 
@@ -506,9 +513,7 @@ def run_study(cfg: StudyConfig, argv: list[str], lane: bool = False) -> Path:
           f"{retrofit}MLflow parent run {parent} at {cfg.tracking_uri}", flush=True)
     started = _start_ray(plan.base, plan.base.ray.address)
     status = "FAILED"
-    commit, dirty = git_state()
-    meta = {"command": "msa-study " + " ".join(argv), "device": device_name(),
-            "commit": commit + ("+dirty" if dirty else "")}
+    meta = run_meta(argv)
     try:
         for seed in cfg.seeds:
             for arm in arms:
@@ -563,9 +568,7 @@ def _run_parallel(cfg: StudyConfig, plan: StudyPlan, study_dir: Path, parent: st
     from pipeline.report import write_outputs
     from pipeline.tracking import _client, close_run
 
-    commit, dirty = git_state()
-    meta = {"command": "msa-study " + " ".join(argv), "device": device_name(),
-            "commit": commit + ("+dirty" if dirty else "")}
+    meta = run_meta(argv)
     print(f"[msa-study] {cfg.name}: seeds {seeds} in {min(cfg.parallel, len(seeds))} lanes at once; MLflow parent "
           f"run {parent} at {cfg.tracking_uri}", flush=True)
     status = "FAILED"
@@ -579,7 +582,6 @@ def _run_parallel(cfg: StudyConfig, plan: StudyPlan, study_dir: Path, parent: st
     finally:
         close_run(cfg.tracking_uri, parent, status)
     return study_dir
-
 
 
 def build_parser() -> argparse.ArgumentParser:

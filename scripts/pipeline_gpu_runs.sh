@@ -21,6 +21,8 @@ OUT=${OUT:-$PWD/runs/gpu/pipeline}
 mkdir -p "$OUT"
 export RAY_DEDUP_LOGS=0
 log=$OUT/$what.log
+# Ray's and Ray Data's chatter in the printed logs (blank lines too, also a study lane's "[s0] " ones)
+noise='^(\[s[0-9,]+\] )?\s*$|ray\.data|Ray Data|WARNING|INFO|PlacementGroupCleaner|logging\.cc|^\s+@|core_worker\.cc|exclude_resources|socket\.cpp'
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$log"
 if [ "$what" = scaling ]; then
   # documents up to 32K tokens (so a 32K row holds long documents, where MSA is sparse), images of
@@ -48,7 +50,7 @@ if [ "$what" = study ]; then
   ngpu=$(nvidia-smi -L | wc -l)
   # STUDY_ARGS: e.g. "--set 'seeds=[0]'"; seeds go one per GPU at once (at most 2 GPUs: 2 seeds)
   eval "$PY -m pipeline.study --config configs/study-gpu.toml --parallel $(( ngpu < 2 ? 1 : 2 )) ${STUDY_ARGS:-}" 2>&1 \
-    | grep -vE "^(\[s[0-9,]+\] )?\s*$|ray\.data|Ray Data|WARNING|PlacementGroupCleaner|logging\.cc|core_worker\.cc" | tee -a "$log"
+    | grep -vE "$noise" | tee -a "$log"
   echo "=== done ===" | tee -a "$log"
   exit 0
 fi
@@ -64,7 +66,7 @@ train() {  # name, overrides...
   echo "=== msa-train $name ===" | tee -a "$log"
   timeout "${RUN_LIMIT_S:-0}" $PY -m pipeline.train --config configs/small.toml --tracking-uri "$uri" \
     --set tracking.run_name="'$name'" --set train.log_every=10 --set train.stats_every=30 \
-    --set train.eval_documents=50 "$@" 2>&1 | grep -vE "^\s*$|ray\.data|Ray Data|WARNING|INFO|PlacementGroupCleaner|logging\.cc|^\s+@|core_worker\.cc|exclude_resources|socket\.cpp" | tee -a "$log"
+    --set train.eval_documents=50 "$@" 2>&1 | grep -vE "$noise" | tee -a "$log"
 }
 if [ "$what" = bench ] || [ "$what" = single ]; then
   echo "=== model step time ===" | tee -a "$log"
