@@ -123,12 +123,26 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
     assert json.loads((out / "results.json").read_text())["arms"]["native"]["runs"] == res["arms"]["native"]["runs"]
     assert res["missing"] == [] and "Incomplete" not in report
 
-    # a study still accumulating says what is missing (here: a record removed, the report rebuilt)
+    # a study still accumulating says what is missing (here: a record removed, the report rebuilt);
+    # a record made in another session, whose held-out shards lay elsewhere, is the same evaluation set
     (out / "records" / "retrofit-s1.json").unlink()
+    moved_path = out / "records" / "native-s1.json"
+    moved = json.loads(moved_path.read_text())
+    moved["eval_set"]["shards"] = "elsewhere/heldout"
+    moved_path.write_text(json.dumps(moved))
     assert study_main(argv + ["--report-only"]) == 0
     part = json.loads((out / "results.json").read_text())
     assert part["missing"] == ["retrofit-s1"] and [r["seed"] for r in part["arms"]["retrofit"]["runs"]] == [0]
-    assert "**Incomplete**: not recorded yet: retrofit-s1." in (out / "report.md").read_text()
+    assert not part["eval_sets_differ"] and part["eval"]["sha256"] == res["eval"]["sha256"]
+    assert sorted(part["eval"]["shards_seen"]) == sorted(["elsewhere/heldout", str(heldout_long_shards)])
+    report = (out / "report.md").read_text()
+    assert "**Incomplete**: not recorded yet: retrofit-s1." in report and "identical for every run" in report
+    # other documents are another evaluation set, and the report says so
+    moved["eval_set"]["sha256"] = "0" * 64
+    moved_path.write_text(json.dumps(moved))
+    assert study_main(argv + ["--report-only"]) == 0
+    assert json.loads((out / "results.json").read_text())["eval_sets_differ"]
+    assert "not all evaluated on the same documents" in (out / "report.md").read_text()
 
 
 def test_study_config_errors_name_the_field(demo_shards, heldout_long_shards, tmp_path, capsys):
