@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", default="", help="recorded with the results")
     p.add_argument("--msa-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a model.msa field for the MSA variants, e.g. budget=top_p (repeatable)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="every variant recomputes its blocks' activations in the backward "
+                        "(model.activation_checkpointing; what fits 128K); the MFU does not count the recompute")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None)
@@ -214,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     if peak:
         print(f"[bench] measured bf16 matmul ceiling: {peak:.0f} TFLOP/s", flush=True)
     skip = set(args.skip)
+    overrides = {"activation_checkpointing": True} if args.activation_checkpointing else {}
     for T in args.contexts:
         for variant in args.modes:
             if f"{T}:{variant}" in skip:
                 continue
             try:
-                r = time_mode(args.preset, variant, T, args.iters, args.warmup, {}, device, args.kl_sample,
+                r = time_mode(args.preset, variant, T, args.iters, args.warmup, overrides, device, args.kl_sample,
                               args.warmup_kl_sample, peak, profile=args.profile == T and variant == "sparse-s",
                               msa_set=_msa_set(args.msa_set))
             except torch.OutOfMemoryError as e:
@@ -232,13 +236,15 @@ def main(argv: list[str] | None = None) -> int:
             "triton": _version("triton"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "commit": args.commit, "preset": args.preset, "bf16_matmul_tflops": peak,
             "kl_sample": args.kl_sample, "warmup_kl_sample": args.warmup_kl_sample, "msa_set": _msa_set(args.msa_set),
+            "activation_checkpointing": args.activation_checkpointing,
             "rows": rows}
     for r in rows:  # every record names its card and commit (the raw output is read record by record)
-        r.update(gpu=info["gpu"], commit=args.commit)
+        r.update(gpu=info["gpu"], commit=args.commit, activation_checkpointing=args.activation_checkpointing)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)
-    print(f"\n{info['gpu']}, torch {info['torch']}, preset {args.preset}, bf16, one row, fwd+bwd+AdamW; "
+    print(f"\n{info['gpu']}, torch {info['torch']}, preset {args.preset}, bf16, one row, fwd+bwd+AdamW"
+          f"{', activations recomputed' if args.activation_checkpointing else ''}; "
           f"MFU against the measured {peak or 0:.0f} TFLOP/s")
     print(f"{'context':>8} {'variant':>10} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6} "
           f"{'sparsity':>8} {'vs dense':>8}")

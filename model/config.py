@@ -163,6 +163,10 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False
     dense_impl: str = "sdpa"  # full attention: "sdpa" (boolean [T, T] mask; CPU, short rows) | "flex"
+    # recompute each block's activations in the backward instead of keeping them (about one more
+    # forward of compute for the memory of one block's activations; longer rows fit); not an
+    # architecture: a checkpoint trained either way loads into the other
+    activation_checkpointing: bool = False
     msa: MSAConfig = field(default_factory=MSAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -221,6 +225,8 @@ class ModelConfig:
         need(self.rope_theta > 0, "rope_theta", "must be positive")
         need(self.dense_impl in DENSE_IMPLS, "dense_impl",
              f"must be one of {', '.join(DENSE_IMPLS)}, got {self.dense_impl!r}")
+        need(isinstance(self.activation_checkpointing, bool), "activation_checkpointing",
+             f"must be true or false, got {self.activation_checkpointing!r}")
         need(isinstance(self.msa, MSAConfig), "msa", "must be a table")
         need(isinstance(self.moe, MoEConfig), "moe", "must be a table")
         self.msa.validate(f"{prefix}.msa")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from model.attention import AttnContext, DenseMask, DocLayout, GQAAttention
 from model.batch import IGNORE_INDEX, Batch
@@ -174,8 +175,15 @@ class MultimodalTransformer(nn.Module):
             mode=self._mode, compute_stats=compute_stats, index_loss=index_loss,
         )
         attn_extras, moe_extras = {}, {}
+        recompute = cfg.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BTE, a, m = block(x_BTE, ctx)
+            if recompute:
+                # non-reentrant: the KL's gradient reaches the index projections through the
+                # block's side outputs (attn extras), which the reentrant form would cut off; the
+                # RNG state is restored for the recomputation, so the sampled KL draws the same tokens
+                x_BTE, a, m = torch.utils.checkpoint.checkpoint(block, x_BTE, ctx, use_reentrant=False)
+            else:
+                x_BTE, a, m = block(x_BTE, ctx)
             if a:
                 attn_extras[block.layer] = a
             if m:

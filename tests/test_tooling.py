@@ -6,6 +6,7 @@ benchmarks import and their CPU forms run from the repo root, the shell scripts 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -60,9 +61,13 @@ def _run_module(*args: str) -> subprocess.CompletedProcess:
 def test_train_steps_runs_on_cpu(tmp_path):
     out = tmp_path / "steps.json"
     proc = _run_module("benchmarks.train_steps", "--device", "cpu", "--preset", "tiny", "--contexts", "128",
-                       "--modes", "dense", "sparse", "--iters", "1", "--warmup", "0", "--out", str(out))
+                       "--modes", "dense", "sparse", "--iters", "1", "--warmup", "0", "--activation-checkpointing",
+                       "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert out.exists() and "sparse" in proc.stdout
+    assert out.exists() and "sparse" in proc.stdout and "activations recomputed" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "sparse"]
+    assert all(r["activation_checkpointing"] and r["step_ms"] > 0 for r in rows)
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ One process, gloo, no Ray.
 
     pytest -q tests/model/test_ddp.py
 """
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -38,3 +40,34 @@ def test_trains_under_ddp(process_group, msa, mode):
         loss.backward()
         assert all(p.grad is not None for p in model.parameters())
         opt.step()
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_activation_checkpointing_under_ddp_and_fsdp(process_group, wrap):
+    # recomputed blocks inside the wrappers the pipeline applies (pipeline/parallel.py: FSDP2 shards
+    # block by block, so a recomputed block gathers its weights again): the gradients are the plain
+    # model's, the index branch's (the KL's side output) included
+    from torch.distributed.fsdp import fully_shard
+
+    cfg = small_config(msa=dict(kl_sample=0.5))
+    batch = build_batch(cfg, [[40, 24]], 64, images_per_row=[1])
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = MultimodalTransformer(dataclasses.replace(cfg, activation_checkpointing=recompute), IMG_PATCH)
+        model.set_mode("sparse")
+        if wrap == "ddp":
+            wrapped = DDP(model)
+        else:
+            for block in model.blocks:
+                fully_shard(block)
+            wrapped = fully_shard(model)
+        w = model.loss_weights()
+        torch.manual_seed(1)
+        out = wrapped(batch, compute_stats=False)
+        sum(w[k] * v for k, v in out.losses.items()).backward()
+        grads.append({n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                      for n, p in model.named_parameters()})
+    assert any(".attn.index_" in n for n in grads[0])
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)

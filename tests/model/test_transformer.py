@@ -3,6 +3,8 @@ expects, param groups partition the parameters, and every mode trains.
 
     pytest -q tests/model/test_transformer.py
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -121,3 +123,38 @@ def test_every_mode_trains(mode):
     assert history[-1]["lm"] < history[0]["lm"] - 0.3
     if mode != "dense":
         assert history[-1]["kl_index"] < history[0]["kl_index"]
+
+
+@pytest.mark.parametrize("mode,backend", [("dense", "reference"), ("warmup", "reference"),
+                                          ("sparse", "reference"), ("sparse", "triton")])
+def test_activation_checkpointing_keeps_losses_and_every_gradient(mode, backend):
+    # the same weights with and without recomputation: the losses, and the gradients of every
+    # parameter, the index branch's too (its only gradient is the KL's, a side output of the block),
+    # agree; the KL on sampled tokens draws the same tokens in the recomputation
+    cfg = small_config(msa=dict(backend=backend, kl_sample=0.5, warmup_kl_sample=0.5))
+    batch = build_batch(cfg, [[60, 68], [100]], 128, images_per_row=[1, 0])
+    grads, losses = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = MultimodalTransformer(dataclasses.replace(cfg, activation_checkpointing=recompute), IMG_PATCH)
+        model.set_mode(mode)
+        torch.manual_seed(1)  # the KL's draw
+        out = model(batch)
+        w = model.loss_weights()
+        sum(w[k] * v for k, v in out.losses.items()).backward()
+        losses.append({k: float(v.detach()) for k, v in out.losses.items()})
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert grads[1].keys() == grads[0].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    index = [n for n in grads[0] if ".attn.index_" in n]
+    if mode == "dense":
+        assert not index
+    else:
+        assert index and all(grads[1][n].abs().sum() > 0 for n in index)
+
+
+def test_activation_checkpointing_is_validated():
+    with pytest.raises(ValueError, match="model.activation_checkpointing"):
+        small_config(activation_checkpointing="yes")
