@@ -30,7 +30,7 @@ class DataConfig:
     eval_shards: str = ""  # held-out shard directory for eval/lm_loss and eval/retrieval_acc
     seq_len: int = 0  # tokens per packed row; 0 means model.max_seq_len
     pack_docs: int = 64  # documents packed together (one Ray Data batch)
-    pack_actors: int = 1  # CPU actors that decode, tokenize and pack
+    pack_actors: int = 1  # CPU actors that decode, tokenize and pack (a few GiB each at 16K+ rows)
     prefetch_batches: int = 2
 
     def validate(self) -> None:

@@ -205,6 +205,14 @@ def _configure_context() -> None:
     ctx.execution_options.preserve_order = True
     # one progress line per logging step comes from the loop; Ray Data's bars would interleave with it
     ctx.enable_progress_bars = False
+    # Ray Data's high-memory detector repeats a 15-line warning every 30 s when a map worker uses more
+    # memory than it reserved (the pack actors at long rows: ~3 GiB each). Its concern, Ray starting
+    # more such workers than memory allows, does not arise for a fixed-size pool of data.pack_actors
+    # actors (its memory is that setting's choice), so the warning is switched off here rather than
+    # left to bury the progress lines
+    detectors = getattr(ctx, "issue_detectors_config", None)
+    if detectors is not None and hasattr(detectors, "high_memory_detector_config"):
+        detectors.high_memory_detector_config.detection_time_interval_s = -1
 
 
 def build_dataset(plan: DataPlan, entries: list[int], tokenizer_path: str, seq_len: int, image_size: int,

@@ -30,3 +30,8 @@ def test_ray_ingest_equals_local_packing(local_ray, demo_shards):
     # every document is accounted for in the data position, shard by shard
     manifest_docs = [100, 100, 100, 100]
     assert [int(got["docs_done"][got["plan_idx"] == i].sum()) for i in range(4)] == manifest_docs
+    # the dataset carries the context the pipeline set: ordered, no progress bars, and no repeating
+    # high-memory warning for the fixed pool of pack actors
+    ctx = ds.context
+    assert ctx.execution_options.preserve_order and not ctx.enable_progress_bars
+    assert ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s == -1
