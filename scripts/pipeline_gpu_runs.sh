@@ -4,6 +4,8 @@
 #   bash scripts/pipeline_gpu_runs.sh single   # bench, then msa-train `small` on 1 GPU: native MSA, and dense
 #   bash scripts/pipeline_gpu_runs.sh multi    # 2 GPUs: msa-train `small` over DDP (NCCL), then FSDP2
 #   bash scripts/pipeline_gpu_runs.sh all      # the 1-GPU and 2-GPU runs, no bench (a machine with 2 GPUs)
+#   bash scripts/pipeline_gpu_runs.sh long     # 1 GPU: step time with activations recomputed, dense and
+#                                              # sparse-s at 64K and 128K (what fits 128K on one card)
 #   bash scripts/pipeline_gpu_runs.sh budgets  # 1 GPU: the selection budgets: kernel rows at 64K, step
 #                                              # time at 32K, and msa-train `small` with top_p and ratio
 #                                              # (budgets-bench, budgets-train: the two halves alone)
@@ -15,7 +17,7 @@
 # Knobs: OUT (default runs/gpu/pipeline: the log, steps.json, mlflow.db), RUN_LIMIT_S (stop each
 # msa-train run after this many seconds; 0, the default, means no limit), PYTHON.
 set -uo pipefail
-what=${1:?bench|single|multi|all|budgets|budgets-bench|budgets-train|study|scaling|corpora}
+what=${1:?bench|single|multi|all|long|budgets|budgets-bench|budgets-train|study|scaling|corpora}
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 OUT=${OUT:-$PWD/runs/gpu/pipeline}
 mkdir -p "$OUT"
@@ -51,6 +53,13 @@ if [ "$what" = study ]; then
   # STUDY_ARGS: e.g. "--set 'seeds=[0]'"; seeds go one per GPU at once (at most 2 GPUs: 2 seeds)
   eval "$PY -m pipeline.study --config configs/study-gpu.toml --parallel $(( ngpu < 2 ? 1 : 2 )) ${STUDY_ARGS:-}" 2>&1 \
     | grep -vE "$noise" | tee -a "$log"
+  echo "=== done ===" | tee -a "$log"
+  exit 0
+fi
+if [ "$what" = long ]; then
+  echo "=== model step time, activations recomputed ===" | tee -a "$log"
+  $PY -m benchmarks.train_steps --preset small --contexts 65536 131072 --modes dense sparse-s --iters 3 --warmup 1 \
+    --activation-checkpointing --commit "${GIT_COMMIT:-}" --out "$OUT/steps_long.json" 2>&1 | tee -a "$log"
   echo "=== done ===" | tee -a "$log"
   exit 0
 fi
