@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-IGNORE_INDEX = -100
+from model.tokens import IGNORE_INDEX  # noqa: F401 (part of the batch contract)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kernels.select.budget import BUDGETS, Budget
+from model.tokens import image_patches, image_tokens  # noqa: F401 (part of this module's API)
 
 ATTENTION_MODES = ("dense", "warmup", "sparse", "oracle")  # of the MSA layers, see model/README.md (run modes:
 #                                                            pipeline/config.py); "oracle": evaluation only (model/oracle.py)
@@ -133,16 +134,6 @@ class MoEConfig:
               f"must be >= 0, got {self.aux_weight!r}")
         _need(self.dispatch in MOE_DISPATCH, f"{prefix}.dispatch",
               f"must be one of {', '.join(MOE_DISPATCH)}, got {self.dispatch!r}")
-
-
-def image_patches(image_size: int, patch_size: int) -> int:
-    """Patch tokens of one image_size x image_size image."""
-    return (image_size // patch_size) ** 2
-
-
-def image_tokens(image_size: int, patch_size: int) -> int:
-    """Tokens one image takes in the sequence: begin + patches + end (the packer and the model agree on it)."""
-    return image_patches(image_size, patch_size) + 2
 
 
 @dataclass

@@ -22,8 +22,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.schema import DOC, IMG_BEGIN, IMG_END, IMG_PATCH, PAD, Document
-from model.batch import IGNORE_INDEX
-from model.config import image_patches, image_tokens
+from model.tokens import IGNORE_INDEX, image_patches, image_tokens
 
 # Pillow refuses images above this many pixels (decompression bombs); the demo's are 4K pixels and
 # real photos a few megapixels.

@@ -91,3 +91,14 @@ def test_bad_images_drop_the_document_and_are_counted(tok, docs):
     assert len(out["tokens"]) >= 1
     with pytest.raises(DocumentError):
         pack_documents([broken], tok, SPEC, ImageDecoder(16))
+
+
+def test_the_data_path_does_not_import_torch():
+    # Ray Data's read tasks and pack actors import pipeline.data; torch (and triton through the
+    # kernels) would add seconds of start-up to every one of those processes for nothing
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.data; print(sorted(m for m in ('torch', 'triton') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
