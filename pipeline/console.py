@@ -6,7 +6,9 @@ a summary at the end.
     the driver (msa-train)               with ProgressTail(run_dir): trainer.fit()   # prints new lines
 
 Known-harmless framework warnings are silenced at their source, in every Ray worker process
-(`quiet_ray_workers`, a worker_process_setup_hook).
+(`quiet_ray_workers`, a worker_process_setup_hook; Ray Data's repeating high-memory warning where
+pipeline/data.py sets the DataContext), or filtered from the driver's stderr while a run trains
+(`without_known_harmless_lines`).
 """
 from __future__ import annotations
 

@@ -431,7 +431,7 @@ def figures(results: dict, records: list[dict], out_dir: Path) -> list[str]:
     # left: the whole run; right: its second half, where the arms' differences are a few hundredths
     # and the first panel's scale (set by the initial loss) hides them
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10, 4))
-    lows, highs, x_end = [], [], 0.0
+    drawn = []  # (x, ys) per arm: the zoom's limits need every arm's end first
     for i, (a, body) in enumerate(arms.items()):
         if body["mode"] == "dense-patched":
             continue  # evaluation only: its curve is the dense arm's
@@ -441,24 +441,23 @@ def figures(results: dict, records: list[dict], out_dir: Path) -> list[str]:
             continue
         ys = np.array([[c[s] for s in steps] for c in curves])
         x = np.array(steps) * tps
-        x_end = max(x_end, float(x[-1]))
+        drawn.append((x, ys))
         for axis in (ax, zoom):
             axis.plot(x, ys.mean(0), label=f"{a} (n={len(curves)})", color=_color(a, i))
             if len(curves) > 1:
                 axis.fill_between(x, ys.min(0), ys.max(0), color=_color(a, i), alpha=0.2)
-        late = x >= x_end / 2
-        if late.any():
-            lows.append(ys[:, late].min())
-            highs.append(ys[:, late].max())
     r_step = results["setup"]["retrofit_step"]
     for axis in (ax, zoom):
         if "retrofit" in arms:
             axis.axvline(r_step * tps, color="#999999", ls=":", lw=1)
         axis.set_xlabel("training tokens")
-    if lows:
-        pad = 0.05 * (max(highs) - min(lows) or 1.0)
+    if drawn:
+        x_end = max(float(x[-1]) for x, _ in drawn)
+        late = [ys[:, x >= x_end / 2] for x, ys in drawn if (x >= x_end / 2).any()]
+        lo, hi = min(v.min() for v in late), max(v.max() for v in late)
+        pad = 0.05 * (hi - lo or 1.0)
         zoom.set_xlim(x_end / 2, x_end)
-        zoom.set_ylim(min(lows) - pad, max(highs) + pad)
+        zoom.set_ylim(lo - pad, hi + pad)
     ax.set_ylabel("train LM loss")
     ax.set_title("training loss (mean over seeds, band: min-max)", fontsize=9)
     zoom.set_title("second half of training, zoomed", fontsize=9)

@@ -5,6 +5,8 @@ Run: `pytest -q tests/model` (CPU; the Triton path runs in the interpreter, set 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from model.attention import AttnContext, DenseMask, DocLayout
@@ -80,3 +82,25 @@ def attn_context(cfg: ModelConfig, batch: Batch, mode: str = "sparse", impl: str
     return AttnContext(layout=layout, mask=DenseMask(layout, impl or cfg.dense_impl),
                        rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),
                        mode=mode, compute_stats=False)
+
+
+def with_and_without_recompute(cfg: ModelConfig, batch: Batch, mode: str, wrap=None) -> tuple[list, list]:
+    """The same weights run forward and backward once without and once with activation checkpointing
+    (the KL's draw seeded alike): ([losses, losses], [grads, grads]), grads as full tensors by name.
+    `wrap(model)` applies a data-parallel wrapper (DDP, FSDP2) before the forward."""
+    from model.transformer import MultimodalTransformer
+
+    losses, grads = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = MultimodalTransformer(dataclasses.replace(cfg, activation_checkpointing=recompute), IMG_PATCH)
+        model.set_mode(mode)
+        run = wrap(model) if wrap else model
+        torch.manual_seed(1)  # the KL's draw
+        out = run(batch, compute_stats=False)
+        w = model.loss_weights()
+        sum(w[k] * v for k, v in out.losses.items()).backward()
+        losses.append({k: float(v.detach()) for k, v in out.losses.items()})
+        grads.append({n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                      for n, p in model.named_parameters() if p.grad is not None})
+    return losses, grads

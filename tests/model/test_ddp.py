@@ -4,15 +4,13 @@ One process, gloo, no Ray.
 
     pytest -q tests/model/test_ddp.py
 """
-import dataclasses
-
 import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.transformer import MultimodalTransformer
-from model_helpers import IMG_PATCH, build_batch, small_config
+from model_helpers import IMG_PATCH, build_batch, small_config, with_and_without_recompute
 
 
 @pytest.fixture
@@ -42,8 +40,8 @@ def test_trains_under_ddp(process_group, msa, mode):
         opt.step()
 
 
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
-def test_activation_checkpointing_under_ddp_and_fsdp(process_group, wrap):
+@pytest.mark.parametrize("wrap_kind", ["ddp", "fsdp"])
+def test_activation_checkpointing_under_ddp_and_fsdp(process_group, wrap_kind):
     # recomputed blocks inside the wrappers the pipeline applies (pipeline/parallel.py: FSDP2 shards
     # block by block, so a recomputed block gathers its weights again): the gradients are the plain
     # model's, the index branch's (the KL's side output) included
@@ -51,23 +49,16 @@ def test_activation_checkpointing_under_ddp_and_fsdp(process_group, wrap):
 
     cfg = small_config(msa=dict(kl_sample=0.5))
     batch = build_batch(cfg, [[40, 24]], 64, images_per_row=[1])
-    grads = []
-    for recompute in (False, True):
-        torch.manual_seed(0)
-        model = MultimodalTransformer(dataclasses.replace(cfg, activation_checkpointing=recompute), IMG_PATCH)
-        model.set_mode("sparse")
-        if wrap == "ddp":
-            wrapped = DDP(model)
-        else:
-            for block in model.blocks:
-                fully_shard(block)
-            wrapped = fully_shard(model)
-        w = model.loss_weights()
-        torch.manual_seed(1)
-        out = wrapped(batch, compute_stats=False)
-        sum(w[k] * v for k, v in out.losses.items()).backward()
-        grads.append({n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
-                      for n, p in model.named_parameters()})
+
+    def wrap(model):
+        if wrap_kind == "ddp":
+            return DDP(model)
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+
+    _, grads = with_and_without_recompute(cfg, batch, "sparse", wrap)
+    assert grads[1].keys() == grads[0].keys()
     assert any(".attn.index_" in n for n in grads[0])
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)

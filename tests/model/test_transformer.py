@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.transformer import MultimodalTransformer
-from model_helpers import IMG_PATCH, build_batch, small_config
+from model_helpers import IMG_PATCH, build_batch, small_config, with_and_without_recompute
 
 
 def _shapes(model):
@@ -136,17 +136,7 @@ def test_activation_checkpointing_keeps_losses_and_every_gradient(mode, backend)
     if backend == "triton":  # the interpreter is slow: one MSA layer, one row of two documents
         cfg = dataclasses.replace(cfg, n_layers=2)
         batch = build_batch(cfg, [[40, 24]], 64, images_per_row=[1])
-    grads, losses = [], []
-    for recompute in (False, True):
-        torch.manual_seed(0)
-        model = MultimodalTransformer(dataclasses.replace(cfg, activation_checkpointing=recompute), IMG_PATCH)
-        model.set_mode(mode)
-        torch.manual_seed(1)  # the KL's draw
-        out = model(batch)
-        w = model.loss_weights()
-        sum(w[k] * v for k, v in out.losses.items()).backward()
-        losses.append({k: float(v.detach()) for k, v in out.losses.items()})
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    losses, grads = with_and_without_recompute(cfg, batch, mode)
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
     assert grads[1].keys() == grads[0].keys()
     for name, g in grads[0].items():
