@@ -132,7 +132,7 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
            "step_ms": t * 1e3, "step_ms_all": [x * 1e3 for x in times],
            "tokens_per_s": T / t, "model_tflops": flops / t / 1e12, "mfu": (flops / t / (peak * 1e12)) if peak else None,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-           "sparsity": float(out.stats.get("sparsity", 0.0)), "loss": float(out.losses["lm"]),
+           "sparsity": float(out.stats.get("sparsity", 0.0)), "loss": float(out.losses["lm"].detach()),
            "budget": cfg.msa.budget if mode == "sparse" else None,
            "blocks_per_token": float(out.stats["blocks_per_token"]) if "blocks_per_token" in out.stats else None}
     if profile and cuda:
