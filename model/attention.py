@@ -158,6 +158,7 @@ class AttnContext:
     mode: str  # "dense" | "warmup" | "sparse" (MSA layers; dense layers ignore it)
     compute_stats: bool
     index_loss: bool = True  # MSA layers compute the KL (False: evaluation, which has no use for it)
+    budget_param: float | None = None  # the adaptive budget's ratio or p in place of the config's
 
 
 class GQAAttention(nn.Module):

@@ -56,6 +56,12 @@ class MSAConfig:
     budget_k_min: int = 1  # ratio, top_p: at least this many blocks (fewer only where fewer are visible)
     budget_ratio: float = 0.25  # ratio: the fraction of the visible blocks
     budget_p: float = 0.9  # top_p: the probability mass to cover
+    # Equal compute with static top-k (0: off): during training the adaptive budget's free parameter
+    # (budget_ratio or budget_p, whose config value is the starting point) is adjusted after every
+    # logged window so that the mean blocks per (token, group) matches what static top-k selects on
+    # the same tokens (pipeline/schedule.py, budget_param_step); the value in use is logged and
+    # checkpointed. What the study's budget arms use to compare quality at the same attention work.
+    budget_match_topk: int = 0
     index_dim: int = 32  # dI (paper: 128)
     kl_weight: float = 1.0  # lambda; the index branch is isolated, so this only rescales its gradient
     # The KL on a random sample of query tokens (each kept with this probability; the loss is divided
@@ -68,10 +74,21 @@ class MSAConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def selection_budget(self, topk: int | None = None):
-        """The kernels' Budget for this config (topk: the k_max in use when capped below msa.topk)."""
+    def selection_budget(self, topk: int | None = None, param: float | None = None):
+        """The kernels' Budget for this config (topk: the k_max in use when capped below msa.topk;
+        param: the adaptive budget's ratio or p in place of the config's, see budget_match_topk)."""
         k_max = self.topk if topk is None else topk
-        return Budget(self.budget, min(self.budget_k_min, k_max), self.budget_ratio, self.budget_p)
+        ratio, p = self.budget_ratio, self.budget_p
+        if param is not None and self.budget == "ratio":
+            ratio = param
+        elif param is not None and self.budget == "top_p":
+            p = param
+        return Budget(self.budget, min(self.budget_k_min, k_max), ratio, p)
+
+    @property
+    def budget_param_name(self) -> str | None:
+        """The adaptive budget's free parameter (what budget_match_topk adjusts), or None."""
+        return {"ratio": "budget_ratio", "top_p": "budget_p"}.get(self.budget)
 
     def validate(self, prefix: str = "model.msa") -> None:
         _need(isinstance(self.enabled, bool), f"{prefix}.enabled", f"must be true or false, got {self.enabled!r}")
@@ -92,6 +109,11 @@ class MSAConfig:
         if self.budget == "top_p":
             v = self.budget_p
             _need(isinstance(v, (int, float)) and 0 < v <= 1, f"{prefix}.budget_p", f"must be in (0, 1], got {v!r}")
+        m = self.budget_match_topk
+        _need(isinstance(m, int) and not isinstance(m, bool) and 0 <= m <= self.topk, f"{prefix}.budget_match_topk",
+              f"must be an integer in [0, topk={self.topk}] (0: off), got {m!r}")
+        _need(m == 0 or self.budget != "static", f"{prefix}.budget_match_topk",
+              "applies to an adaptive budget (budget = 'ratio' or 'top_p'), not to 'static'")
         _need(_pow2(self.index_dim) and 16 <= self.index_dim <= 256, f"{prefix}.index_dim",
               f"must be a power of two in [16, 256], got {self.index_dim!r}")
         _need(isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0, f"{prefix}.kl_weight",

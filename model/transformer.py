@@ -27,6 +27,7 @@ from model.config import ATTENTION_MODES, ModelConfig
 from model.layers import PatchEncoder, RMSNorm, SwiGLU, rope_cos_sin
 from model.moe import MoE
 from model.msa import MSAAttention
+from model.stats import static_blocks_per_token
 
 
 @dataclass
@@ -80,6 +81,9 @@ class MultimodalTransformer(nn.Module):
         # a model with an index branch starts sparse, i.e. natively trained MSA; the training
         # schedule switches it (warmup first, usually) with set_mode between steps
         self._mode = "sparse" if cfg.msa.enabled else "dense"
+        # the adaptive budget's ratio or p in use, where training adjusts it (msa.budget_match_topk);
+        # None: the config's value
+        self.budget_param: float | None = None
         self.reset_parameters()
 
     # -----------------------------------------------------------------------------------------
@@ -142,6 +146,13 @@ class MultimodalTransformer(nn.Module):
                              f"(model.msa.enabled = false): it can only run 'dense'")
         self._mode = mode
 
+    def set_budget_param(self, value: float | None) -> None:
+        """Use this ratio (budget "ratio") or p (budget "top_p") instead of the config's, from the next
+        forward on (None: the config's). Checked like the config's value."""
+        if value is not None:
+            self.cfg.msa.selection_budget(param=float(value)).check(self.cfg.msa.topk)
+        self.budget_param = None if value is None else float(value)
+
     # -----------------------------------------------------------------------------------------
     # forward
 
@@ -172,7 +183,7 @@ class MultimodalTransformer(nn.Module):
         ctx = AttnContext(
             layout=layout, mask=DenseMask(layout, cfg.dense_impl),
             rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),
-            mode=self._mode, compute_stats=compute_stats, index_loss=index_loss,
+            mode=self._mode, compute_stats=compute_stats, index_loss=index_loss, budget_param=self.budget_param,
         )
         attn_extras, moe_extras = {}, {}
         recompute = cfg.activation_checkpointing and torch.is_grad_enabled()
@@ -198,7 +209,12 @@ class MultimodalTransformer(nn.Module):
             losses["kl_index"] = torch.stack(kls).mean()
         if moe_extras:
             losses["moe_aux"] = torch.stack([m["aux"] for m in moe_extras.values()]).mean()
-        return ModelOutput(losses=losses, stats=self._stats(lm.device, losses, attn_extras, moe_extras),
+        stats_named = self._stats(lm.device, losses, attn_extras, moe_extras)
+        if cfg.msa.budget_match_topk and "blocks_per_token" in stats_named:
+            # what static top-k would attend on these tokens: the target of the budget's adjustment
+            stats_named["blocks_per_token_static"] = static_blocks_per_token(
+                layout, cfg.msa.block_size, cfg.msa.budget_match_topk)
+        return ModelOutput(losses=losses, stats=stats_named,
                            n_targets=batch.n_text_targets, logits=logits_BTV if return_logits else None,
                            selection={i: a["block_idx"] for i, a in attn_extras.items() if "block_idx" in a},
                            attended_pairs=_sum_or_none([a["attended_pairs"] for a in attn_extras.values()

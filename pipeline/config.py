@@ -419,7 +419,8 @@ def resolved_params(cfg: RunConfig) -> dict[str, Any]:
         params["model.msa.enabled"] = False
     budget = cfg.model.msa.budget
     drop += [f"model.msa.{f}" for f, kinds in (("budget_k_min", ("ratio", "top_p")), ("budget_ratio", ("ratio",)),
-                                                 ("budget_p", ("top_p",))) if budget not in kinds]
+                                                 ("budget_p", ("top_p",)), ("budget_match_topk", ("ratio", "top_p")))
+             if budget not in kinds]
     if not cfg.model.moe.enabled:
         drop.append("model.moe.")
         params["model.moe.enabled"] = False

@@ -277,6 +277,8 @@ def load_checkpoint_model(checkpoint: Path):
     model = build_model(cfg)
     check_shapes(manifest, model.state_dict(), checkpoint)
     model.load_state_dict(state["model"])
+    if state.get("budget_match"):  # the budget parameter training had reached (msa.budget_match_topk)
+        model.set_budget_param(state["budget_match"]["param"])
     return model, cfg, state, info
 
 

@@ -35,7 +35,7 @@ from pipeline.trace import DataTrace, pause_once
 from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
 from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState
-from pipeline.schedule import attention_mode, frozen_groups, warmup_steps
+from pipeline.schedule import BudgetMatch, attention_mode, frozen_groups, warmup_steps
 from pipeline.tracking import make_tracker, start_system_metrics
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class LoopState:
     skipped_steps: int = 0
     skipped_samples: dict[str, int] = field(default_factory=dict)  # reason -> documents, since the run began
     start_step: int = 0  # where this run's own schedule starts (a continued retrofit: the dense checkpoint's step)
+    budget_match: BudgetMatch | None = None  # the adaptive budget's parameter under model.msa.budget_match_topk
 
 
 def _init_model(cfg: RunConfig, rank: int):
@@ -140,11 +141,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         load_states(model, optimizer, saved)
         st = LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved["skipped_steps"],
                        skipped_samples=dict(saved.get("skipped_samples", {})), start_step=saved.get("start_step", 0))
+        if saved.get("budget_match"):
+            st.budget_match = BudgetMatch.from_json(saved["budget_match"])
         data_state = DataState.from_json(data_json)
         restore_rng(saved["rng"])
         del saved
         if rank == 0:
             say(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen) from {resume_from.name}")
+    msa = cfg.model.msa
+    if msa.budget_match_topk and raw.has_index_branch and st.budget_match is None:
+        st.budget_match = BudgetMatch(msa.budget, getattr(msa, msa.budget_param_name))
+    if st.budget_match is not None:
+        raw.set_budget_param(st.budget_match.param)
     tracker = make_tracker(rank, loop_config["tracking_uri"], loop_config["run_id"])
     sysmon = None
     want = cfg.tracking.system_metrics
@@ -205,7 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if k not in ("kl_index_loss", "moe_aux_loss"):  # already in the losses
                     win.add(k if k.startswith("layer/") else f"train/{k}", v)
         if out.selection:
-            selection = (out.selection, batch.segment_ids_BT.cpu(), batch.positions_BT.cpu())
+            selection = (out.selection, batch.segment_ids_BT.cpu(), batch.positions_BT.cpu(), raw.budget_param)
         st.step += 1
         win.steps += 1
         # counted on the host copy: no device round trip for bookkeeping
@@ -231,6 +239,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # under FSDP every rank must take part in the forward passes; rank 0 logs the result
             if evaluate_now and (rank == 0 or cfg.ray.parallel == "fsdp"):
                 metrics.update(_evaluate(cfg, raw, device, autocast, verbose=rank == 0))
+            if st.budget_match is not None:
+                _match_budget(st.budget_match, raw, metrics, cfg)
             tracker.log_metrics(metrics, st.step)
             if final:
                 # every step is trained and logged: the run is complete, whatever happens from here on
@@ -298,7 +308,7 @@ def _checkpoint(cfg: RunConfig, st: LoopState, model, optimizer, plan: DataPlan,
         path = write_checkpoint(run_dir, st.step, {
             "model": model_sd, "optimizer": optim_sd, "tokens_seen": st.tokens_seen,
             "skipped_steps": st.skipped_steps, "skipped_samples": dict(st.skipped_samples), "rng": rng_state(),
-            "start_step": st.start_step,
+            "start_step": st.start_step, "budget_match": st.budget_match.to_json() if st.budget_match else None,
         }, data_state.to_json(plan), dataclasses.asdict(cfg.model))
         prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
         say(f"[train] checkpoint {path.name} written")
@@ -360,6 +370,17 @@ def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float |
     return metrics
 
 
+def _match_budget(match: BudgetMatch, raw, metrics: dict, cfg: RunConfig) -> None:
+    """Log the budget parameter this window used and move it toward equal compute with static top-k
+    (model.msa.budget_match_topk) for the next one. The window's counts are reduced over every rank,
+    so every rank takes the same step."""
+    name = cfg.model.msa.budget_param_name
+    metrics[f"train/{name}"] = match.param
+    measured, target = metrics.get("train/blocks_per_token"), metrics.get("train/blocks_per_token_static")
+    if measured is not None and target is not None:
+        raw.set_budget_param(match.update(measured, target))
+
+
 def _evaluate(cfg: RunConfig, model, device, autocast, verbose: bool) -> dict[str, float]:
     """Held-out evaluation (DDP: on rank 0 while the others wait at the next collective)."""
     res = evaluate(model, cfg.data.eval_shards, cfg.tokenizer_path, cfg.seq_len, cfg.model.image_size, cfg.model.patch_size,
@@ -374,7 +395,7 @@ def _log_selection(tracker, cfg: RunConfig, selection, step: int, d: Path) -> No
     (`selection/blocks_per_token.json`, which `msa-flops --counts` reads; `plots/budget.png`)."""
     from pipeline.plots import blocks_profile, budget_plot, selection_map
 
-    by_layer, seg_BT, pos_BT = selection
+    by_layer, seg_BT, pos_BT, param = selection
     msa = cfg.model.msa
     seg_T = seg_BT[0]
     # the longest document of the batch's first row (row 0 starts the flat token axis)
@@ -390,10 +411,9 @@ def _log_selection(tracker, cfg: RunConfig, selection, step: int, d: Path) -> No
     profile = blocks_profile({layer: idx[0].cpu().numpy() for layer, idx in by_layer.items()},
                              pos_BT.flatten().numpy(), (seg_BT.flatten() > 0).numpy(), msa.block_size)
     profile.update(step=step, budget=msa.budget, block_size=msa.block_size, k_max=msa.topk)
-    if msa.budget == "ratio":
-        profile.update(budget_ratio=msa.budget_ratio, budget_k_min=msa.budget_k_min)
-    elif msa.budget == "top_p":
-        profile.update(budget_p=msa.budget_p, budget_k_min=msa.budget_k_min)
+    if msa.budget != "static":  # the parameter this selection used (adjusted under budget_match_topk)
+        profile.update({msa.budget_param_name: param if param is not None else getattr(msa, msa.budget_param_name),
+                        "budget_k_min": msa.budget_k_min})
     (d / "blocks_per_token.json").write_text(json.dumps(profile))
     tracker.log_artifact(d / "blocks_per_token.json", "selection")
     if msa.budget != "static":

@@ -167,3 +167,46 @@ def test_adaptive_budget_triton_matches_reference_backend(budget):
     torch.testing.assert_close(tri.losses["kl_index"], ref.losses["kl_index"], atol=1e-5, rtol=1e-4)
     for name in g_ref:
         torch.testing.assert_close(g_tri[name], g_ref[name], atol=1e-5, rtol=1e-4)
+
+
+def test_budget_param_replaces_the_configs_value_and_static_compute_is_reported():
+    cfg = small_config(msa=dict(BUDGET_FIELDS["ratio"], budget_match_topk=3), max_seq_len=128)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    model.set_mode("sparse")
+    batch = build_batch(cfg, [[40, 88], [128]], 128)
+    visible_N = batch.positions_BT.flatten() // 16 + 1
+    valid_N = batch.segment_ids_BT.flatten() > 0
+    with torch.no_grad():
+        for ratio in (None, 0.25, 1.0):
+            model.set_budget_param(ratio)
+            out = model(batch, compute_stats=True)
+            r = cfg.msa.budget_ratio if ratio is None else ratio
+            want_N = torch.minimum(torch.clamp(torch.ceil(visible_N * r), 2, 6), visible_N.float())
+            n_NH = (out.selection[1][0] >= 0).sum(-1).float()
+            assert torch.equal(n_NH[valid_N], want_N[valid_N][:, None].expand(-1, n_NH.shape[1])), ratio
+            # the target of budget_match_topk: what static top-3 selects on the same tokens
+            static = torch.clamp(visible_N, max=3).float()[valid_N].mean()
+            torch.testing.assert_close(out.stats["blocks_per_token_static"], static)
+    with pytest.raises(ValueError, match="ratio"):
+        model.set_budget_param(1.5)
+
+
+@pytest.mark.parametrize("start", [0.99, 0.05])
+def test_budget_match_brings_top_p_to_static_compute_on_the_model(start):
+    """top_p's counts follow the index branch: the controller finds the p that spends what static
+    top-3 spends on the same batch, from either side."""
+    from pipeline.schedule import BudgetMatch
+
+    torch.manual_seed(0)
+    cfg = small_config(msa=dict(BUDGET_FIELDS["top_p"], budget_match_topk=3), max_seq_len=128)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    model.set_mode("sparse")
+    batch = build_batch(cfg, [[40, 88], [128], [100, 28]], 128)
+    match = BudgetMatch("top_p", start)
+    with torch.no_grad():
+        for _ in range(10):
+            model.set_budget_param(match.param)
+            out = model(batch, index_loss=False)
+            measured, target = float(out.stats["blocks_per_token"]), float(out.stats["blocks_per_token_static"])
+            match.update(measured, target)
+    assert abs(measured / target - 1) < 0.02, (match.param, measured, target)

@@ -81,4 +81,16 @@ def test_params_log_only_the_budget_fields_that_apply():
     assert static["model.msa.budget"] == "static" and not any(k.startswith("model.msa.budget_") for k in static)
     data = apply_overrides({k: dict(v) for k, v in BASE.items()}, ["model.msa.budget=\"top_p\""])
     top_p = resolved_params(config_from_dict(data))
-    assert {k for k in top_p if k.startswith("model.msa.budget_")} == {"model.msa.budget_p", "model.msa.budget_k_min"}
+    assert {k for k in top_p if k.startswith("model.msa.budget_")} == {"model.msa.budget_p", "model.msa.budget_k_min",
+                                                                        "model.msa.budget_match_topk"}
+
+
+@pytest.mark.parametrize("override, message", [
+    (["model.msa.budget_match_topk=2"], "adaptive budget"),  # static top-k has nothing to adjust
+    (["model.msa.budget=\"top_p\"", "model.msa.budget_match_topk=99"], r"\[0, topk="),
+    (["model.msa.budget=\"ratio\"", "model.msa.budget_match_topk=1.5"], "integer"),
+])
+def test_budget_match_is_checked(override, message):
+    data = apply_overrides({k: dict(v) for k, v in BASE.items()}, override)
+    with pytest.raises(ConfigError, match="^model.msa.budget_match_topk.*" + message):
+        config_from_dict(data)
