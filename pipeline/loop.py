@@ -141,8 +141,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         load_states(model, optimizer, saved)
         st = LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], skipped_steps=saved["skipped_steps"],
                        skipped_samples=dict(saved.get("skipped_samples", {})), start_step=saved.get("start_step", 0))
-        if saved.get("budget_match"):
-            st.budget_match = BudgetMatch.from_json(saved["budget_match"])
+        if saved.get("budget_match") and cfg.model.msa.budget_match_topk:
+            st.budget_match = BudgetMatch.from_json(saved["budget_match"])  # where the adjustment had got to
         data_state = DataState.from_json(data_json)
         restore_rng(saved["rng"])
         del saved
