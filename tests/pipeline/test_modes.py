@@ -1,6 +1,7 @@
 """Every mode through msa-train: the dense baseline, then a retrofit of its checkpoint under the
 adaptive top_p selection budget (native MSA with static top-k is the smoke test's run)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,9 +27,10 @@ def test_dense_run_then_retrofit_of_its_checkpoint(demo_shards, tmp_path, capsys
     assert train_main(common + ["--set", "schedule.mode=retrofit", "--set", f"schedule.retrofit_from='{dense_ckpt}'",
                                 "--set", "schedule.retrofit_warmup_tokens=24576",  # 3 steps of 8192 tokens
                                 "--set", "model.msa.budget='top_p'", "--set", "model.msa.budget_p=0.7",
-                                "--set", "model.msa.topk=6",
+                                "--set", "model.msa.topk=6", "--set", "model.msa.budget_match_topk=3",
                                 "--set", "train.max_steps=8", "--set", "tracking.run_name='retrofit'"]) == 0
     out = capsys.readouterr().out
+    retro_ckpt = out.split("last checkpoint: ")[1].split()[0]
     assert "retrofit: loaded the dense checkpoint" in out
     assert "step 3: attention mode -> sparse" in out
 
@@ -61,6 +63,19 @@ def test_dense_run_then_retrofit_of_its_checkpoint(demo_shards, tmp_path, capsys
     assert prof["budget"] == "top_p" and prof["k_max"] == 6 and list(prof["by_layer"]) == ["1"]
     hist = {int(k): v for k, v in prof["hist"].items()}
     assert min(hist) >= 1 and max(hist) <= 6 and len(hist) > 1, hist
+    # equal compute with static top-3 (budget_match_topk): p starts at the config's value and moves
+    # after each window toward what static top-3 spends on the same tokens; every rank uses it, the
+    # checkpoint keeps where it got to and msa-eval evaluates with that
+    budget_p = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train/budget_p")}
+    static = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train/blocks_per_token_static")}
+    assert sorted(budget_p) == [2, 4, 6, 8] and budget_p[2] == pytest.approx(0.7), budget_p
+    assert len(set(budget_p.values())) > 1, budget_p  # adjusted once windows with counts came in
+    assert set(static) == set(budget_p) and all(1.0 <= v <= 3.0 for v in static.values()), static
+    assert prof["budget_p"] == pytest.approx(budget_p[8])  # the p the pictured selection used
+    from pipeline.evaluate import load_checkpoint_model
+    model, _, state, _ = load_checkpoint_model(Path(retro_ckpt))
+    assert state["budget_match"]["kind"] == "top_p" and 0 < state["budget_match"]["param"] < 1
+    assert model.budget_param == state["budget_match"]["param"]
     # msa-flops reads the measured counts
     from model.flops import main as flops_main
     assert flops_main(["--preset", "tiny", "--context", "1024", "--budget", "top_p", "--topk", "6",
