@@ -16,6 +16,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test`'s unit phase: `-n 2` on a 2-core machine) each worker process keeps
+# to one intra-op thread: two workers of torch's default one thread per core would run four spinning
+# OpenMP threads on two cores, which makes small CPU ops tens of times slower (the same test: 0.1 s
+# alone, 2.5 s oversubscribed). The serial slow phase keeps the default; Ray's workers set their own.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
