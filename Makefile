@@ -23,9 +23,11 @@ demo: install
 	$(VENV)/bin/msa-train --config configs/tiny.toml
 
 # The unit tests run in two processes (they start no Ray); the end-to-end ones (`slow`: each starts
-# its own Ray and uses both cores) one at a time.
+# its own Ray and uses both cores) one at a time. `--dist worksteal`: an idle worker takes queued tests
+# from the busy one (the default `load` hands out runs of neighbouring tests, and one worker was left
+# with most of the Triton-interpreter KL tests for minutes while the other sat idle).
 test: install
-	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 	$(PY) -m pytest -q -m slow tests
 
 clean-demo:
