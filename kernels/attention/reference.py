@@ -3,9 +3,10 @@ in q, k and v through autograd. Shares no code with the Triton path.
 
 Tests: `pytest -q tests/kernels/test_msa_attention.py`.
 
-Memory: scores are built per (sequence, chunk of queries) as [Hkv, G, C, L] fp32 and recomputed in
-the backward (activation checkpointing), so the peak stays near one chunk's scores (~32M floats)
-instead of the [Hq, T, T] probabilities of every chunk.
+Memory: scores are built per (sequence, chunk of queries) as [Hkv, G, C, L] fp32, L the keys up to
+the chunk's last query (kernels/_reference_common.py). Autograd keeps them for up to SAVED_SCORES
+scores per call; the chunks beyond are recomputed in the backward (activation checkpointing), so the
+peak stays near one chunk's scores instead of the [Hq, T, T] probabilities of every chunk.
 
 Shape legend: B batch, T tokens, H heads (query heads Hq for q/o/lse, KV heads for k/v/block_idx),
 G heads per group, D head dim, K top-k slots, C query rows of a chunk, L keys of one sequence,
@@ -18,7 +19,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kernels._reference_common import CHUNK_ELEMS as _CHUNK_ELEMS, sequences
+from kernels._reference_common import SAVED_SCORES, causal_chunks, sequences
 
 
 def allowed_keys(block_idx_CHK, q_pos_C, L, block_size):
@@ -61,17 +62,20 @@ def msa_attention_reference(q_BTHD, k_BTHD, v_BTHD, block_idx_BTHK, block_size, 
     Hkv = k_BTHD.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     q, k, v = q_BTHD.float(), k_BTHD.float(), v_BTHD.float()
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    saved = 0  # scores autograd keeps in this call
     o_parts, lse_parts = [], []
     for b, s0, e0 in sequences(B, T, cu_seqlens):
         L = e0 - s0
-        step = max(1, _CHUNK_ELEMS // (Hq * L))
-        for c0 in range(0, L, step):
-            c1 = min(L, c0 + step)
+        q_LHD, k_LHD, v_LHD = q[b, s0:e0], k[b, s0:e0], v[b, s0:e0]
+        for c0, c1 in causal_chunks(L, Hq):
+            # the chunk's keys: rows [0, c1) of the sequence (a later key is after every query of it)
             q_pos_C = torch.arange(c0, c1, device=q.device)
             bidx = None if block_idx_BTHK is None else block_idx_BTHK[b, s0 + c0:s0 + c1]
-            allowed_HCL = allowed_keys(bidx, q_pos_C, L, block_size)
-            args = (q[b, s0 + c0:s0 + c1], k[b, s0:e0], v[b, s0:e0], allowed_HCL, scale)
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            allowed_HCL = allowed_keys(bidx, q_pos_C, c1, block_size)
+            args = (q_LHD[c0:c1], k_LHD[:c1], v_LHD[:c1], allowed_HCL, scale)
+            saved += Hq * (c1 - c0) * c1 if grad else 0
+            if grad and saved > SAVED_SCORES:
                 o_CHD, lse_CH = checkpoint(_attend, *args, use_reentrant=False)
             else:
                 o_CHD, lse_CH = _attend(*args)

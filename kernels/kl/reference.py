@@ -4,8 +4,10 @@ and ki only (the teacher q, k and lse are constants). Shares no code with the Tr
 Tests: `pytest -q tests/kernels/test_msa_kl.py`.
 
 Memory: per (sequence, chunk of queries) the teacher probabilities [Hkv, G, C, L] are built without
-autograd and averaged over the group at once; the student's [Hkv, C, L] log-softmax is checkpointed
-(recomputed in the backward), so training through it at a few thousand tokens stays frugal.
+autograd and averaged over the group at once, L the keys up to the chunk's last query
+(kernels/_reference_common.py); autograd keeps the student's [Hkv, C, L] log-softmax for up to
+SAVED_SCORES scores per call and the chunks beyond are checkpointed (recomputed in the backward), so
+training through it at a few thousand tokens stays frugal.
 
 Shape legend: B batch, T tokens, H heads (query heads for q/lse, KV heads for k/qi/block_idx),
 G heads per group, D head dim, I index dim, K top-k slots, C query rows of a chunk, L keys of one
@@ -18,7 +20,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kernels._reference_common import CHUNK_ELEMS as _CHUNK_ELEMS, sequences
+from kernels._reference_common import SAVED_SCORES, causal_chunks, sequences
 
 
 def support_mask(block_idx_CHK, q_pos_C, L, block_size, H):
@@ -75,19 +77,22 @@ def msa_kl_loss_reference(q_BTHD, k_BTHD, qi_BTHI, ki_BTI, block_idx_BTHK, block
     q, k = q_BTHD.detach(), k_BTHD.detach()
     lse = None if lse is None else lse.detach()
     qi, ki = qi_BTHI.float(), ki_BTI.float()
+    grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
+    saved = 0  # student scores autograd keeps in this call
     total = torch.zeros((), dtype=torch.float32, device=q.device)
     for b, s0, e0 in sequences(B, T, cu_seqlens):
         L = e0 - s0
-        step = max(1, _CHUNK_ELEMS // (Hq * L))
-        for c0 in range(0, L, step):
-            c1 = min(L, c0 + step)
+        qi_LHI, ki_LI = qi[b, s0:e0], ki[b, s0:e0]
+        for c0, c1 in causal_chunks(L, Hq):
+            # the chunk's keys: rows [0, c1) of the sequence (a later key is after every query of it)
             q_pos_C = torch.arange(c0, c1, device=q.device)
             bidx = None if block_idx_BTHK is None else block_idx_BTHK[b, s0 + c0:s0 + c1]
-            support_HCL = support_mask(bidx, q_pos_C, L, block_size, Hkv)
-            p_HCL = teacher_probs(q[b, s0 + c0:s0 + c1], k[b, s0:e0], support_HCL,
+            support_HCL = support_mask(bidx, q_pos_C, c1, block_size, Hkv)
+            p_HCL = teacher_probs(q[b, s0 + c0:s0 + c1], k[b, s0:s0 + c1], support_HCL,
                                   None if lse is None else lse[b, s0 + c0:s0 + c1], scale)
-            args = (qi[b, s0 + c0:s0 + c1], ki[b, s0:e0], support_HCL, p_HCL)
-            if torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad):
+            args = (qi_LHI[c0:c1], ki_LI[:c1], support_HCL, p_HCL)
+            saved += Hkv * (c1 - c0) * c1 if grad else 0
+            if grad and saved > SAVED_SCORES:
                 total = total + checkpoint(_kl_sum, *args, use_reentrant=False)
             else:
                 total = total + _kl_sum(*args)
