@@ -14,8 +14,10 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, heldout_shards, tmp_pat
         "--config", "configs/tiny.toml",
         "--set", f"data.shards=['{demo_shards}']",
         "--set", f"output_dir='{tmp_path / 'out'}'",
+        # 2 rows a worker (the demo's 4 would double the compute of every step, and nothing checked needs it)
+        "--set", "train.batch_size=2",
         "--set", "train.max_steps=20", "--set", "train.log_every=5", "--set", "train.checkpoint_every=10",
-        "--set", "train.warmup_steps=5", "--set", "schedule.warmup_tokens=81920",  # 10 dense warm-up steps
+        "--set", "train.warmup_steps=5", "--set", "schedule.warmup_tokens=40960",  # 10 dense warm-up steps
         "--set", "tracking.experiment='smoke'",
         "--set", f"data.eval_shards='{heldout_shards}'", "--set", "train.eval_every=10",
         "--set", "train.eval_documents=40",
@@ -66,7 +68,7 @@ def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, heldout_shards, tmp_pat
     assert params["train.index_lr"] == params["train.lr"]  # resolved, not 0.0 for "use train.lr"
     assert params["data.seq_len"] == "1024" and int(params["params.index_branch"]) > 0
     assert int(params["params.active"]) < int(params["params.total"])
-    assert int(params["train.tokens_per_step"]) == 2 * 4 * 1024
+    assert int(params["train.tokens_per_step"]) == 2 * 2 * 1024  # workers x rows x tokens
     assert not any(k.startswith(("debug.", "schedule.retrofit_")) for k in params)  # only what applies
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.json", "data", "plots"}
     # the console: clean progress lines (no Ray worker prefix) and a summary at the end
