@@ -14,7 +14,8 @@ with tokens/s, MFU (model FLOPs, pipeline/flops.py, against the bf16 matmul rate
 run) and peak memory. `--profile T` adds a torch.profiler breakdown of one sparse step at T.
 `--msa-set budget=top_p --msa-set budget_p=0.9 --msa-set topk=32` sets model.msa fields of the MSA
 variants (an adaptive selection budget, for one); rows then also give the mean blocks per token and
-the MFU counts the keys the selection attended. Prints a table last; `--out` writes the numbers as
+the MFU counts the keys the selection attended. `--eager-ops` times the model with its small
+elementwise ops unfused (model.compile_ops=false; model/fused.py). Prints a table last; `--out` writes the numbers as
 JSON. Results: docs/perf/.
 """
 from __future__ import annotations
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="every variant recomputes its blocks' activations in the backward "
                         "(model.activation_checkpointing; what fits 128K); the MFU does not count the recompute")
+    p.add_argument("--eager-ops", action="store_true",
+                   help="model.compile_ops=false: the small elementwise ops unfused (model/fused.py), for comparison")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None)
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] measured bf16 matmul ceiling: {peak:.0f} TFLOP/s", flush=True)
     skip = set(args.skip)
     overrides = {"activation_checkpointing": True} if args.activation_checkpointing else {}
+    if args.eager_ops:
+        overrides["compile_ops"] = False
     for T in args.contexts:
         for variant in args.modes:
             if f"{T}:{variant}" in skip:
@@ -236,15 +241,17 @@ def main(argv: list[str] | None = None) -> int:
             "triton": _version("triton"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "commit": args.commit, "preset": args.preset, "bf16_matmul_tflops": peak,
             "kl_sample": args.kl_sample, "warmup_kl_sample": args.warmup_kl_sample, "msa_set": _msa_set(args.msa_set),
-            "activation_checkpointing": args.activation_checkpointing,
+            "activation_checkpointing": args.activation_checkpointing, "compile_ops": not args.eager_ops,
             "rows": rows}
     for r in rows:  # every record names its card and commit (the raw output is read record by record)
-        r.update(gpu=info["gpu"], commit=args.commit, activation_checkpointing=args.activation_checkpointing)
+        r.update(gpu=info["gpu"], commit=args.commit, activation_checkpointing=args.activation_checkpointing,
+                 compile_ops=not args.eager_ops)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)
     print(f"\n{info['gpu']}, torch {info['torch']}, preset {args.preset}, bf16, one row, fwd+bwd+AdamW"
-          f"{', activations recomputed' if args.activation_checkpointing else ''}; "
+          f"{', activations recomputed' if args.activation_checkpointing else ''}"
+          f"{', small ops eager' if args.eager_ops else ', small ops compiled'}; "
           f"MFU against the measured {peak or 0:.0f} TFLOP/s")
     print(f"{'context':>8} {'variant':>10} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6} "
           f"{'sparsity':>8} {'vs dense':>8}")

@@ -180,6 +180,10 @@ class ModelConfig:
     # forward of compute for the memory of one block's activations; longer rows fit); not an
     # architecture: a checkpoint trained either way loads into the other
     activation_checkpointing: bool = False
+    # on CUDA, torch.compile the small elementwise ops (RMSNorm, RoPE, the SwiGLU gate, the MoE's
+    # weighted combine; model/fused.py) into fused kernels; the same math, fewer passes over memory.
+    # CPU runs are always eager. Not an architecture: a checkpoint loads either way
+    compile_ops: bool = True
     msa: MSAConfig = field(default_factory=MSAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -240,6 +244,7 @@ class ModelConfig:
              f"must be one of {', '.join(DENSE_IMPLS)}, got {self.dense_impl!r}")
         need(isinstance(self.activation_checkpointing, bool), "activation_checkpointing",
              f"must be true or false, got {self.activation_checkpointing!r}")
+        need(isinstance(self.compile_ops, bool), "compile_ops", f"must be true or false, got {self.compile_ops!r}")
         need(isinstance(self.msa, MSAConfig), "msa", "must be a table")
         need(isinstance(self.moe, MoEConfig), "moe", "must be a table")
         self.msa.validate(f"{prefix}.msa")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from model import fused
 
 
 class RMSNorm(nn.Module):
@@ -16,10 +17,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalize in fp32: bf16 sums of squares lose too much at large d_model
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return fused.rms_norm(x, self.weight, self.eps)  # in fp32, fused on CUDA (model/fused.py)
 
 
 def rope_cos_sin(positions_BT: torch.Tensor, rope_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,12 +29,7 @@ def rope_cos_sin(positions_BT: torch.Tensor, rope_dim: int, theta: float) -> tup
 
 def apply_rope(x_BTHD: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor) -> torch.Tensor:
     """Rotate the first rope_dim dims of each head (partial RoPE when rope_dim < D); half-split pairing."""
-    rd = cos_BTF.shape[-1] * 2
-    x_rot, x_pass = x_BTHD[..., :rd].float(), x_BTHD[..., rd:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    cos, sin = cos_BTF[:, :, None, :], sin_BTF[:, :, None, :]
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x_BTHD.dtype)
-    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+    return fused.rope(x_BTHD, cos_BTF, sin_BTF)
 
 
 class SwiGLU(nn.Module):
@@ -47,7 +40,7 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(fused.silu_mul(self.w_gate(x), self.w_up(x)))
 
 
 class PatchEncoder(nn.Module):

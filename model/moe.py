@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import fused
 from model.config import MoEConfig
 from model.layers import SwiGLU
 
@@ -60,7 +61,7 @@ class RoutedExperts(nn.Module):
         buf_XCE[expert_A, slot_A] = h_AE
         g_XCF = torch.bmm(buf_XCE, self.w_gate.transpose(1, 2).to(buf_XCE.dtype))
         u_XCF = torch.bmm(buf_XCE, self.w_up.transpose(1, 2).to(buf_XCE.dtype))
-        y_XCE = torch.bmm(F.silu(g_XCF) * u_XCF, self.w_down.transpose(1, 2).to(buf_XCE.dtype))
+        y_XCE = torch.bmm(fused.silu_mul(g_XCF, u_XCF), self.w_down.transpose(1, 2).to(buf_XCE.dtype))
         return y_XCE[expert_A, slot_A]
 
     def forward_grouped(self, h_AE: torch.Tensor, counts_X: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ class RoutedExperts(nn.Module):
         h = h_AE.to(dt)
         g = torch._grouped_mm(h, self.w_gate.to(dt).transpose(-2, -1), offs=offs)
         u = torch._grouped_mm(h, self.w_up.to(dt).transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(F.silu(g) * u, self.w_down.to(dt).transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(fused.silu_mul(g, u), self.w_down.to(dt).transpose(-2, -1), offs=offs)
 
 
 class MoE(nn.Module):
@@ -110,7 +111,7 @@ class MoE(nn.Module):
             y_sorted_AE = self.experts.forward_bmm(h_AE, expert_sorted_A, counts_X)
         y_AE = torch.empty_like(y_sorted_AE)
         y_AE[order_A] = y_sorted_AE
-        y_NE = (y_AE.view(N, K, -1).float() * w_NK[..., None]).sum(1).to(x_NE.dtype)
+        y_NE = fused.weighted_sum(y_AE.view(N, K, -1), w_NK).to(x_NE.dtype)
         if self.shared is not None:
             y_NE = y_NE + self.shared(x_NE)
 

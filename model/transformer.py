@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from model import fused
 from model.attention import AttnContext, DenseMask, DocLayout, GQAAttention
 from model.batch import IGNORE_INDEX, Batch
 from model.config import ATTENTION_MODES, ModelConfig
@@ -84,6 +85,7 @@ class MultimodalTransformer(nn.Module):
         # the adaptive budget's ratio or p in use, where training adjusts it (msa.budget_match_topk);
         # None: the config's value
         self.budget_param: float | None = None
+        fused.set_enabled(cfg.compile_ops)  # process-wide: one model trains per process
         self.reset_parameters()
 
     # -----------------------------------------------------------------------------------------
