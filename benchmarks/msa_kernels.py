@@ -182,6 +182,10 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
     flops_sel = 2 * di * hkv * C
     timed("select fwd", lambda: bench_ms(lambda: kernels.msa_select(qi, ki, bs, K)), results,
                op="select", pass_="fwd", flops=flops_sel, **tag)
+    # without the blocks' log-sum-exps (the model's default, msa.index_lse = "kl": the KL computes
+    # the student's over the tokens it samples)
+    timed("lse-free select fwd", lambda: bench_ms(lambda: kernels.msa_select(qi, ki, bs, K, with_lse=False)), results,
+          op="select", pass_="fwd", flops=flops_sel, with_lse=False, **tag)
     stats = dict(T=T, E_per_token=E / T, union_8tok=tile_union_size(block_idx, 8),
                  union_128tok=tile_union_size(block_idx, min(128, T)))
     print(f"  attended keys/token {E / T:.0f}; blocks in the union of 8 tokens {stats['union_8tok']:.1f}, "
@@ -258,20 +262,25 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
     timed(f"kl, sampled {KL_SAMPLE:g} fwd+bwd", lambda: bench_ms(lambda: torch.autograd.grad(
         kernels.msa_kl_loss(q, k, qi_g, ki_g, sampled(block_idx), bs, lse=lse, index_lse=index_lse) / KL_SAMPLE,
         (qi_g, ki_g))), results, pass_="fwd+bwd", flops=kfb * KL_SAMPLE, **kls)
+    timed(f"kl computing index lse, sampled {KL_SAMPLE:g} fwd+bwd", lambda: bench_ms(lambda: torch.autograd.grad(
+        kernels.msa_kl_loss(q, k, qi_g, ki_g, sampled(block_idx), bs, lse=lse) / KL_SAMPLE,
+        (qi_g, ki_g))), results, pass_="fwd+bwd", flops=kfb * KL_SAMPLE, index_lse_in="kl", **kls)
 
-    # What a training step pays per MSA layer in these kernels: select + attention + KL, fwd+bwd
-    def sel_attn_kl(fraction):
-        bidx, ilse = kernels.msa_select(qi, ki, bs, K)
+    # What a training step pays per MSA layer in these kernels: select + attention + KL, fwd+bwd.
+    # lse_in: where the student's log-sum-exp comes from (model.msa.index_lse)
+    def sel_attn_kl(fraction, lse_in="select"):
+        bidx, ilse = kernels.msa_select(qi, ki, bs, K, with_lse=lse_in == "select")
         o2, lse2 = kernels.msa_attention(qq, kk_, vv, bidx, bs)
         torch.autograd.grad(o2, (qq, kk_, vv), do)
         kl_idx = bidx if fraction == 1 else sampled(bidx)
         kl = kernels.msa_kl_loss(q, k, qi_g, ki_g, kl_idx, bs, lse=lse2.detach(), index_lse=ilse) / fraction
         torch.autograd.grad(kl, (qi_g, ki_g))
 
-    for fraction in (1.0, KL_SAMPLE):
-        name = "select + attention + kl" + ("" if fraction == 1 else f" (kl sampled {fraction:g})")
-        timed(f"{name} fwd+bwd", lambda fraction=fraction: bench_ms(lambda: sel_attn_kl(fraction)), results,
-              op="select+attention+kl", pass_="fwd+bwd", kl_sample=fraction,
+    for fraction, lse_in in ((1.0, "select"), (KL_SAMPLE, "select"), (1.0, "kl"), (KL_SAMPLE, "kl")):
+        name = ("lse-free " if lse_in == "kl" else "") + "select + attention + kl" + (
+            "" if fraction == 1 else f" (kl sampled {fraction:g})")
+        timed(f"{name} fwd+bwd", lambda fraction=fraction, lse_in=lse_in: bench_ms(lambda: sel_attn_kl(fraction, lse_in)),
+              results, op="select+attention+kl", pass_="fwd+bwd", kl_sample=fraction, index_lse_in=lse_in,
               flops=flops_sel + 14 * dh * hq * E + kfb * fraction, **tag)
 
     # Tile-shared selection: our kernel on FlexAttention's pattern, tiles of 1 and of 8 tokens
@@ -548,8 +557,9 @@ def ratios(results, seqlens):
         return min(xs) if xs else None
 
     lines = ["| T | dense best fwd+bwd ms | attention speed-up | select+attention vs dense | "
-             "select+attention+KL vs dense | same, KL sampled | attention / flex | select / attention fwd |",
-             "|---|---|---|---|---|---|---|---|"]
+             "select+attention+KL vs dense | same, KL sampled | same, index lse in the KL | attention / flex | "
+             "select / attention fwd | lse-free select / attention fwd |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for t in seqlens:
         dense = ms("dense sdpa", t)
         att = ms("msa attention fwd+bwd", t)
@@ -557,11 +567,14 @@ def ratios(results, seqlens):
         sak = ms("select + attention + kl fwd+bwd", t)
         saks = ms("select + attention + kl (kl sampled", t)
         flex = ms("flex attention", t)
+        saksl = ms("lse-free select + attention + kl (kl sampled", t)
         sel = ms("select fwd", t, "fwd")
+        sell = ms("lse-free select fwd", t, "fwd")
         attf = ms("msa attention fwd", t, "fwd")
         f = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"  # noqa: E731
         lines.append(f"| {_k(t)} | {dense:.1f} | {f(dense, att)}x | {f(dense, sa)}x | {f(dense, sak)}x | "
-                     f"{f(dense, saks)}x | {f(att, flex)} | {f(sel, attf)} |" if dense else f"| {_k(t)} | n/a | | | | | | |")
+                     f"{f(dense, saks)}x | {f(dense, saksl)}x | {f(att, flex)} | {f(sel, attf)} | {f(sell, attf)} |"
+                     if dense else f"| {_k(t)} | n/a | | | | | | | | |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from model.tokens import image_patches, image_tokens  # noqa: F401 (part of this
 
 ATTENTION_MODES = ("dense", "warmup", "sparse", "oracle")  # of the MSA layers, see model/README.md (run modes:
 #                                                            pipeline/config.py); "oracle": evaluation only (model/oracle.py)
+INDEX_LSE_AT = ("kl", "select")  # where the sparse KL's student log-sum-exp is computed (msa.index_lse)
 MSA_BACKENDS = ("reference", "triton")  # kernels' backends; chosen explicitly, never by fallback
 DENSE_IMPLS = ("sdpa", "flex")  # how full (document-causal) attention is computed
 MOE_DISPATCH = ("bmm", "grouped_mm")
@@ -69,6 +70,12 @@ class MSAConfig:
     # fraction of the cost. 1.0 is the exact KL. Sparse phase, and the (dense-support) warm-up.
     kl_sample: float = 1.0
     warmup_kl_sample: float = 1.0
+    # Where the sparse KL's student log-sum-exp (over each token's selected keys) is computed, a
+    # question of speed only (the same value either way): "kl", in the KL for the tokens it covers
+    # (with kl_sample < 1, a fraction of them), which spares the selection's scan one exp2 per
+    # index score; "select", during the selection's scan, for every token. An adaptive budget
+    # computes it in the selection regardless (it needs the blocks' sums to cut).
+    index_lse: str = "kl"
     backend: str = "reference"  # kernels backend: "reference" (PyTorch fp32) | "triton"
 
     def __post_init__(self) -> None:
@@ -121,6 +128,8 @@ class MSAConfig:
         for name in ("kl_sample", "warmup_kl_sample"):
             v = getattr(self, name)
             _need(isinstance(v, (int, float)) and 0 < v <= 1, f"{prefix}.{name}", f"must be in (0, 1], got {v!r}")
+        _need(self.index_lse in INDEX_LSE_AT, f"{prefix}.index_lse",
+              f"must be one of {', '.join(INDEX_LSE_AT)}, got {self.index_lse!r}")
         _need(self.backend in MSA_BACKENDS, f"{prefix}.backend",
               f"must be one of {', '.join(MSA_BACKENDS)}, got {self.backend!r}")
 

@@ -96,10 +96,12 @@ class MSAAttention(GQAAttention):
         topk = min(msa.topk, -(-B * T // bs))
         block_idx = None
         if ctx.mode == "sparse" or ctx.compute_stats:
-            # in warmup this is the selection sparse mode would make, measured for its recall
+            # in warmup this is the selection sparse mode would make, measured for its recall; the
+            # student's log-sum-exp only where the KL takes it from here (msa.index_lse)
+            with_lse = ctx.mode == "sparse" and ctx.index_loss and msa.index_lse == "select"
             block_idx, index_lse = kernels.msa_select(qi_1NHI.detach(), ki_1NI.detach(), bs, topk, cu,
                                                       budget=msa.selection_budget(topk, ctx.budget_param),
-                                                      backend=backend)
+                                                      with_lse=with_lse, backend=backend)
             extras["blocks_per_token"] = stats.blocks_per_token(block_idx, layout)
         if ctx.mode == "sparse":
             o_1NHD, lse_1NH = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, cu, backend=backend)

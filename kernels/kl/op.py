@@ -247,12 +247,17 @@ class _MSAKLLossSplit(torch.autograd.Function):
             lp_NHK = lse_N if has_lse else _common.empty((N, Hq, TOPK), torch.float32, dev)
             lip_NHK = ilse_N if has_ilse else _common.empty((N, Hkv, TOPK), torch.float32, dev)
             cfg = _cfg("lse_split", q, block_size)
-            TQ, R = _common.step_rows(cfg.pop("rows"), G)
+            # With the teacher's lse given, only the student's is computed, which has no head axis:
+            # one row per token (G = 1 in the kernel's row mapping), not G copies of each token's
+            # row as the teacher's heads need.
+            G_rows = 1 if has_lse else G
+            TQ, R = _common.step_rows(cfg.pop("rows"), G_rows)
             cfg.pop("BN")
             kl_lse_split_kernel[(NCH * C, Hkv)](
                 q_N, k_N, qi_N, ki_N, lp_NHK, lip_NHK, *work, *strides,
                 lp_NHK.stride(0), lp_NHK.stride(1), lip_NHK.stride(0), lip_NHK.stride(1), *scales,
-                G=G, TQ=TQ, R=R, BS=block_size, D=D, DI=I, HAS_LSE=has_lse, HAS_ILSE=has_ilse, DOT_PREC=prec, **cfg,
+                G=G_rows, TQ=TQ, R=R, BS=block_size, D=D, DI=I, HAS_LSE=has_lse, HAS_ILSE=has_ilse, DOT_PREC=prec,
+                **cfg,
             )
             if not has_lse:
                 _merge_lse(lp_NHK, idx.valid_NHK, lse_N, G)

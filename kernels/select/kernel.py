@@ -1,5 +1,5 @@
 """Triton kernel of MSA block selection: token scores, causal block max-pooling, a running top-(k-1)
-of the non-local blocks kept in registers, and the index log-sum-exp over the selected keys.
+of the non-local blocks kept in registers, and (LSE) the index log-sum-exp over the selected keys.
 
 Not runnable by itself; called by `kernels.select.op.msa_select`. Tests: `pytest -q tests/kernels/test_msa_select.py`.
 
@@ -20,18 +20,21 @@ from kernels._common import LN2_C
 
 
 @triton.jit
-def _rank_block(s_RJ, blk, top_v, top_z, top_i, slot, qk_scale_log2, KP: tl.constexpr):
-    """Offer one fully visible block to each row's running top-(k-1): its max-pooled score and its
-    log-sum-exp, both in log2 units, from the unscaled scores s_RJ (the ranking is unchanged by the
-    positive scale, so the scale is applied once per row and inside one FMA per score)."""
+def _rank_block(s_RJ, blk, top_v, top_z, top_i, slot, qk_scale_log2, KP: tl.constexpr, Z: tl.constexpr):
+    """Offer one fully visible block to each row's running top-(k-1): its max-pooled score and (Z)
+    its log-sum-exp, both in log2 units, from the unscaled scores s_RJ (the ranking is unchanged by
+    the positive scale, so the scale is applied once per row and inside one FMA per score). Without
+    Z the block costs one max per score instead of an exp2 and two more operations: the exp2s are
+    as many as the scores, and the SFU's exp2 rate is no faster than the tensor cores' score rate."""
     m_R = tl.max(s_RJ, 1) * qk_scale_log2
-    z_R = m_R + tl.log2(tl.sum(tl.exp2(s_RJ * qk_scale_log2 - m_R[:, None]), 1))
     # Replace the smallest kept score if this block beats it (first slot on ties).
     cur_min = tl.min(top_v, 1)
     pos = tl.min(tl.where(top_v == cur_min[:, None], slot[None, :], KP), 1)
     hit = (slot[None, :] == pos[:, None]) & (m_R > cur_min)[:, None]
     top_v = tl.where(hit, m_R[:, None], top_v)
-    top_z = tl.where(hit, z_R[:, None], top_z)
+    if Z:
+        z_R = m_R + tl.log2(tl.sum(tl.exp2(s_RJ * qk_scale_log2 - m_R[:, None]), 1))
+        top_z = tl.where(hit, z_R[:, None], top_z)
     top_i = tl.where(hit, blk, top_i)
     return top_v, top_z, top_i, m_R
 
@@ -51,9 +54,11 @@ def select_kernel(
     stride_qi_n, stride_qi_h, stride_ki_n, stride_b_n, stride_b_h, stride_l_n,
     qk_scale_log2,
     BS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, HB: tl.constexpr,
-    DI: tl.constexpr, DOT_PREC: tl.constexpr, PIPE: tl.constexpr, SCORES: tl.constexpr,
+    DI: tl.constexpr, DOT_PREC: tl.constexpr, PIPE: tl.constexpr, SCORES: tl.constexpr, LSE: tl.constexpr,
 ):
     R: tl.constexpr = BM * HB
+    # the blocks' log-sum-exps: for index_lse (LSE) and for the adaptive budgets' slot sums (SCORES)
+    Z: tl.constexpr = LSE or SCORES
     # Late tiles see the most blocks: launch them first so the long programs do not trail.
     tile = n_tiles - 1 - tl.program_id(0)
     h0 = tl.program_id(1) * HB
@@ -87,12 +92,12 @@ def select_kernel(
             kpos = s0 + blk * BS + j
             ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + d[None, :])
             s_next = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC)
-            top_v, top_z, top_i, m_R = _rank_block(s_cur, blk - 1, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+            top_v, top_z, top_i, m_R = _rank_block(s_cur, blk - 1, top_v, top_z, top_i, slot, qk_scale_log2, KP, Z)
             if SCORES:
                 bm_R, bs_R = _add_block_score(bm_R, bs_R, m_R)
             s_cur = s_next
         if local > 0:
-            top_v, top_z, top_i, m_R = _rank_block(s_cur, local - 1, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+            top_v, top_z, top_i, m_R = _rank_block(s_cur, local - 1, top_v, top_z, top_i, slot, qk_scale_log2, KP, Z)
             if SCORES:
                 bm_R, bs_R = _add_block_score(bm_R, bs_R, m_R)
     else:
@@ -100,7 +105,7 @@ def select_kernel(
             kpos = s0 + blk * BS + j
             ki = tl.load(ki_ptr + kpos[:, None] * stride_ki_n + d[None, :])
             s_RJ = tl.dot(qi, tl.trans(ki), input_precision=DOT_PREC)
-            top_v, top_z, top_i, m_R = _rank_block(s_RJ, blk, top_v, top_z, top_i, slot, qk_scale_log2, KP)
+            top_v, top_z, top_i, m_R = _rank_block(s_RJ, blk, top_v, top_z, top_i, slot, qk_scale_log2, KP, Z)
             if SCORES:
                 bm_R, bs_R = _add_block_score(bm_R, bs_R, m_R)
 
@@ -112,10 +117,6 @@ def select_kernel(
     s_RJ = tl.where(kpos[None, :] <= tok_R[:, None], s_RJ, float("-inf"))
     m_loc = tl.max(s_RJ, 1)
     m_loc = tl.where(valid_R, m_loc, 0.0)  # rows past the sequence end see no key; keep them finite
-    z_loc = m_loc + tl.log2(tl.sum(tl.exp2(s_RJ - m_loc[:, None]), 1))
-
-    mz = tl.maximum(tl.max(top_z, 1), z_loc)
-    lse2 = mz + tl.log2(tl.sum(tl.exp2(top_z - mz[:, None]), 1) + tl.exp2(z_loc - mz))
 
     # Valid slots are filled front to back (ties pick the first free slot), so the local block
     # goes right after them: slot n_valid - 1 with n_valid = min(topk, local + 1).
@@ -123,7 +124,12 @@ def select_kernel(
     out = tl.where(slot[None, :] == n_valid - 1, local, top_i)
     tl.store(bidx_ptr + tok_R[:, None] * stride_b_n + head_R[:, None] * stride_b_h + slot[None, :], out,
              mask=valid_R[:, None] & (slot[None, :] < TOPK))
-    tl.store(lse_ptr + tok_R * stride_l_n + head_R, lse2 * LN2_C, mask=valid_R)
+    if Z:
+        z_loc = m_loc + tl.log2(tl.sum(tl.exp2(s_RJ - m_loc[:, None]), 1))
+    if LSE:
+        mz = tl.maximum(tl.max(top_z, 1), z_loc)
+        lse2 = mz + tl.log2(tl.sum(tl.exp2(top_z - mz[:, None]), 1) + tl.exp2(z_loc - mz))
+        tl.store(lse_ptr + tok_R * stride_l_n + head_R, lse2 * LN2_C, mask=valid_R)
     if SCORES:
         # For the adaptive budgets (kernels/select/budget.py): each slot's pooled score and key
         # log-sum-exp, and the log-sum-exp of the pooled scores over all visible blocks, natural

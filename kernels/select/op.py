@@ -51,7 +51,7 @@ def _check(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens):
 
 
 def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: Budget | None = None,
-               backend: str = "triton"):
+               with_lse: bool = True, backend: str = "triton"):
     """Select, per (token, index head), the local block plus the top-(topk-1) other visible blocks,
     or, with an adaptive `budget`, the local block plus the best n-1 of them for a count n per
     (token, head) in [budget.k_min, topk] (kernels/select/budget.py).
@@ -59,6 +59,10 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
     qi [B, T, Hkv, dI], ki [B, T, dI] (fp16/bf16/fp32). Returns block_idx int32 [B, T, Hkv, topk]
     (local block in slot n_valid-1, -1 after it) and index_lse fp32 [B, T, Hkv], the log-sum-exp of
     qi.ki/sqrt(dI) over the visible keys of the selected blocks. See kernels/select/README.md.
+
+    with_lse=False returns (block_idx, None) and spares the scan one exp2 per score: for a caller that
+    has the KL compute index_lse over the selected keys of the tokens it samples (`msa_kl_loss`
+    with index_lse=None). An adaptive budget computes the log-sum-exps anyway and returns it.
     """
     _check(qi, ki, block_size, topk, cu_seqlens)
     budget = budget or Budget()
@@ -66,8 +70,11 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
         raise TypeError(f"budget must be a kernels.select.budget.Budget, got {type(budget).__name__}")
     budget.check(topk)
     _common.check_backend(backend, qi.device, qi.dtype)
+    if not isinstance(with_lse, bool):
+        raise TypeError(f"with_lse must be True or False, got {with_lse!r}")
     if backend == "reference":
-        return msa_select_reference(qi, ki, block_size, topk, cu_seqlens, budget=budget)
+        block_idx, index_lse = msa_select_reference(qi, ki, block_size, topk, cu_seqlens, budget=budget)
+        return block_idx, index_lse if with_lse or budget.adaptive else None
 
     B, T, H, I = qi.shape
     N = B * T
@@ -76,8 +83,10 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
     ki_NI = ki.reshape(N, I)
     cu = _common.flat_cu_seqlens(B, T, cu_seqlens, qi.device)
     block_idx_NHK = _common.empty((N, H, topk), torch.int32, qi.device)
-    index_lse_NH = _common.empty((N, H), torch.float32, qi.device)
     scores = budget.adaptive
+    with_lse = with_lse or scores
+    # not written without LSE; a one-element stand-in for the pointer
+    index_lse_NH = _common.empty((N, H) if with_lse else (1, 1), torch.float32, qi.device)
     if scores:  # each slot's pooled score and key LSE, and the block-softmax LSE, for the budget
         score_NHK = _common.empty((N, H, topk), torch.float32, qi.device)
         slot_lse_NHK = _common.empty((N, H, topk), torch.float32, qi.device)
@@ -102,9 +111,9 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
         _common.LOG2E / math.sqrt(I),
         BS=block_size, TOPK=topk, KP=max(2, _common.next_pow2(topk)), BM=BM, HB=HB, DI=I,
         DOT_PREC=_common.dot_precision(qi.dtype), PIPE=bool(GPU_CONFIG.get("pipe", False)),
-        SCORES=scores, num_warps=8 if BM * HB >= 128 else 4, num_stages=GPU_CONFIG["num_stages"],
+        SCORES=scores, LSE=with_lse, num_warps=8 if BM * HB >= 128 else 4, num_stages=GPU_CONFIG["num_stages"],
     )
     if scores:
         block_idx_NHK, index_lse_NH = trim(block_idx_NHK, score_NHK, slot_lse_NHK, block_lse_NH, budget)
-    return block_idx_NHK.view(B, T, H, topk), index_lse_NH.view(B, T, H)
+    return block_idx_NHK.view(B, T, H, topk), index_lse_NH.view(B, T, H) if with_lse else None
 

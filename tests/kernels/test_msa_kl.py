@@ -107,6 +107,14 @@ def test_one_of_lse_and_index_lse_given(mode, device):
     _run(CASES["packed_G4"], mode, torch.float32, device)
 
 
+# lse given, index_lse computed by the KL: the model's default (msa.index_lse = "kl"); the student's
+# partials run one row per token, whatever the group size
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ["G16", "variable_packed_G4"])
+def test_index_lse_computed_by_the_kl(case, dtype, device):
+    _run({**CASES, **VARIANT_CASES}[case], "sparse_given_lse", dtype, device)
+
+
 def test_no_gradient_reaches_q_k_or_lse(device):
     B, T, Hq, Hkv, D, BS, K = 1, 48, 4, 2, 16, 16, 2
     q = rand(B, T, Hq, D, dtype=torch.float32, device=device, requires_grad=True)
@@ -171,6 +179,8 @@ GPU_CASES = [  # (B, T, Hq, Hkv, D, dI, block, topk, cu_seqlens, split options, 
                  id="bench-sparse-fp16-noprefetch"),
     pytest.param((1, 3000, 16, 2, 128, 64, 128, 16, [0, 100, 1100, 1101, 3000], dict(chunk_tokens=700), {}),
                  "sparse_recomputed", torch.bfloat16, id="packed-sparse-bf16"),
+    pytest.param((1, 2048, 32, 2, 128, 128, 128, 16, None, {}, {}), "sparse_given_lse", torch.bfloat16,
+                 id="bench-sparse-index-lse-in-kl-bf16"),
 ]
 
 

@@ -85,6 +85,21 @@ def test_matches_reference(case, variant, dtype, device):
     assert_close("index_lse", lse, rlse, rlse, torch.float32)
 
 
+@pytest.mark.parametrize("variant", ["rows64_pipe", "rows128"])
+def test_without_lse_the_same_selection(variant, device):
+    # with_lse=False leaves the blocks' log-sum-exps out of the scan: the ranking must not change
+    B, T, H, I, BS, K, cu = CASES["packed"]
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
+    qi = rand(B, T, H, I, dtype=torch.float32, device=device)
+    ki = rand(B, T, I, dtype=torch.float32, device=device)
+    with launch_variant(sel_op.GPU_CONFIG, VARIANTS[variant]):
+        b_lse, lse = kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t)
+        b_no, none = kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t, with_lse=False)
+    assert none is None and lse is not None
+    assert torch.equal(b_no, b_lse)
+    assert kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t, with_lse=False, backend="reference")[1] is None
+
+
 def test_reference_backend_agrees(device):
     qi = rand(1, 64, 2, 16, dtype=torch.float32, device=device)
     ki = rand(1, 64, 16, dtype=torch.float32, device=device)
@@ -133,5 +148,7 @@ def test_gpu_matches_reference(shape, dtype, variant):
     bidx, lse = _select(qi, ki, BS, K, cu_t, variant)
     frac = check_selection(bidx.cpu(), qi.float().cpu(), ki.float().cpu(), BS, K, None if cu is None else cu_t.cpu())
     assert frac > 0.99
+    with launch_variant(sel_op.GPU_CONFIG, VARIANTS[variant]):  # without the log-sum-exps: the same ranking
+        assert torch.equal(kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t, with_lse=False)[0], bidx)
     rlse = ref.index_lse_reference(qi, ki, bidx, BS, cu_t)
     assert_close("index_lse", lse, rlse, rlse, torch.float32)
