@@ -107,6 +107,12 @@ class RayConfig:
     local_num_cpus: int = 0  # logical CPUs of a local Ray; 0: enough for the workers and the data actors
     max_failures: int = 2  # worker-group restarts from the last checkpoint before the run fails
     parallel: str = "ddp"  # "ddp" | "fsdp" (FSDP2: parameters, gradients and optimizer state sharded)
+    # DDP's gradient all-reduce: the bucket size in MiB (torch's default, 25: larger buckets are fewer,
+    # larger collectives, started later in the backward), and the dtype the gradients travel in:
+    # "fp32", or "bf16" (half the bytes; each bucket is rounded to bf16 before the average and the
+    # result cast back, an approximation of the fp32 average, torch's bf16_compress_hook)
+    ddp_bucket_mb: float = 25.0
+    ddp_grad_dtype: str = "fp32"
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -117,6 +123,10 @@ class RayConfig:
             raise ConfigError("ray.parallel", f"must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.cpus_per_worker <= 0:
             raise ConfigError("ray.cpus_per_worker", "must be positive")
+        if not (isinstance(self.ddp_bucket_mb, (int, float)) and self.ddp_bucket_mb > 0):
+            raise ConfigError("ray.ddp_bucket_mb", f"must be a positive number of MiB, got {self.ddp_bucket_mb!r}")
+        if self.ddp_grad_dtype not in ("fp32", "bf16"):
+            raise ConfigError("ray.ddp_grad_dtype", f"must be 'fp32' or 'bf16', got {self.ddp_grad_dtype!r}")
 
 
 @dataclass

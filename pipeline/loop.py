@@ -135,7 +135,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if resume_from:
         saved, data_json, manifest = load_checkpoint(resume_from)  # verified: sizes, hashes
         check_shapes(manifest, raw.state_dict(), resume_from)
-    model = wrap(raw, cfg.ray.parallel, device)
+    model = wrap(raw, cfg.ray.parallel, device, cfg.ray.ddp_bucket_mb, cfg.ray.ddp_grad_dtype)
+    if rank == 0 and world > 1 and cfg.ray.parallel == "ddp" and (cfg.ray.ddp_bucket_mb != 25.0
+                                                                  or cfg.ray.ddp_grad_dtype != "fp32"):
+        hooked = isinstance(model, torch.nn.parallel.DistributedDataParallel) and model._comm_hooks
+        say(f"[train] DDP: gradients all-reduced in {cfg.ray.ddp_grad_dtype}"
+            f"{' (bf16 compress hook)' if hooked else ''}, buckets of {cfg.ray.ddp_bucket_mb:g} MiB")
     optimizer = build_optimizer(raw, cfg.train)  # after wrapping: FSDP replaces the parameters
     if resume_from:
         load_states(model, optimizer, saved)

@@ -19,11 +19,17 @@ _SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _LOAD = StateDictOptions(full_state_dict=True)
 
 
-def wrap(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, parallel: str, device: torch.device, ddp_bucket_mb: float = 25.0,
+         ddp_grad_dtype: str = "fp32") -> torch.nn.Module:
     import ray.train.torch
 
     if parallel == "ddp":
-        return ray.train.torch.prepare_model(model)
+        ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"bucket_cap_mb": ddp_bucket_mb})
+        if ddp_grad_dtype == "bf16" and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+            ddp.register_comm_hook(None, bf16_compress_hook)
+        return ddp
     from torch.distributed.fsdp import fully_shard
 
     model.to(device)

@@ -6,6 +6,11 @@
 #   bash scripts/pipeline_gpu_runs.sh all      # the 1-GPU and 2-GPU runs, no bench (a machine with 2 GPUs)
 #   bash scripts/pipeline_gpu_runs.sh long     # 1 GPU: step time with activations recomputed, dense and
 #                                              # sparse-s at 64K and 128K (what fits 128K on one card)
+#   bash scripts/pipeline_gpu_runs.sh steps    # 1 GPU: the step work of docs/perf/steps_h200.md: the kernels
+#                                              # at 8K-128K, then the step at 8K-64K (dense, warmup-s,
+#                                              # sparse-s) with a profile at 32K. Knobs: SKIP_KERNELS=1,
+#                                              # CONTEXTS, MODES, PROFILE (0: none), TAG (file suffix),
+#                                              # STEPS_ARGS (e.g. --eager-ops, --msa-set index_lse=select)
 #   bash scripts/pipeline_gpu_runs.sh budgets  # 1 GPU: the selection budgets: kernel rows at 64K, step
 #                                              # time at 32K, and msa-train `small` with top_p and ratio
 #                                              # (budgets-bench, budgets-train: the two halves alone)
@@ -17,7 +22,7 @@
 # Knobs: OUT (default runs/gpu/pipeline: the log, steps.json, mlflow.db), RUN_LIMIT_S (stop each
 # msa-train run after this many seconds; 0, the default, means no limit), PYTHON.
 set -uo pipefail
-what=${1:?bench|single|multi|all|long|budgets|budgets-bench|budgets-train|study|scaling|corpora}
+what=${1:?bench|single|multi|all|long|steps|budgets|budgets-bench|budgets-train|study|scaling|corpora}
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 OUT=${OUT:-$PWD/runs/gpu/pipeline}
 mkdir -p "$OUT"
@@ -53,6 +58,20 @@ if [ "$what" = study ]; then
   # STUDY_ARGS: e.g. "--set 'seeds=[0]'"; seeds go one per GPU at once (at most 2 GPUs: 2 seeds)
   eval "$PY -m pipeline.study --config configs/study-gpu.toml --parallel $(( ngpu < 2 ? 1 : 2 )) ${STUDY_ARGS:-}" 2>&1 \
     | grep -vE "$noise" | tee -a "$log"
+  echo "=== done ===" | tee -a "$log"
+  exit 0
+fi
+if [ "$what" = steps ]; then
+  if [ -z "${SKIP_KERNELS:-}" ]; then
+    echo "=== kernels ===" | tee -a "$log"
+    $PY -m benchmarks.msa_kernels --seqlens 8192,32768,65536,131072 --no-flex --out "$OUT/kernels" 2>&1 | tee -a "$log"
+  fi
+  echo "=== model step time ${STEPS_ARGS:-} ===" | tee -a "$log"
+  # shellcheck disable=SC2086  # word splitting of the knobs is wanted
+  $PY -m benchmarks.train_steps --preset small --contexts ${CONTEXTS:-8192 32768 65536} \
+    --modes ${MODES:-dense warmup-s sparse-s} --skip 8192:warmup-s 65536:warmup-s --iters 3 --warmup 1 \
+    --profile "${PROFILE:-32768}" --commit "${GIT_COMMIT:-}" --out "$OUT/steps${TAG:-}.json" ${STEPS_ARGS:-} 2>&1 \
+    | tee -a "$log"
   echo "=== done ===" | tee -a "$log"
   exit 0
 fi

@@ -18,10 +18,13 @@ def test_dense_run_then_retrofit_of_its_checkpoint(demo_shards, tmp_path, capsys
               "--set", f"data.shards=['{demo_shards}']", "--set", f"output_dir='{tmp_path / 'out'}'",
               "--set", "tracking.experiment='modes'", "--set", "model.n_layers=2", "--set", "train.log_every=2",
               "--set", "train.eval_every=0", "--set", "train.warmup_steps=2"]
+    # the dense run also takes DDP's other gradient path: small buckets, all-reduced in bf16 (gloo)
     assert train_main(common + ["--set", "schedule.mode=dense", "--set", "train.max_steps=6",
+                                "--set", "ray.ddp_bucket_mb=1", "--set", "ray.ddp_grad_dtype='bf16'",
                                 "--set", "tracking.run_name='dense'"]) == 0
     out = capsys.readouterr().out
     assert "building the model without the index branch" in out
+    assert "DDP: gradients all-reduced in bf16 (bf16 compress hook), buckets of 1 MiB" in out
     dense_ckpt = out.split("last checkpoint: ")[1].split()[0]
 
     assert train_main(common + ["--set", "schedule.mode=retrofit", "--set", f"schedule.retrofit_from='{dense_ckpt}'",
