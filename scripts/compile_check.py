@@ -85,7 +85,9 @@ def _run_case(kernels, case) -> int:
         ki = torch.randn(1, T, I).to(dt).requires_grad_(True)
         # Outputs are never written (nothing runs), so feed a valid selection by hand.
         bidx, ilse = kernels.msa_select(qi.detach(), ki.detach(), BS, K, cu_seqlens=cu_t)
-        # the variant that also writes each slot's scores, for the adaptive budgets
+        # without the log-sum-exps (the model's default), and the variant that also writes each
+        # slot's scores, for the adaptive budgets
+        kernels.msa_select(qi.detach(), ki.detach(), BS, K, cu_seqlens=cu_t, with_lse=False)
         kernels.msa_select(qi.detach(), ki.detach(), BS, K, cu_seqlens=cu_t, budget=kernels.Budget("top_p"))
         nb = -(-T // BS)
         sel = torch.arange(min(K, nb), dtype=torch.int32).expand(1, T, Hkv, min(K, nb))
