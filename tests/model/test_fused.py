@@ -102,9 +102,12 @@ def test_compiled_ops_match_fp64_references_on_cuda(monkeypatch):
 
 @pytest.mark.gpu
 @cuda
-def test_small_model_step_compiled_equals_eager():
-    import sys
+def test_small_model_step_compiled_as_accurate_as_eager():
+    """One `small`-model step (forward + backward) under bf16 autocast with the ops compiled and with
+    them eager, each against the same step in fp32 (the reference): the compiled step may round
+    differently from the eager one, but must be no further from fp32 than the eager step is."""
     import os
+    import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
     from model_helpers import IMG_PATCH, build_batch
@@ -113,26 +116,43 @@ def test_small_model_step_compiled_equals_eager():
     from model.transformer import MultimodalTransformer
 
     T = 4096
-    res = {}
-    for flag in (False, True):
+
+    def step(compile_ops: bool, bf16: bool):
         cfg = get_preset("small")
-        cfg.compile_ops = flag
+        cfg.compile_ops = compile_ops
+        if not bf16:
+            cfg.moe.dispatch = "bmm"  # torch._grouped_mm is bf16-only; the same math (test_gpu.py)
         torch.manual_seed(0)
         model = MultimodalTransformer(cfg, IMG_PATCH).cuda()
-        assert fused.enabled() is flag
+        assert fused.enabled() is compile_ops
         batch = build_batch(cfg, [[3000, 1096]], T, images_per_row=[1]).to("cuda")
         w = model.loss_weights()
-        torch.manual_seed(1)  # the sampled KL draws the same tokens
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.manual_seed(1)  # the sampled KL draws the same tokens in every run
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             out = model(batch)
         sum(w[k] * v for k, v in out.losses.items()).backward()
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-        res[flag] = ({k: float(v) for k, v in out.losses.items()}, grads)
-    (loss_e, g_e), (loss_c, g_c) = res[False], res[True]
-    assert loss_e.keys() == loss_c.keys() and g_e.keys() == g_c.keys()
-    for k in loss_e:
-        assert loss_c[k] == pytest.approx(loss_e[k], rel=2e-3, abs=1e-4), k
-    for n in g_e:  # bf16 activations: compare each gradient by its relative norm error
-        err = (g_c[n] - g_e[n]).norm() / g_e[n].norm().clamp(min=1e-12)
-        assert err < 2e-2, (n, float(err))
-    fused.set_enabled(True)
+        losses = {k: float(v.detach()) for k, v in out.losses.items()}
+        grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return losses, grads
+
+    try:
+        ref_l, ref_g = step(False, bf16=False)
+        eag_l, eag_g = step(False, bf16=True)
+        cmp_l, cmp_g = step(True, bf16=True)
+    finally:
+        fused.set_enabled(True)
+    assert ref_l.keys() == eag_l.keys() == cmp_l.keys() and ref_g.keys() == eag_g.keys() == cmp_g.keys()
+
+    def rel(g, n):
+        return float((g[n] - ref_g[n]).norm() / ref_g[n].norm().clamp(min=1e-12))
+
+    for k in ref_l:
+        e_eager, e_comp = abs(eag_l[k] - ref_l[k]), abs(cmp_l[k] - ref_l[k])
+        assert e_comp <= 1.5 * e_eager + 1e-3 * max(1.0, abs(ref_l[k])), (k, ref_l[k], eag_l[k], cmp_l[k])
+    flat = lambda g: torch.cat([g[n].flatten() for n in sorted(ref_g)])  # noqa: E731
+    ref_all = flat(ref_g)
+    err_eager = float((flat(eag_g) - ref_all).norm() / ref_all.norm())
+    err_comp = float((flat(cmp_g) - ref_all).norm() / ref_all.norm())
+    assert err_comp <= 1.2 * err_eager + 1e-3, (err_comp, err_eager)
+    worse = {n: (rel(cmp_g, n), rel(eag_g, n)) for n in ref_g if rel(cmp_g, n) > 2 * rel(eag_g, n) + 5e-3}
+    assert not worse, worse
