@@ -337,6 +337,13 @@ def launch_config(table: dict, kernel: str, x: torch.Tensor, block_size: int, ro
         cfg["BN"] = min(cfg["BN"], block_size)
         if rows >= 128:  # wide tiles (tokens_per_tile x G >= 128 rows): fp32 accumulators need 8 warps
             cfg["num_warps"] = max(cfg["num_warps"], 8)
+        if x.element_size() == 4:
+            # fp32 inputs (IEEE products, a correctness path: no tensor cores) take twice the shared
+            # memory of bf16 per tile: without pipelining stages and with half the rows per step they
+            # fit a block's 227 KiB at dh = dI = block = 128 (scripts/compile_check.py checks it)
+            cfg["num_stages"] = 1
+            if "rows" in cfg:
+                cfg["rows"] = max(16, cfg["rows"] // 2)
     for key, name in (constexprs or {}).items():
         cfg.pop(key, None)
         if key in entry:

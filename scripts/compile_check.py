@@ -2,9 +2,11 @@
 GPU, and report each kernel's registers, spills, shared memory and whether its SASS uses the Hopper
 tensor-core instructions (HGMMA) or the older HMMA.
 
-Run from the repo root: `python -m scripts.compile_check [--sweep]` (no TRITON_INTERPRET; needs only
-triton's bundled ptxas). --sweep also compiles every launch variant of
-`python -m benchmarks.msa_kernels --sweep` on the benchmark shape.
+Run from the repo root: `python -m scripts.compile_check [--sweep] [--fp32-only]` (no TRITON_INTERPRET;
+needs only triton's bundled ptxas). --sweep also compiles every launch variant of
+`python -m benchmarks.msa_kernels --sweep` on the benchmark shape; --fp32-only compiles only the
+fp32 cases. A specialisation that asks for more shared memory than a block has on sm_90 counts as
+a failure (the card would refuse its launch).
 
 It replaces Triton's driver with a stub that reports an sm_90 target and turns every launch into a
 compile-only warm-up, then runs the public functions (forward and backward) on CPU tensors of the
@@ -64,13 +66,20 @@ def _report(name, params, kernel, bindir):
         res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", path], capture_output=True, text=True).stdout
         sass = subprocess.run([os.path.join(bindir, "nvdisasm"), path], capture_output=True, text=True).stdout
     usage = next((ln.strip() for ln in res.splitlines() if "REG:" in ln), "?")
+    usage = usage.replace("SHARED:", "STATIC_SHARED:") + f" DYN_SHARED:{kernel.metadata.shared}"
     mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "no MMA")
     local = "LDL/STL" if ("LDL" in sass or "STL" in sass) else ""
     shown = {k: v for k, v in params.items() if k in ("G", "TM", "TQ", "R", "BN", "BS", "D", "DI", "HB", "BM", "DENSE",
                                                       "HAS_LSE", "HAS_ILSE", "TN", "SOFTMAX", "HAS_DLSE", "W",
                                                       "HAS_GRAD", "PREFETCH", "Q_EVICT", "PART_CACHE", "PART_EVICT",
                                                       "PIPE", "SCORES", "num_warps", "num_stages")}
-    return f"{name:22s} {mma:6s} {local:7s} {usage}  {shown}"
+    over = "OVER-SMEM" if kernel.metadata.shared > SMEM_LIMIT else ""
+    return f"{name:22s} {mma:6s} {local:7s} {over:9s} {usage}  {shown}"
+
+
+# shared memory one block may use on sm_90 (H100 and H200): a launch asking for more fails with
+# OutOfResources on the card, so a specialisation over it counts as a failure here
+SMEM_LIMIT = 232448
 
 
 def _run_case(kernels, case) -> int:
@@ -128,10 +137,15 @@ def main(argv=None):
         (300, 16, 4, 64, 64, 64, 3, [0, 5, 200, 300], torch.bfloat16),
         (256, 8, 8, 64, 128, 64, 2, None, torch.bfloat16),
         (256, 2, 2, 128, 64, 128, 2, None, torch.bfloat16),
+        (512, 32, 2, 128, 128, 128, 4, None, torch.float32),    # fp32 (IEEE products) at the `small` shape
+        (300, 16, 4, 64, 64, 64, 3, [0, 5, 200, 300], torch.float32),
     ]
+    argv = argv if argv is not None else sys.argv[1:]
+    if "--fp32-only" in argv:  # the fp32 cases alone (a quicker check of the fp32 launch settings)
+        cases = [c for c in cases if c[-1] == torch.float32]
     for case in cases:
         fails += _run_case(kernels, case)
-    if "--sweep" in (argv if argv is not None else sys.argv[1:]):
+    if "--sweep" in argv:
         # Every launch variant `benchmarks.msa_kernels --sweep` may pick, on the benchmark shape.
         from benchmarks.msa_kernels import SWEEP
         from kernels.attention import op as attn_op
@@ -151,14 +165,17 @@ def main(argv=None):
             configs[op].update(saved)
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     seen = set()
+    over = 0
     for name, params, kernel in COMPILED:
         key = (name, tuple(sorted(params.items())))
         if kernel is None or key in seen:
             continue
         seen.add(key)
         print(_report(name, params, kernel, bindir))
-    print(f"{len(seen)} specialisations compiled for sm_90 with triton {triton.__version__}; {fails} failing cases")
-    return 1 if fails else 0
+        over += kernel.metadata.shared > SMEM_LIMIT
+    print(f"{len(seen)} specialisations compiled for sm_90 with triton {triton.__version__}; {fails} failing cases; "
+          f"{over} over the {SMEM_LIMIT}-byte shared memory of a block")
+    return 1 if fails or over else 0
 
 
 if __name__ == "__main__":
