@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.study import main as study_main
 
-# the tiny study made smaller still for CI: 512-token rows, 8 steps of 2 rows, 16 held-out documents
-SMALL = ["ray.num_workers=1", "train.batch_size=2", "data.seq_len=512", "train.log_every=2", "train.warmup_steps=2",
+# the tiny study made smaller still for CI: 512-token rows, 4 steps of 2 rows (each logged, so that 0.75 of
+# them is a logging step), 8 held-out documents
+SMALL = ["ray.num_workers=1", "train.batch_size=2", "data.seq_len=512", "train.log_every=1", "train.warmup_steps=2",
          "train.stats_every=2", "train.eval_every=0", "schedule.warmup_tokens=2048"]
 RUN_KEYS = {"seed", "tokens", "mlflow_run_id", "eval_lm_loss", "retrieval_acc", "retrieval_acc_by_distance",
             "step_ms", "sparsity"}
@@ -19,7 +20,7 @@ RUN_KEYS = {"seed", "tokens", "mlflow_run_id", "eval_lm_loss", "retrieval_acc", 
 def _argv(out, demo_shards, heldout):
     return ["--config", "configs/study-tiny.toml", "--set", f"output_dir='{out}'",
             "--set", f"train_shards=['{demo_shards}']", "--set", f"eval.shards='{heldout}'",
-            "--set", "tokens=8192", "--set", "eval.documents=16", "--set", "eval.stats_batches=1",
+            "--set", "tokens=4096", "--set", "eval.documents=8", "--set", "eval.stats_batches=1",
             "--set", f"overrides={SMALL!r}"]
 
 
@@ -32,12 +33,12 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
     # the two seeds at once, each in its own process with its own local Ray (on a GPU host, its own GPU)
     assert study_main(argv + ["--parallel", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "retrofit starts at step 6" not in printed  # 0.75 of 8 steps is a logging step: no note
+    assert "retrofit starts at step 3" not in printed  # 0.75 of 4 steps is a logging step: no note
     assert "seeds [0, 1] in 2 lanes at once" in printed
     # two local Rays on one host: Ray's own helpers inside each must find their cluster, not trip over the other
     assert "multiple active Ray instances" not in printed
     for seed in (0, 1):  # each lane's output is on the console, prefixed, and in its log
-        assert f"[s{seed}] [msa-study] dense-s{seed}: training 8 steps" in printed
+        assert f"[s{seed}] [msa-study] dense-s{seed}: training 4 steps" in printed
         log = (out / "logs" / f"lane-s{seed}.log").read_text()
         assert f"native-s{seed}" in log and f"native-s{1 - seed}" not in log
 
@@ -49,7 +50,7 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
         assert [r["seed"] for r in runs] == [0, 1]
         for r in runs:
             assert RUN_KEYS <= set(r), arm
-            assert r["tokens"] == 8192  # equal training tokens in every arm
+            assert r["tokens"] == 4096  # equal training tokens in every arm
             assert 0 < r["eval_lm_loss"] < 12 and 0 <= r["retrieval_acc"] <= 1
             assert r["retrieval_acc_by_distance"] and set(r["retrieval_acc_by_distance"]) <= {
                 "0-16", "16-32", "32-64", "64-128", "128-256", "256-512"}
@@ -59,7 +60,7 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
     sets = {json.dumps(r["eval_set"], sort_keys=True) for b in res["arms"].values() for r in b["runs"]}
     assert len(sets) == 1 and not res["eval_sets_differ"]
     assert res["eval"]["shards"] == str(heldout_long_shards) and len(res["eval"]["sha256"]) == 64
-    assert res["eval"]["documents"] == 16
+    assert res["eval"]["documents"] == 8
     # same seed, same data order: dense and native consumed the same tokens; the retrofit continues
     # the dense run's data plan, re-reading at most the shard in flight at its checkpoint
     dense = {r["seed"]: r for r in res["arms"]["dense"]["runs"]}
@@ -67,7 +68,7 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
         assert r["tokens_seen"] == dense[r["seed"]]["tokens_seen"]
     for r in res["arms"]["retrofit"]["runs"]:
         assert r["tokens_seen"] == pytest.approx(dense[r["seed"]]["tokens_seen"], rel=0.25)
-        assert r["source"]["step"] == 6 and r["source"]["dense_run"] == dense[r["seed"]]["mlflow_run_id"]
+        assert r["source"]["step"] == 3 and r["source"]["dense_run"] == dense[r["seed"]]["mlflow_run_id"]
     # MSA arms are sparse and measured; the dense arm is not
     for arm in ("native", "retrofit", "dense-patched"):
         for r in res["arms"][arm]["runs"]:
@@ -109,7 +110,7 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
     assert {"report.md", "results.json", "figures"} <= artifacts
     retro = next(r for r in children if r.info.run_name == "retrofit-s0")
     steps = sorted(m.step for m in client.get_metric_history(retro.info.run_id, "train/lm_loss"))
-    assert steps == [8]  # it continued the dense run at step 6: its first (and only) window ends at 8
+    assert steps == [4]  # it continued the dense run at step 3: its first (and only) window ends at 4
     assert retro.data.tags["mode"] == "retrofit" and retro.data.tags["study_arm"] == "retrofit"
 
     # resumable: the same command again trains and evaluates nothing, and keeps the results
