@@ -39,6 +39,8 @@ def _tiny(**top):
     (dict(moe=dict(dispatch="loop")), "model.moe.dispatch", "one of"),
     (dict(moe=dict(n_dense_layers=4)), "model.moe.n_dense_layers", "no MoE layer"),
     (dict(moe=dict(aux_weight=-0.1)), "model.moe.aux_weight", ">= 0"),
+    (dict(msa=dict(index_lse="attention")), "model.msa.index_lse", "kl, select"),
+    (dict(compile_ops="yes"), "model.compile_ops", "true or false"),
 ])
 def test_bad_config_names_the_field(over, field, words):
     with pytest.raises(ConfigError) as e:

@@ -74,6 +74,17 @@ def test_budget_fields_are_checked_for_their_budget(override, field):
         config_from_dict(data)
 
 
+@pytest.mark.parametrize("override, words", [
+    (["ray.ddp_grad_dtype=\"fp16\""], "'fp32' or 'bf16'"),
+    (["ray.ddp_bucket_mb=0"], "positive number of MiB"),
+])
+def test_ddp_settings_are_checked(override, words):
+    data = apply_overrides({k: dict(v) for k, v in BASE.items()}, override)
+    with pytest.raises(ConfigError, match="^" + override[0].split("=")[0]) as e:
+        config_from_dict(data)
+    assert words in str(e.value)
+
+
 def test_params_log_only_the_budget_fields_that_apply():
     from pipeline.config import resolved_params
 
