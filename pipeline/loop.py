@@ -25,7 +25,7 @@ from model.batch import Batch
 from pipeline.checkpoint import (check_shapes, latest_checkpoint, load_checkpoint,
                                  prune_checkpoints, remove_stale_temporaries, resolve_checkpoint, restore_rng,
                                  rng_state, write_checkpoint)
-from pipeline.config import RunConfig, build_model, config_from_dict
+from pipeline.config import RayConfig, RunConfig, build_model, config_from_dict
 from pipeline.data import BOOKKEEPING, DROP_REASONS
 from pipeline.evaluate import evaluate
 from pipeline.flops import StepFlops, device_peak_tflops
@@ -135,12 +135,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if resume_from:
         saved, data_json, manifest = load_checkpoint(resume_from)  # verified: sizes, hashes
         check_shapes(manifest, raw.state_dict(), resume_from)
-    model = wrap(raw, cfg.ray.parallel, device, cfg.ray.ddp_bucket_mb, cfg.ray.ddp_grad_dtype)
-    if rank == 0 and world > 1 and cfg.ray.parallel == "ddp" and (cfg.ray.ddp_bucket_mb != 25.0
-                                                                  or cfg.ray.ddp_grad_dtype != "fp32"):
-        hooked = isinstance(model, torch.nn.parallel.DistributedDataParallel) and model._comm_hooks
-        say(f"[train] DDP: gradients all-reduced in {cfg.ray.ddp_grad_dtype}"
-            f"{' (bf16 compress hook)' if hooked else ''}, buckets of {cfg.ray.ddp_bucket_mb:g} MiB")
+    model = wrap(raw, cfg.ray, device)
+    ddp_set = (cfg.ray.ddp_bucket_mb, cfg.ray.ddp_grad_dtype)
+    if rank == 0 and world > 1 and cfg.ray.parallel == "ddp" and ddp_set != (RayConfig.ddp_bucket_mb,
+                                                                           RayConfig.ddp_grad_dtype):
+        mb, dtype = ddp_set  # not the defaults: say so
+        say(f"[train] DDP: gradients all-reduced in {dtype}{' (bf16 compress hook)' if dtype == 'bf16' else ''}, "
+            f"buckets of {mb:g} MiB")
     optimizer = build_optimizer(raw, cfg.train)  # after wrapping: FSDP replaces the parameters
     if resume_from:
         load_states(model, optimizer, saved)

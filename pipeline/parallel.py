@@ -7,10 +7,15 @@ presets — and the state dicts that work for both (full, unsharded, gathered on
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+
+if TYPE_CHECKING:
+    from pipeline.config import RayConfig
 
 _SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Every rank reads the checkpoint itself and passes the full state: FSDP2 keeps its own shard of it,
@@ -19,13 +24,14 @@ _SAVE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _LOAD = StateDictOptions(full_state_dict=True)
 
 
-def wrap(model: torch.nn.Module, parallel: str, device: torch.device, ddp_bucket_mb: float = 25.0,
-         ddp_grad_dtype: str = "fp32") -> torch.nn.Module:
+def wrap(model: torch.nn.Module, ray_cfg: RayConfig, device: torch.device) -> torch.nn.Module:
+    """The model wrapped for `ray_cfg.parallel` (DDP with the config's bucket size and all-reduce
+    dtype, or FSDP2); one worker's DDP is the model itself (Ray Train does not wrap it)."""
     import ray.train.torch
 
-    if parallel == "ddp":
-        ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"bucket_cap_mb": ddp_bucket_mb})
-        if ddp_grad_dtype == "bf16" and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+    if ray_cfg.parallel == "ddp":
+        ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"bucket_cap_mb": ray_cfg.ddp_bucket_mb})
+        if ray_cfg.ddp_grad_dtype == "bf16" and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 
             ddp.register_comm_hook(None, bf16_compress_hook)

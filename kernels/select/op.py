@@ -72,9 +72,11 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
     _common.check_backend(backend, qi.device, qi.dtype)
     if not isinstance(with_lse, bool):
         raise TypeError(f"with_lse must be True or False, got {with_lse!r}")
+    scores = budget.adaptive
+    with_lse = with_lse or scores  # an adaptive budget's cut needs the slots' log-sum-exps anyway
     if backend == "reference":
         block_idx, index_lse = msa_select_reference(qi, ki, block_size, topk, cu_seqlens, budget=budget)
-        return block_idx, index_lse if with_lse or budget.adaptive else None
+        return block_idx, index_lse if with_lse else None
 
     B, T, H, I = qi.shape
     N = B * T
@@ -83,8 +85,6 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
     ki_NI = ki.reshape(N, I)
     cu = _common.flat_cu_seqlens(B, T, cu_seqlens, qi.device)
     block_idx_NHK = _common.empty((N, H, topk), torch.int32, qi.device)
-    scores = budget.adaptive
-    with_lse = with_lse or scores
     # not written without LSE; a one-element stand-in for the pointer
     index_lse_NH = _common.empty((N, H) if with_lse else (1, 1), torch.float32, qi.device)
     if scores:  # each slot's pooled score and key LSE, and the block-softmax LSE, for the budget
