@@ -159,6 +159,35 @@ def tile_union_size(block_idx_BTHK, tokens):
 # ---------------------------------------------------------------------------------------------
 # One sequence length
 # ---------------------------------------------------------------------------------------------
+def agreement(a_NHK, b_NHK) -> tuple[float, float]:
+    """(share of rows whose selected sets are equal, share of b's selected blocks that a selects too)."""
+    same = (a_NHK.sort(-1).values == b_NHK.sort(-1).values).all(-1).float().mean().item()
+    valid = b_NHK >= 0
+    hit = (b_NHK[..., :, None] == a_NHK[..., None, :]).any(-1) & valid
+    return same, (hit.sum() / valid.sum()).item()
+
+
+# Up to this length the FP8 and bf16 selections are also compared with the fp32 reference's (slow).
+FP8_REF_T = 32768
+
+
+def fp8_agreement(qi, ki, bs, K, bf16_idx, results, T):
+    """How often FP8 index scores change the selected set: against the bf16 kernel's selection at
+    every length, and (up to FP8_REF_T) both against the fp32 reference's, which puts the FP8
+    rounding beside the bf16 rounding the default path already has."""
+    from kernels.select.reference import msa_select_reference
+
+    fp8_idx, _ = kernels.msa_select(qi, ki, bs, K, with_lse=False, fp8=True)
+    rec = dict(name="fp8 selection agreement", op="select-agreement", T=T)
+    rec["fp8_vs_bf16_same_set"], rec["fp8_vs_bf16_block_recall"] = agreement(fp8_idx, bf16_idx)
+    if T <= FP8_REF_T:
+        ref_idx, _ = msa_select_reference(qi.float(), ki.float(), bs, K)
+        rec["fp8_vs_fp32_same_set"], rec["fp8_vs_fp32_block_recall"] = agreement(fp8_idx, ref_idx)
+        rec["bf16_vs_fp32_same_set"], rec["bf16_vs_fp32_block_recall"] = agreement(bf16_idx, ref_idx)
+    print("  fp8 selection: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if isinstance(v, float)), flush=True)
+    results.append(rec)
+
+
 def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_variants=()):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float16
@@ -186,6 +215,10 @@ def bench_seqlen(T, results, smoke=False, flex_compiled=None, dense=True, tm_var
     # the student's over the tokens it samples)
     timed("lse-free select fwd", lambda: bench_ms(lambda: kernels.msa_select(qi, ki, bs, K, with_lse=False)), results,
           op="select", pass_="fwd", flops=flops_sel, with_lse=False, **tag)
+    # ranked on FP8 index scores (model.msa.select_fp8), and how often that changes the selection
+    timed("fp8 select fwd", lambda: bench_ms(lambda: kernels.msa_select(qi, ki, bs, K, with_lse=False, fp8=True)),
+          results, op="select", pass_="fwd", flops=flops_sel, with_lse=False, fp8=True, **tag)
+    fp8_agreement(qi, ki, bs, K, block_idx, results, T)
     stats = dict(T=T, E_per_token=E / T, union_8tok=tile_union_size(block_idx, 8),
                  union_128tok=tile_union_size(block_idx, min(128, T)))
     print(f"  attended keys/token {E / T:.0f}; blocks in the union of 8 tokens {stats['union_8tok']:.1f}, "
@@ -528,7 +561,7 @@ def table(results, seqlens):
     """Markdown table: rows = op/pass, columns = T (ms, TFLOP/s)."""
     names = []
     for r in results:
-        if r.get("op") == "sweep" or r.get("op", "").startswith("budget "):
+        if r.get("op") in ("sweep", "select-agreement") or r.get("op", "").startswith("budget "):
             continue
         if r["name"] not in names:
             names.append(r["name"])
@@ -558,8 +591,8 @@ def ratios(results, seqlens):
 
     lines = ["| T | dense best fwd+bwd ms | attention speed-up | select+attention vs dense | "
              "select+attention+KL vs dense | same, KL sampled | same, index lse in the KL | attention / flex | "
-             "select / attention fwd | lse-free select / attention fwd |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "select / attention fwd | lse-free select / attention fwd | fp8 select / attention fwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in seqlens:
         dense = ms("dense sdpa", t)
         att = ms("msa attention fwd+bwd", t)
@@ -570,11 +603,12 @@ def ratios(results, seqlens):
         saksl = ms("lse-free select + attention + kl (kl sampled", t)
         sel = ms("select fwd", t, "fwd")
         sell = ms("lse-free select fwd", t, "fwd")
+        sel8 = ms("fp8 select fwd", t, "fwd")
         attf = ms("msa attention fwd", t, "fwd")
         f = lambda a, b: f"{a / b:.2f}" if a and b else "n/a"  # noqa: E731
         lines.append(f"| {_k(t)} | {dense:.1f} | {f(dense, att)}x | {f(dense, sa)}x | {f(dense, sak)}x | "
-                     f"{f(dense, saks)}x | {f(dense, saksl)}x | {f(att, flex)} | {f(sel, attf)} | {f(sell, attf)} |"
-                     if dense else f"| {_k(t)} | n/a | | | | | | | | |")
+                     f"{f(dense, saks)}x | {f(dense, saksl)}x | {f(att, flex)} | {f(sel, attf)} | {f(sell, attf)} | "
+                     f"{f(sel8, attf)} |" if dense else f"| {_k(t)} | n/a | | | | | | | | | |")
     return "\n".join(lines)
 
 

@@ -76,6 +76,12 @@ class MSAConfig:
     # index score; "select", during the selection's scan, for every token. An adaptive budget
     # computes it in the selection regardless (it needs the blocks' sums to cut).
     index_lse: str = "kl"
+    # Rank the blocks on FP8 (e4m3) index scores: the selection's products at twice the bf16 rate on
+    # Hopper's tensor cores (kernels/select/op.py). It changes which blocks win only where the
+    # rounding reorders close pooled scores; how often is measured in docs/perf/kernels_h200.md. The
+    # KL and the attention are unchanged (they never see these scores). Static top-k with
+    # index_lse = "kl" only.
+    select_fp8: bool = False
     backend: str = "reference"  # kernels backend: "reference" (PyTorch fp32) | "triton"
 
     def __post_init__(self) -> None:
@@ -130,6 +136,14 @@ class MSAConfig:
             _need(isinstance(v, (int, float)) and 0 < v <= 1, f"{prefix}.{name}", f"must be in (0, 1], got {v!r}")
         _need(self.index_lse in INDEX_LSE_AT, f"{prefix}.index_lse",
               f"must be one of {', '.join(INDEX_LSE_AT)}, got {self.index_lse!r}")
+        _need(isinstance(self.select_fp8, bool), f"{prefix}.select_fp8",
+              f"must be true or false, got {self.select_fp8!r}")
+        if self.select_fp8:
+            _need(self.budget == "static", f"{prefix}.select_fp8",
+                  f"needs the static budget (rounded scores would move an adaptive budget's cut), "
+                  f"got budget = {self.budget!r}")
+            _need(self.index_lse == "kl", f"{prefix}.select_fp8",
+                  "needs index_lse = 'kl' (the student's log-sum-exp must come from the KL's own scores)")
         _need(self.backend in MSA_BACKENDS, f"{prefix}.backend",
               f"must be one of {', '.join(MSA_BACKENDS)}, got {self.backend!r}")
 

@@ -101,7 +101,7 @@ class MSAAttention(GQAAttention):
             with_lse = ctx.mode == "sparse" and ctx.index_loss and msa.index_lse == "select"
             block_idx, index_lse = kernels.msa_select(qi_1NHI.detach(), ki_1NI.detach(), bs, topk, cu,
                                                       budget=msa.selection_budget(topk, ctx.budget_param),
-                                                      with_lse=with_lse, backend=backend)
+                                                      with_lse=with_lse, fp8=msa.select_fp8, backend=backend)
             extras["blocks_per_token"] = stats.blocks_per_token(block_idx, layout)
         if ctx.mode == "sparse":
             o_1NHD, lse_1NH = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, cu, backend=backend)

@@ -1,6 +1,6 @@
 """Compile every GPU specialisation of the MSA kernels for sm_90 (H100/H200) on a machine without a
 GPU, and report each kernel's registers, spills, shared memory and whether its SASS uses the Hopper
-tensor-core instructions (HGMMA) or the older HMMA.
+tensor-core instructions (HGMMA, or QGMMA for FP8) or the older HMMA.
 
 Run from the repo root: `python -m scripts.compile_check [--sweep] [--fp32-only]` (no TRITON_INTERPRET;
 needs only triton's bundled ptxas). --sweep also compiles every launch variant of
@@ -67,12 +67,13 @@ def _report(name, params, kernel, bindir):
         sass = subprocess.run([os.path.join(bindir, "nvdisasm"), path], capture_output=True, text=True).stdout
     usage = next((ln.strip() for ln in res.splitlines() if "REG:" in ln), "?")
     usage = usage.replace("SHARED:", "STATIC_SHARED:") + f" DYN_SHARED:{kernel.metadata.shared}"
-    mma = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "no MMA")
+    # HGMMA: Hopper's 16-bit (and tf32) tensor-core instruction, QGMMA its FP8 one, HMMA the older one
+    mma = next((m for m in ("HGMMA", "QGMMA", "HMMA") if m in sass), "no MMA")
     local = "LDL/STL" if ("LDL" in sass or "STL" in sass) else ""
     shown = {k: v for k, v in params.items() if k in ("G", "TM", "TQ", "R", "BN", "BS", "D", "DI", "HB", "BM", "DENSE",
                                                       "HAS_LSE", "HAS_ILSE", "TN", "SOFTMAX", "HAS_DLSE", "W",
                                                       "HAS_GRAD", "PREFETCH", "Q_EVICT", "PART_CACHE", "PART_EVICT",
-                                                      "PIPE", "SCORES", "num_warps", "num_stages")}
+                                                      "PIPE", "SCORES", "FP8", "num_warps", "num_stages")}
     over = "OVER-SMEM" if kernel.metadata.shared > SMEM_LIMIT else ""
     return f"{name:22s} {mma:6s} {local:7s} {over:9s} {usage}  {shown}"
 
@@ -98,6 +99,8 @@ def _run_case(kernels, case) -> int:
         # slot's scores, for the adaptive budgets
         kernels.msa_select(qi.detach(), ki.detach(), BS, K, cu_seqlens=cu_t, with_lse=False)
         kernels.msa_select(qi.detach(), ki.detach(), BS, K, cu_seqlens=cu_t, budget=kernels.Budget("top_p"))
+        # ranked on FP8 scores (model.msa.select_fp8): e4m3 products on the tensor cores
+        kernels.msa_select(qi.detach(), ki.detach(), BS, K, cu_seqlens=cu_t, with_lse=False, fp8=True)
         nb = -(-T // BS)
         sel = torch.arange(min(K, nb), dtype=torch.int32).expand(1, T, Hkv, min(K, nb))
         bidx = torch.nn.functional.pad(sel, (0, K - sel.shape[-1]), value=-1).contiguous()

@@ -49,14 +49,20 @@ def _add_block_score(bm_R, bs_R, m_R):
 
 @triton.jit
 def select_kernel(
-    qi_ptr, ki_ptr, bidx_ptr, lse_ptr, score_ptr, slot_lse_ptr, block_lse_ptr,
+    qi_ptr, ki_ptr, bidx_ptr, lse_ptr, score_ptr, slot_lse_ptr, block_lse_ptr, fp8_scale_ptr,
     start_ptr, seq_start_ptr, seq_end_ptr, n_tiles,
     stride_qi_n, stride_qi_h, stride_ki_n, stride_b_n, stride_b_h, stride_l_n,
     qk_scale_log2,
     BS: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, HB: tl.constexpr,
     DI: tl.constexpr, DOT_PREC: tl.constexpr, PIPE: tl.constexpr, SCORES: tl.constexpr, LSE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     R: tl.constexpr = BM * HB
+    if FP8:
+        # qi and ki arrive as e4m3 (kernels/select/op.py), so the score products run on the FP8 tensor
+        # cores at twice the bf16 rate; their two per-tensor scales fold into the one factor that
+        # every score is multiplied by anyway
+        qk_scale_log2 = qk_scale_log2 * tl.load(fp8_scale_ptr) * tl.load(fp8_scale_ptr + 1)
     # the blocks' log-sum-exps: for index_lse (LSE) and for the adaptive budgets' slot sums (SCORES)
     Z: tl.constexpr = LSE or SCORES
     # Late tiles see the most blocks: launch them first so the long programs do not trail.

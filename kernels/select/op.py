@@ -24,6 +24,18 @@ from kernels.select.reference import msa_select_reference
 GPU_CONFIG = {"num_stages": 3, "rows": 128, "pipe": True}
 
 
+FP8_MAX = 448.0  # the largest finite e4m3 value (torch.float8_e4m3fn)
+
+
+def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x rounded to e4m3 after dividing by one fp32 scale for the whole tensor, its largest magnitude
+    mapped to 448, and that scale (0-dim, on x's device: no host sync). One scale suffices here:
+    qi and ki leave RMSNorm and RoPE with entries of similar size, and e4m3 keeps 3 mantissa bits at
+    any magnitude within its range."""
+    scale = (x.detach().abs().amax().float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
 def _check(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens):
     _common.check_tensor("qi", qi_BTHI, 4, _common.FLOAT_DTYPES)
     dev = qi_BTHI.device
@@ -51,7 +63,7 @@ def _check(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens):
 
 
 def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: Budget | None = None,
-               with_lse: bool = True, backend: str = "triton"):
+               with_lse: bool = True, fp8: bool = False, backend: str = "triton"):
     """Select, per (token, index head), the local block plus the top-(topk-1) other visible blocks,
     or, with an adaptive `budget`, the local block plus the best n-1 of them for a count n per
     (token, head) in [budget.k_min, topk] (kernels/select/budget.py).
@@ -63,6 +75,12 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
     with_lse=False returns (block_idx, None) and spares the scan one exp2 per score: for a caller that
     has the KL compute index_lse over the selected keys of the tokens it samples (`msa_kl_loss`
     with index_lse=None). An adaptive budget computes the log-sum-exps anyway and returns it.
+
+    fp8=True ranks the blocks on FP8 index scores: qi and ki are rounded to e4m3 with one scale per
+    tensor (`to_fp8`) and their products run on the FP8 tensor cores (twice the bf16 rate on Hopper).
+    It changes which blocks win only where the rounding reorders close pooled scores (measured in
+    docs/perf). Only with the static top-k and with_lse=False: scores that feed a log-sum-exp or a
+    budget's probabilities would carry the rounding into the KL or the block count.
     """
     _check(qi, ki, block_size, topk, cu_seqlens)
     budget = budget or Budget()
@@ -73,9 +91,15 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
     if not isinstance(with_lse, bool):
         raise TypeError(f"with_lse must be True or False, got {with_lse!r}")
     scores = budget.adaptive
+    if not isinstance(fp8, bool):
+        raise TypeError(f"fp8 must be True or False, got {fp8!r}")
+    if fp8 and (with_lse or scores):
+        raise ValueError("fp8=True ranks blocks on rounded scores and returns no index_lse: it needs "
+                         "with_lse=False and the static budget (got "
+                         + ("with_lse=True" if with_lse else f"budget {budget.kind!r}") + ")")
     with_lse = with_lse or scores  # an adaptive budget's cut needs the slots' log-sum-exps anyway
     if backend == "reference":
-        block_idx, index_lse = msa_select_reference(qi, ki, block_size, topk, cu_seqlens, budget=budget)
+        block_idx, index_lse = msa_select_reference(qi, ki, block_size, topk, cu_seqlens, budget=budget, fp8=fp8)
         return block_idx, index_lse if with_lse else None
 
     B, T, H, I = qi.shape
@@ -83,6 +107,11 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
     # Flat token axis; reshape copies only if B and T do not merge.
     qi_NHI = qi.reshape(N, H, I)
     ki_NI = ki.reshape(N, I)
+    fp8_scale = None
+    if fp8:
+        qi_NHI, q_scale = to_fp8(qi_NHI)
+        ki_NI, k_scale = to_fp8(ki_NI)
+        fp8_scale = torch.stack([q_scale, k_scale])
     cu = _common.flat_cu_seqlens(B, T, cu_seqlens, qi.device)
     block_idx_NHK = _common.empty((N, H, topk), torch.int32, qi.device)
     # not written without LSE; a one-element stand-in for the pointer
@@ -105,13 +134,13 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
     grid = (P, H // HB)
     select_kernel[grid](
         qi_NHI, ki_NI, block_idx_NHK, index_lse_NH, score_NHK, slot_lse_NHK, block_lse_NH,
-        start_P, seq_start_P, seq_end_P, P,
+        fp8_scale if fp8 else index_lse_NH, start_P, seq_start_P, seq_end_P, P,
         qi_NHI.stride(0), qi_NHI.stride(1), ki_NI.stride(0), block_idx_NHK.stride(0), block_idx_NHK.stride(1),
         index_lse_NH.stride(0),
         _common.LOG2E / math.sqrt(I),
         BS=block_size, TOPK=topk, KP=max(2, _common.next_pow2(topk)), BM=BM, HB=HB, DI=I,
-        DOT_PREC=_common.dot_precision(qi.dtype), PIPE=bool(GPU_CONFIG.get("pipe", False)),
-        SCORES=scores, LSE=with_lse, num_warps=8 if BM * HB >= 128 else 4, num_stages=GPU_CONFIG["num_stages"],
+        DOT_PREC=_common.dot_precision(qi_NHI.dtype), PIPE=bool(GPU_CONFIG.get("pipe", False)),
+        SCORES=scores, LSE=with_lse, FP8=fp8, num_warps=8 if BM * HB >= 128 else 4, num_stages=GPU_CONFIG["num_stages"],
     )
     if scores:
         block_idx_NHK, index_lse_NH = trim(block_idx_NHK, score_NHK, slot_lse_NHK, block_lse_NH, budget)

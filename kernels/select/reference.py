@@ -64,10 +64,20 @@ def budget_counts(pooled_HCM, local_C, topk, budget):
     return torch.minimum(n_HC, visible_C[None, :])
 
 
+def fp8_rounded(x):
+    """x as the FP8 selection sees it, in fp32: scaled so that its largest magnitude is e4m3's 448,
+    rounded to e4m3, scaled back."""
+    scale = max(x.abs().max().item() / 448.0, torch.finfo(torch.float32).tiny)
+    return (x.float() / scale).to(torch.float8_e4m3fn).float() * scale
+
+
 @torch.no_grad()
-def msa_select_reference(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens=None, budget=None):
+def msa_select_reference(qi_BTHI, ki_BTI, block_size, topk, cu_seqlens=None, budget=None, fp8=False):
     """block_idx int32 [B, T, H, K] and index_lse fp32 [B, T, H] as defined in kernels/select/README.md;
-    with an adaptive `budget` (kernels/select/budget.py) each (token, head) keeps its count n of blocks."""
+    with an adaptive `budget` (kernels/select/budget.py) each (token, head) keeps its count n of blocks;
+    fp8: ranked on the scores of qi and ki rounded to e4m3 (the index_lse too)."""
+    if fp8:
+        qi_BTHI, ki_BTI = fp8_rounded(qi_BTHI), fp8_rounded(ki_BTI)
     B, T, H, I = qi_BTHI.shape
     dev = qi_BTHI.device
     scale = 1.0 / math.sqrt(I)

@@ -23,9 +23,10 @@ CASES = {
 }
 
 
-def check_selection(bidx, qi, ki, block_size, topk, cu):
+def check_selection(bidx, qi, ki, block_size, topk, cu, tie=1e-5):
     """Every (token, head) holds a valid top-k under the reference's pooled scores (ties within
-    rounding may go either way), in the contract's layout; returns the fraction equal as sets."""
+    `tie` times the largest score may go either way), in the contract's layout; returns the fraction
+    equal as sets."""
     B, T, H, _ = qi.shape
     rb, _ = ref.msa_select_reference(qi, ki, block_size, topk, cu)
     same = (bidx.sort(-1).values == rb.sort(-1).values).all(-1)
@@ -51,7 +52,7 @@ def check_selection(bidx, qi, ki, block_size, topk, cu):
         chosen = torch.zeros(L, H, M + 1, dtype=torch.bool).scatter_(-1, torch.where(others >= 0, others, M), True)[..., :M]
         worst_in = torch.where(chosen, scores, float("inf")).amin(-1)
         best_out = torch.where(visible_other & ~chosen, scores, float("-inf")).amax(-1)
-        eps = 1e-5 * scores[torch.isfinite(scores)].abs().max()
+        eps = tie * scores[torch.isfinite(scores)].abs().max()
         assert (worst_in >= best_out - eps).all(), "a better block was left out"
     return same.float().mean().item()
 
@@ -120,12 +121,48 @@ def test_reference_backend_agrees(device):
     (dict(cu_seqlens=torch.tensor([0, 64], dtype=torch.int32), qi=torch.randn(2, 64, 2, 16),
           ki=torch.randn(2, 64, 16)), "batch size 1"),
     (dict(backend="torch"), "backend"),
+    (dict(fp8=True), "needs with_lse=False"),
+    (dict(fp8=True, with_lse=False, budget=kernels.Budget("top_p")), "static budget"),
+    (dict(fp8=1, with_lse=False), "fp8 must be True or False"),
 ])
 def test_input_errors_name_the_argument(kwargs, match):
     args = dict(qi=torch.randn(1, 64, 2, 16), ki=torch.randn(1, 64, 16), block_size=16, topk=3)
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         kernels.msa_select(**args)
+
+
+def test_to_fp8_rounds_to_e4m3_with_one_scale():
+    # independent of the op's arithmetic: e4m3 keeps 3 mantissa bits, so every normal value comes
+    # back within 2^-4 of itself; the largest magnitude maps to the format's largest finite value
+    x = torch.randn(300, 2, 64) * 3.0
+    x8, scale = sel_op.to_fp8(x)
+    assert x8.dtype == torch.float8_e4m3fn and scale.shape == () and scale.dtype == torch.float32
+    assert x8.float().abs().max().item() == 448.0
+    back = x8.float() * scale
+    normal = x.abs() >= scale * 2.0 ** -6  # e4m3's smallest normal, in x's units
+    assert ((back - x).abs() <= x.abs() * 2.0 ** -4)[normal].all()
+    assert torch.isfinite(back).all()
+    assert sel_op.to_fp8(torch.zeros(4, 8))[0].float().abs().max() == 0  # no 0/0
+
+
+@pytest.mark.parametrize("case, variant", [("batch2", "rows64_pipe"), ("packed", "rows128_pipe"),
+                                           ("H8_block32", "rows64_pipe"), ("dI128_block64", "rows128")])
+def test_fp8_scores_rank_like_the_reference_on_rounded_inputs(case, variant, device):
+    # fp8=True is exact top-k of the scores of qi and ki rounded to e4m3 (the reference rounds them
+    # itself, as the format defines, and scores in fp32)
+    B, T, H, I, BS, K, cu = CASES[case]
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    qi = rand(B, T, H, I, dtype=torch.float16, device=device) * 2.5
+    ki = rand(B, T, I, dtype=torch.float16, device=device)
+    with launch_variant(sel_op.GPU_CONFIG, VARIANTS[variant]):
+        bidx, none = kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t, with_lse=False, fp8=True)
+    assert none is None and bidx.shape == (B, T, H, K)
+    cu_c = None if cu is None else cu_t.cpu()
+    frac = check_selection(bidx.cpu(), ref.fp8_rounded(qi.cpu()), ref.fp8_rounded(ki.cpu()), BS, K, cu_c)
+    assert frac > 0.99, f"only {frac:.3f} of the selections equal the reference's on the rounded inputs"
+    rb, _ = kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t, with_lse=False, fp8=True, backend="reference")
+    assert (rb.sort(-1).values == bidx.sort(-1).values).all(-1).float().mean() > 0.99
 
 
 GPU_CASES = [  # (B, T, H, dI, block, topk, cu_seqlens), dtype
@@ -152,3 +189,23 @@ def test_gpu_matches_reference(shape, dtype, variant):
         assert torch.equal(kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t, with_lse=False)[0], bidx)
     rlse = ref.index_lse_reference(qi, ki, bidx, BS, cu_t)
     assert_close("index_lse", lse, rlse, rlse, torch.float32)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("shape, dtype", GPU_CASES[:1] + GPU_CASES[2:])
+def test_gpu_fp8_matches_reference_on_rounded_inputs(shape, dtype, variant):
+    B, T, H, I, BS, K, cu = shape
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+    qi = rand(B, T, H, I, dtype=dtype, device="cuda")
+    ki = rand(B, T, I, dtype=dtype, device="cuda")
+    with launch_variant(sel_op.GPU_CONFIG, VARIANTS[variant]):
+        bidx, _ = kernels.msa_select(qi, ki, BS, K, cu_seqlens=cu_t, with_lse=False, fp8=True)
+    # Hopper's FP8 tensor cores sum their products with about 14 mantissa bits, not fp32's 24: blocks
+    # within 2^-8 of the largest score of each other may swap (the e4m3 rounding of the inputs, 2^-4,
+    # is what moves the selection; this is far below it)
+    frac = check_selection(bidx.cpu(), ref.fp8_rounded(qi.float().cpu()), ref.fp8_rounded(ki.float().cpu()), BS, K,
+                           None if cu is None else cu_t.cpu(), tie=2.0 ** -8)
+    print(f"fp8 selection equal to the reference's on rounded inputs: {frac:.4f}")
+    assert frac > 0.98

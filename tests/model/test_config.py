@@ -40,6 +40,9 @@ def _tiny(**top):
     (dict(moe=dict(n_dense_layers=4)), "model.moe.n_dense_layers", "no MoE layer"),
     (dict(moe=dict(aux_weight=-0.1)), "model.moe.aux_weight", ">= 0"),
     (dict(msa=dict(index_lse="attention")), "model.msa.index_lse", "kl, select"),
+    (dict(msa=dict(select_fp8=1)), "model.msa.select_fp8", "true or false"),
+    (dict(msa=dict(select_fp8=True, budget="top_p")), "model.msa.select_fp8", "static budget"),
+    (dict(msa=dict(select_fp8=True, index_lse="select")), "model.msa.select_fp8", "index_lse = 'kl'"),
     (dict(compile_ops="yes"), "model.compile_ops", "true or false"),
 ])
 def test_bad_config_names_the_field(over, field, words):
