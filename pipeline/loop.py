@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
+    # the data first: its pipeline starts while the model is built, restored and wrapped
+    shard = ray.train.get_dataset_shard("train")
+    batches = FirstBatchAhead(shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
+                                                       prefetch_batches=cfg.data.prefetch_batches))
 
     global _progress
     _progress = ProgressLog(run_dir) if rank == 0 else ProgressLog(None, quiet=True)
@@ -178,12 +183,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     win = Window()
     selection = None
     t_start, step_start = time.perf_counter(), st.step
-    shard = ray.train.get_dataset_shard("train")
-    batches = iter(shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                            prefetch_batches=cfg.data.prefetch_batches))
     while st.step < cfg.train.max_steps:
         t_wait = time.perf_counter()
-        cols = next(batches, None)
+        cols = batches.next()
         if cols is None:
             raise RuntimeError(f"the data plan ran out at step {st.step} before train.max_steps="
                                f"{cfg.train.max_steps}; the plan is sized from the manifests' token estimates")
@@ -264,6 +266,39 @@ def train_loop_per_worker(loop_config: dict) -> None:
             win = Window()
     if sysmon is not None:
         sysmon.finish()
+
+
+class FirstBatchAhead:
+    """A worker's batch iterator whose first batch is taken in a background thread from the start.
+
+    Ray Data starts a pipeline when its first batch is asked for: the split coordinator, the packing
+    actors, the first rows read and packed, each a step after the other (half a minute on a small
+    machine). Asked for at once, that start overlaps the model's construction, restore and wrapping
+    and the tracker's start instead of following them. Later batches come straight from the
+    iterator (Ray Data prefetches them itself). `next()` returns None at the end, and re-raises in
+    the caller what the first fetch raised."""
+
+    def __init__(self, batches):
+        self._it = iter(batches)
+        self._first = self._error = None
+        self._thread = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._it, None)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread
+            self._error = e
+
+    def next(self):
+        if self._thread is None:
+            return next(self._it, None)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        first, self._first = self._first, None
+        return first
 
 
 class Consumed:

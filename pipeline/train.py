@@ -72,12 +72,21 @@ def _start_ray(cfg: RunConfig, address: str) -> bool:
         return False
     # logical CPUs: the training workers plus the packing actors plus one for reading; a local Ray is a
     # development set-up, so oversubscribing a small machine's cores is intended
-    n = cfg.ray.local_num_cpus or int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + cfg.data.pack_actors + 1)
-    # the dashboard is started too: Ray Train's controller and `ray job submit` rely on it; every worker
-    # process silences the known-harmless framework warnings at their source (pipeline/console.py)
-    ray.init(num_cpus=n, log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": "pipeline.console.quiet_ray_workers"})
+    start_local_ray(cfg.ray.local_num_cpus or
+                    int(cfg.ray.num_workers * cfg.ray.cpus_per_worker + cfg.data.pack_actors + 1))
     return True
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """A local Ray the way msa-train starts one (token auth on, Ray's default), in this process.
+
+    The dashboard is started too: Ray Train's controller and `ray job submit` rely on it; every worker
+    process silences the known-harmless framework warnings at their source (pipeline/console.py). A
+    process that trains several times (the end-to-end tests) starts it once: later runs reuse it."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": "pipeline.console.quiet_ray_workers"})
 
 
 def find_run(output_dir: str, name: str) -> Path:

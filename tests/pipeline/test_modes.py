@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.train import main as train_main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("train_ray")]  # one Ray for these runs (conftest.py)
 
 
 def test_dense_run_then_retrofit_of_its_checkpoint(demo_shards, tmp_path, capsys):

@@ -17,7 +17,7 @@ import pytest
 from pipeline.trace import Killer, exactly_once_problems, trained_timeline
 from pipeline.train import main as train_main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("train_ray")]  # one Ray for these runs (conftest.py)
 
 
 @pytest.fixture(scope="module")

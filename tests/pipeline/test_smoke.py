@@ -3,7 +3,7 @@ import pytest
 
 from pipeline.train import main as train_main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("train_ray")]  # one Ray for these runs (conftest.py)
 
 
 def test_tiny_run_end_to_end_logs_to_mlflow(demo_shards, heldout_shards, tmp_path, capsys):

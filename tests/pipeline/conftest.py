@@ -1,0 +1,31 @@
+"""Fixtures of the pipeline tests.
+
+`train_ray`: one local Ray, started the way msa-train starts one (token auth, dashboard, the quiet
+worker hook), shared by the end-to-end training tests of this folder and shut down after the last of
+them. msa-train reuses a Ray this process is already connected to, so each test's runs skip Ray's
+start and stop and its per-cluster helper actors (about half a minute a run on 2 cores); every run
+still gets its own Ray Train controller, workers and Ray Data pipeline. Tests that need a cluster of
+their own (the two-node cluster, the study's lanes) start it themselves.
+"""
+import pytest
+
+
+@pytest.fixture(scope="package")
+def train_ray():
+    import ray
+
+    from pipeline.train import start_local_ray
+
+    if ray.is_initialized():
+        pytest.fail("a test left this process connected to a Ray of its own")
+    # 2 training workers + a packing actor + a reader, with room for a worker group that Ray Train is
+    # still tearing down after a killed worker while the next one starts
+    start_local_ray(num_cpus=8)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def local_ray(train_ray):
+    """The shared Ray (tests/conftest.py's private one would clash with it in this process)."""
+    return train_ray
