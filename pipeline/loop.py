@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from pipeline.trace import DataTrace, pause_once
 from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
 from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState
+from pipeline.profiling import StepProfiler
 from pipeline.schedule import BudgetMatch, attention_mode, frozen_groups, warmup_steps
 from pipeline.tracking import make_tracker, start_system_metrics
 
@@ -126,6 +128,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     device = ray.train.torch.get_device()
+    # the data first: its pipeline starts while the model is built, restored and wrapped
+    shard = ray.train.get_dataset_shard("train")
+    batches = FirstBatchAhead(shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
+                                                       prefetch_batches=cfg.data.prefetch_batches))
 
     global _progress
     _progress = ProgressLog(run_dir) if rank == 0 else ProgressLog(None, quiet=True)
@@ -178,12 +184,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     win = Window()
     selection = None
     t_start, step_start = time.perf_counter(), st.step
-    shard = ray.train.get_dataset_shard("train")
-    batches = iter(shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                            prefetch_batches=cfg.data.prefetch_batches))
+    profiler = StepProfiler(cfg.debug.profile_steps, run_dir, rank, device)
     while st.step < cfg.train.max_steps:
+        _profile_at(profiler, st.step, tracker, world)
         t_wait = time.perf_counter()
-        cols = next(batches, None)
+        cols = batches.next()
         if cols is None:
             raise RuntimeError(f"the data plan ran out at step {st.step} before train.max_steps="
                                f"{cfg.train.max_steps}; the plan is sized from the manifests' token estimates")
@@ -262,8 +267,62 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _checkpoint(cfg, st, model, optimizer, plan, data_state, consumed, run_dir, rank, tracker, final)
             ray.train.report({k.replace("/", "_"): v for k, v in metrics.items()} | {"step": st.step})
             win = Window()
+    _profile_at(profiler, st.step, tracker, world)  # a window that ends with the run
     if sysmon is not None:
         sysmon.finish()
+
+
+def _profile_at(profiler: StepProfiler, step: int, tracker, world: int) -> None:
+    """debug.profile_steps: start or end the profiled window; once every rank has written its file,
+    rank 0 says what it found and logs the files to MLflow."""
+    profiler.at(step)
+    if profiler.written is None:
+        return
+    if world > 1:
+        dist.barrier()
+    if profiler.rank == 0:
+        p = json.loads(profiler.written.read_text())
+        idle = p["gpu_idle_frac"]
+        say(f"[train] profile of steps {profiler.first}-{profiler.last - 1}, rank 0: {p['wall_ms_per_step']:,.1f} ms a step"
+            + (f", GPU idle {idle:.0%}, communication {p['comm_ms_per_step']:.1f} ms "
+               f"({p['comm_exposed_ms_per_step']:.1f} ms exposed)" if idle is not None else "")
+            + f"; every rank's in {profiler.written.parent}")
+        for f in sorted(profiler.written.parent.glob("rank*.json")):
+            tracker.log_artifact(f, "profile")
+    profiler.written = None
+
+
+class FirstBatchAhead:
+    """A worker's batch iterator whose first batch is taken in a background thread from the start.
+
+    Ray Data starts a pipeline when its first batch is asked for: the split coordinator, the packing
+    actors, the first rows read and packed, each a step after the other (half a minute on a small
+    machine). Asked for at once, that start overlaps the model's construction, restore and wrapping
+    and the tracker's start instead of following them. Later batches come straight from the
+    iterator (Ray Data prefetches them itself). `next()` returns None at the end, and re-raises in
+    the caller what the first fetch raised."""
+
+    def __init__(self, batches):
+        self._it = iter(batches)
+        self._first = self._error = None
+        self._thread = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._it, None)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread
+            self._error = e
+
+    def next(self):
+        if self._thread is None:
+            return next(self._it, None)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        first, self._first = self._first, None
+        return first
 
 
 class Consumed:
