@@ -160,20 +160,11 @@ def _profile(step) -> dict:
         if t > 0:
             kernels_ms[ev.key] = kernels_ms.get(ev.key, 0.0) + t / 1e3
 
-    def group(name: str) -> str:
-        n = name.lower()
-        if any(w in n for w in ("_split_kernel", "kl_", "select", "attn_fwd", "attn_bwd", "merge", "sum_slots",
-                                "sum_chunks", "lse_split", "work_list", "bwd_delta")) and "cudnn" not in n:
-            return "msa triton kernels"
-        if any(w in n for w in ("cudnn", "flash", "fmha", "sdpa")):
-            return "dense attention (cudnn/flash)"
-        if any(w in n for w in ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "wgmma")):
-            return "matmuls"
-        return "other (elementwise, norms, rope, copies, reductions)"
+    from pipeline.profiling import group_of
 
     groups: dict[str, float] = {}
     for k, v in kernels_ms.items():
-        groups[group(k)] = groups.get(group(k), 0.0) + v
+        groups[group_of(k)] = groups.get(group_of(k), 0.0) + v
     top = sorted(kernels_ms.items(), key=lambda kv: -kv[1])[:30]
     return {"groups_ms": groups, "top_kernels_ms": top, "total_ms": sum(kernels_ms.values())}
 

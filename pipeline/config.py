@@ -189,14 +189,21 @@ class ScheduleConfig:
 
 @dataclass
 class DebugConfig:
-    """Hooks for testing recovery and the data position; off by default."""
+    """Diagnostics, and hooks for testing recovery and the data position; off by default."""
 
     pause_at_step: int = 0  # one worker stops after this optimizer step, once, to be killed from outside
     pause_rank: int = 1  # ... this one; it writes its pid to <run dir>/.debug/paused-rank<r>-step<s>
     pause_timeout_s: float = 300.0  # and goes on by itself if nobody killed it in this time
     trace_data: bool = False  # every worker appends the piece ids of each step's rows to <run dir>/.debug/
+    # [first, last]: every worker profiles steps first .. last - 1 (torch.profiler) and writes where their
+    # time went to <run dir>/profile/rank<r>.json, logged to MLflow (pipeline/profiling.py); [] = off
+    profile_steps: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
+        p = self.profile_steps
+        if p and not (len(p) == 2 and 0 <= p[0] < p[1]):
+            raise ConfigError("debug.profile_steps", f"must be [first, last] with 0 <= first < last (steps), or [], "
+                                                     f"got {p!r}")
         if self.pause_at_step < 0:
             raise ConfigError("debug.pause_at_step", "must be >= 0")
         if self.pause_timeout_s <= 0:
@@ -249,6 +256,9 @@ class RunConfig:
             raise ConfigError("data.seq_len", f"{self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.train.eval_every and not self.data.eval_shards:
             raise ConfigError("data.eval_shards", "train.eval_every is set but there are no held-out shards")
+        if self.debug.profile_steps and self.debug.profile_steps[1] > self.train.max_steps:
+            raise ConfigError("debug.profile_steps", f"ends after train.max_steps={self.train.max_steps}: "
+                                                     f"{self.debug.profile_steps}")
         if self.debug.pause_at_step and not 0 <= self.debug.pause_rank < self.ray.num_workers:
             raise ConfigError("debug.pause_rank", f"must name one of the {self.ray.num_workers} workers")
         if self.model.image_tokens > self.seq_len:

@@ -36,6 +36,7 @@ from pipeline.trace import DataTrace, pause_once
 from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
 from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState
+from pipeline.profiling import StepProfiler
 from pipeline.schedule import BudgetMatch, attention_mode, frozen_groups, warmup_steps
 from pipeline.tracking import make_tracker, start_system_metrics
 
@@ -183,7 +184,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     win = Window()
     selection = None
     t_start, step_start = time.perf_counter(), st.step
+    profiler = StepProfiler(cfg.debug.profile_steps, run_dir, rank, device)
     while st.step < cfg.train.max_steps:
+        _profile_at(profiler, st.step, tracker, world)
         t_wait = time.perf_counter()
         cols = batches.next()
         if cols is None:
@@ -264,8 +267,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _checkpoint(cfg, st, model, optimizer, plan, data_state, consumed, run_dir, rank, tracker, final)
             ray.train.report({k.replace("/", "_"): v for k, v in metrics.items()} | {"step": st.step})
             win = Window()
+    _profile_at(profiler, st.step, tracker, world)  # a window that ends with the run
     if sysmon is not None:
         sysmon.finish()
+
+
+def _profile_at(profiler: StepProfiler, step: int, tracker, world: int) -> None:
+    """debug.profile_steps: start or end the profiled window; once every rank has written its file,
+    rank 0 says what it found and logs the files to MLflow."""
+    profiler.at(step)
+    if profiler.written is None:
+        return
+    if world > 1:
+        dist.barrier()
+    if profiler.rank == 0:
+        p = json.loads(profiler.written.read_text())
+        idle = p["gpu_idle_frac"]
+        say(f"[train] profile of steps {profiler.first}-{profiler.last - 1}, rank 0: {p['wall_ms_per_step']:,.1f} ms a step"
+            + (f", GPU idle {idle:.0%}, communication {p['comm_ms_per_step']:.1f} ms "
+               f"({p['comm_exposed_ms_per_step']:.1f} ms exposed)" if idle is not None else "")
+            + f"; every rank's in {profiler.written.parent}")
+        for f in sorted(profiler.written.parent.glob("rank*.json")):
+            tracker.log_artifact(f, "profile")
+    profiler.written = None
 
 
 class FirstBatchAhead:

@@ -21,11 +21,16 @@ def test_dense_run_then_retrofit_of_its_checkpoint(demo_shards, tmp_path, capsys
     # the dense run also takes DDP's other gradient path: small buckets, all-reduced in bf16 (gloo)
     assert train_main(common + ["--set", "schedule.mode=dense", "--set", "train.max_steps=6",
                                 "--set", "ray.ddp_bucket_mb=1", "--set", "ray.ddp_grad_dtype='bf16'",
+                                "--set", "debug.profile_steps=[2, 4]",  # and is profiled on both workers
                                 "--set", "tracking.run_name='dense'"]) == 0
     out = capsys.readouterr().out
     assert "building the model without the index branch" in out
     assert "DDP: gradients all-reduced in bf16 (bf16 compress hook), buckets of 1 MiB" in out
+    assert "[train] profile of steps 2-3, rank 0: " in out
     dense_ckpt = out.split("last checkpoint: ")[1].split()[0]
+    for rank in (0, 1):
+        prof = json.loads((Path(dense_ckpt).parent / "profile" / f"rank{rank}.json").read_text())
+        assert prof["rank"] == rank and prof["steps"] == 2 and prof["wall_ms_per_step"] > 0
 
     assert train_main(common + ["--set", "schedule.mode=retrofit", "--set", f"schedule.retrofit_from='{dense_ckpt}'",
                                 "--set", "schedule.retrofit_warmup_tokens=24576",  # 3 steps of 8192 tokens
@@ -45,6 +50,8 @@ def test_dense_run_then_retrofit_of_its_checkpoint(demo_shards, tmp_path, capsys
     assert runs["dense"].data.params["model.msa.enabled"] == "False"
     assert "train/kl_index_loss" not in runs["dense"].data.metrics
     assert runs["dense"].data.metrics["train/sparsity"] == 0.0
+    assert {a.path for a in client.list_artifacts(runs["dense"].info.run_id, "profile")} == {
+        "profile/rank0.json", "profile/rank1.json"}
     r = runs["retrofit"]
     sparsity = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train/sparsity")}
     assert sparsity[2] == 0.0 and sparsity[8] > 0.2

@@ -27,6 +27,9 @@ def test_repo_tiny_config_loads(tmp_path):
     ("data.seq_len=4096", "data.seq_len", "exceeds model.max_seq_len"),
     ("model.msa.budget=\"topk\"", "model.msa.budget", "static, ratio, top_p"),
     ("model.msa.budget=\"top_p\"\nmodel.msa.budget_p=0", "model.msa.budget_p", "(0, 1]"),
+    ("debug.profile_steps=[5, 5]", "debug.profile_steps", "0 <= first < last"),
+    ("debug.profile_steps=[2]", "debug.profile_steps", "[first, last]"),
+    ("debug.profile_steps=[2, 9999]", "debug.profile_steps", "after train.max_steps"),
 ])
 def test_bad_values_fail_naming_the_field(override, field, words):
     data = apply_overrides({k: dict(v) for k, v in BASE.items()}, override.split("\n"))
