@@ -25,6 +25,7 @@ def _argv(out, demo_shards, heldout):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("without_shared_ray")
 def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
