@@ -353,7 +353,7 @@ def launch_config(table: dict, kernel: str, x: torch.Tensor, block_size: int, ro
 
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise go through TF32 on the GPU (10-bit mantissa).
-    return "ieee" if dtype == torch.float32 else "tf32"  # (no effect on 16- and 8-bit inputs)
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def next_pow2(x: int) -> int:

@@ -102,8 +102,6 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
         block_idx, index_lse = msa_select_reference(qi, ki, block_size, topk, cu_seqlens, budget=budget, fp8=fp8)
         return block_idx, index_lse if with_lse else None
 
-    # FP8 runs the plain loop: on the H200 (triton 3.6) it took 4.93 ms at 128K against the pipelined
-    # loop's 5.67 ms (kernels/select/README.md)
     B, T, H, I = qi.shape
     N = B * T
     # Flat token axis; reshape copies only if B and T do not merge.
@@ -141,6 +139,8 @@ def msa_select(qi, ki, block_size: int, topk: int, cu_seqlens=None, *, budget: B
         index_lse_NH.stride(0),
         _common.LOG2E / math.sqrt(I),
         BS=block_size, TOPK=topk, KP=max(2, _common.next_pow2(topk)), BM=BM, HB=HB, DI=I,
+        # FP8 runs the plain loop: on the H200 (triton 3.6) it took 4.93 ms at 128K against the pipelined
+        # loop's 5.67 ms (kernels/select/README.md)
         DOT_PREC=_common.dot_precision(qi_NHI.dtype), PIPE=bool(GPU_CONFIG.get("pipe", False)) and not fp8,
         SCORES=scores, LSE=with_lse, FP8=fp8, num_warps=8 if BM * HB >= 128 else 4, num_stages=GPU_CONFIG["num_stages"],
     )
