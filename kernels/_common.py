@@ -134,20 +134,20 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int, device) -> None:
         raise ValueError(f"cu_seqlens needs batch size 1 (sequences packed along T), got batch {B}")
     if cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must hold at least [0, T]")
-    # Value checks without a host sync: on CUDA a violation is a device-side assert.
+    # Value checks without a host sync: on CUDA a violation is a device-side assert. Queued once per
+    # tensor (every op of every MSA layer in a forward passes the same one).
     cu = cu_seqlens
-    torch._assert_async(cu[0] == 0, "cu_seqlens[0] must be 0")
-    torch._assert_async(cu[-1] == T, "cu_seqlens[-1] must equal T")
-    torch._assert_async(torch.all(cu[1:] >= cu[:-1]), "cu_seqlens must be non-decreasing")
+    tables = cu_tables(cu)
+    if tables.get("checked_T") != T:
+        torch._assert_async(cu[0] == 0, "cu_seqlens[0] must be 0")
+        torch._assert_async(cu[-1] == T, "cu_seqlens[-1] must equal T")
+        torch._assert_async(torch.all(cu[1:] >= cu[:-1]), "cu_seqlens must be non-decreasing")
+        tables["checked_T"] = T
 
 
 def flat_cu_seqlens(B: int, T: int, cu_seqlens, device) -> torch.Tensor:
-    """cu_seqlens of the flat token axis: the given one, or one sequence per batch row.
-
-    The batch-row form is cached per (B, T, device), and so are the tile tables built from it
-    (`tile_table`): at short T the handful of small launches they cost is visible in a step.
-    Cached tensors are only ever read.
-    """
+    """cu_seqlens of the flat token axis: the given one, or one sequence per batch row (one tensor
+    per (B, T, device), so the tables built from it are cached with it; see `cu_tables`)."""
     if cu_seqlens is not None:
         return cu_seqlens
     return _batch_cu(B, T, str(torch.device(device)))
@@ -155,9 +155,26 @@ def flat_cu_seqlens(B: int, T: int, cu_seqlens, device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _batch_cu(B: int, T: int, device: str) -> torch.Tensor:
-    cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
-    cu._msa_batch_key = (B, T, device)
-    return cu
+    return torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+
+
+def cu_tables(cu_S1: torch.Tensor) -> dict:
+    """The cache of tables that depend on one cu_seqlens tensor alone (tile tables, the per-token
+    parts of the work lists, whether its checks were queued), kept on the tensor itself.
+
+    Why: every op of every MSA layer in a forward, and their backwards, pass the same cu_seqlens
+    tensor. Built per op and layer, these tables were about 190 of the 280 small launches an MSA
+    layer's forward made besides its kernels (counted on the CPU), and at 8K tokens a training step
+    waits on the host for such launches (docs/perf/steps_h200.md). The cache lives and dies with the
+    tensor; an in-place change of it (its version counter moves) starts a new one. Cached tensors are
+    only ever read. Inference tensors have no version counter: their tables are built each time."""
+    if cu_S1.is_inference():
+        return {}
+    cache = cu_S1.__dict__.get("_msa_tables")
+    if cache is None or cache["version"] != cu_S1._version:
+        cache = {"version": cu_S1._version}
+        cu_S1._msa_tables = cache
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,15 +187,11 @@ def tile_table(cu_S1: torch.Tensor, N: int, tile: int):
     (cdiv(N, tile) + S) so that no host sync is needed; unused tiles have start = seq_end = 0
     and therefore no valid rows. With tile = block_size these are exactly the key blocks.
     """
-    key = getattr(cu_S1, "_msa_batch_key", None)
-    if key is not None:
-        return _batch_tile_table(key, N, tile)
-    return _tile_table(cu_S1, N, tile)
-
-
-@functools.lru_cache(maxsize=64)
-def _batch_tile_table(key, N: int, tile: int):
-    return _tile_table(_batch_cu(*key), N, tile)
+    tables = cu_tables(cu_S1)
+    key = ("tiles", N, tile)
+    if key not in tables:
+        tables[key] = _tile_table(cu_S1, N, tile)
+    return tables[key]
 
 
 def _tile_table(cu_S1: torch.Tensor, N: int, tile: int):
@@ -277,36 +290,102 @@ def split_index(block_idx_NHK: torch.Tensor, cu_S1: torch.Tensor, block_size: in
     keys) are dropped.
     """
     N, H, K = block_idx_NHK.shape
-    dev = block_idx_NHK.device
-    S = cu_S1.numel() - 1
-    C = triton.cdiv(N, block_size) + S
     Tc = N if chunk_tokens is None else int(chunk_tokens)
     Tc = max(1, Tc)
-    NCH = triton.cdiv(N, Tc)
-    cu = cu_S1.long()
-    n_blocks_S = (cu[1:] - cu[:-1] + block_size - 1) // block_size
-    first_block_S = torch.cumsum(n_blocks_S, 0) - n_blocks_S
-    tok_N = torch.arange(N, device=dev)
-    seq_N = torch.searchsorted(cu[1:], tok_N, right=True).clamp(max=S - 1)
-
-    b_NHK, _ = torch.sort(block_idx_NHK.long(), dim=-1)
-    dup = torch.zeros_like(b_NHK, dtype=torch.bool)
-    dup[..., 1:] = b_NHK[..., 1:] == b_NHK[..., :-1]
-    local_N = (tok_N - cu[seq_N]) // block_size
-    valid = (b_NHK >= 0) & ~dup & (b_NHK <= local_N[:, None, None])
-    c_NHK = first_block_S[seq_N][:, None, None] + b_NHK
-    h_NHK = torch.arange(H, device=dev)[None, :, None]
-    chunk_N = (tok_N // Tc)[:, None, None]
+    C, NCH, local_N, base_N, bounds = _split_tables(cu_S1, N, H, block_size, Tc)
     n_items = H * NCH * C
-    item_NHK = torch.where(valid, (h_NHK * NCH + chunk_N) * C + c_NHK, n_items)  # invalid entries sort last
+    dev = block_idx_NHK.device
+    # Per (token, group): each entry's item key at its sorted slot (n_items where the slot holds no
+    # pair), and which sorted slots hold one: one kernel, where the same in PyTorch is about 15
+    # small launches per call (two calls per MSA layer and forward; docs/perf/steps_h200.md).
+    item_NHK = empty((N, H, K), torch.int32, dev)
+    valid_NHK = empty((N, H, K), torch.int8, dev)
+    KP = next_pow2(K)
+    BN = max(1, 2048 // (KP * KP))
+    split_keys_kernel[(triton.cdiv(N, BN), H)](
+        block_idx_NHK, local_N, base_N, item_NHK, valid_NHK, N, NCH * C, n_items,
+        block_idx_NHK.stride(0), block_idx_NHK.stride(1), block_idx_NHK.stride(2),
+        H=H, K=K, KP=KP, BN=BN,
+    )
     # A stable sort by item keeps the (token, slot) order of the flat [N, H, K] layout inside an
     # item, i.e. tokens ascending; 32-bit keys sort about twice as fast as composite 64-bit ones.
-    item_E, flat_E = torch.sort(item_NHK.reshape(-1).to(torch.int32), stable=True)
-    tokens_E = (flat_E // (H * K)).to(torch.int32)
-    slots_E = (flat_E % K).to(torch.int32)
-    bounds = torch.arange(n_items + 1, device=dev, dtype=torch.int32)
-    offsets = torch.searchsorted(item_E, bounds).to(torch.int32)
-    return SplitIndex(tokens_E, slots_E, offsets, valid.to(torch.int8).contiguous(), C, NCH, Tc)
+    item_E, flat_E = torch.sort(item_NHK.view(-1), stable=True)
+    E = flat_E.numel()
+    tokens_E, slots_E = empty((E,), torch.int32, dev), empty((E,), torch.int32, dev)
+    split_pairs_kernel[(triton.cdiv(E, 1024),)](flat_E, tokens_E, slots_E, E, H * K, K, BE=1024)
+    offsets = torch.searchsorted(item_E, bounds, out_int32=True)
+    return SplitIndex(tokens_E, slots_E, offsets, valid_NHK, C, NCH, Tc)
+
+
+@triton.jit
+def split_keys_kernel(b_ptr, local_ptr, base_ptr, item_ptr, valid_ptr, N, items_per_group, n_items,
+                      stride_bn, stride_bh, stride_bk,
+                      H: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
+    """Program (token tile, group h). For each token's K entries b_j: valid_j = b_j >= 0, not after
+    the token's own block, and not a repeat of an earlier slot's block; its sorted slot is
+    #{i: b_i < b_j} (the place of its first copy in the ascending sort, -1s and all). Writes, per
+    sorted slot p, the item key of the valid entry that sorts there (else n_items) and valid[p]."""
+    h = tl.program_id(1)
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    j = tl.arange(0, KP)
+    n_ok = n < N
+    j_ok = j < K
+    m = n_ok[:, None] & j_ok[None, :]
+    b = tl.load(b_ptr + n[:, None] * stride_bn + h * stride_bh + j[None, :] * stride_bk, mask=m, other=0)
+    local = tl.load(local_ptr + n, mask=n_ok, other=0)
+    base = tl.load(base_ptr + n, mask=n_ok, other=0) + h * items_per_group
+    # [BN, i, j]: entry i against entry j of the same token (padded slots i >= K never count)
+    b_i = b[:, :, None]
+    b_j = b[:, None, :]
+    i_ok = (j < K)[None, :, None]
+    earlier = (j[:, None] < j[None, :])[None, :, :]
+    repeat_j = tl.max(((b_i == b_j) & earlier & i_ok).to(tl.int32), axis=1) > 0
+    rank_j = tl.sum(((b_i < b_j) & i_ok).to(tl.int32), axis=1)
+    valid_j = m & (b >= 0) & (b <= local[:, None]) & (repeat_j == 0)
+    # [BN, p, j]: the valid entry whose rank is p (distinct valid blocks have distinct ranks)
+    at_p = (rank_j[:, None, :] == j[None, :, None]) & valid_j[:, None, :]
+    has_p = tl.max(at_p.to(tl.int32), axis=2)
+    key_p = tl.max(tl.where(at_p, base[:, None, None] + b[:, None, :], -1), axis=2)
+    key_p = tl.where(has_p > 0, key_p, n_items)
+    out = n[:, None] * (H * K) + h * K + j[None, :]
+    tl.store(item_ptr + out, key_p, mask=m)
+    tl.store(valid_ptr + out, has_p.to(tl.int8), mask=m)
+
+
+@triton.jit
+def split_pairs_kernel(flat_ptr, tok_ptr, slot_ptr, E, HK, K, BE: tl.constexpr):
+    """Flat [N, H, K] positions -> (token, sorted slot)."""
+    e = tl.program_id(0) * BE + tl.arange(0, BE)
+    ok = e < E
+    flat = tl.load(flat_ptr + e, mask=ok, other=0)
+    tl.store(tok_ptr + e, (flat // HK).to(tl.int32), mask=ok)
+    tl.store(slot_ptr + e, (flat % K).to(tl.int32), mask=ok)
+
+
+def _split_tables(cu_S1: torch.Tensor, N: int, H: int, block_size: int, Tc: int):
+    """The parts of `split_index` that depend on cu_seqlens alone (cached with it, `cu_tables`):
+    C, n_chunks, each token's local block and its item base (chunk * C + its sequence's first
+    block; int32 [N]), and the item bounds that `searchsorted` turns into offsets."""
+    tables = cu_tables(cu_S1)
+    key = ("split", N, H, block_size, Tc)
+    if key not in tables:
+        dev = cu_S1.device
+        S = cu_S1.numel() - 1
+        C = triton.cdiv(N, block_size) + S
+        NCH = triton.cdiv(N, Tc)
+        if H * NCH * C >= 2**31 - 1:
+            raise ValueError(f"{H * NCH * C} work-list items (groups x query chunks x key blocks) "
+                             "do not fit the 32-bit keys of the work lists")
+        cu = cu_S1.long()
+        n_blocks_S = (cu[1:] - cu[:-1] + block_size - 1) // block_size
+        first_block_S = torch.cumsum(n_blocks_S, 0) - n_blocks_S
+        tok_N = torch.arange(N, device=dev)
+        seq_N = torch.searchsorted(cu[1:], tok_N, right=True).clamp(max=S - 1)
+        local_N = ((tok_N - cu[seq_N]) // block_size).to(torch.int32)
+        base_N = ((tok_N // Tc) * C + first_block_S[seq_N]).to(torch.int32)
+        bounds = torch.arange(H * NCH * C + 1, device=dev, dtype=torch.int32)
+        tables[key] = (C, NCH, local_N, base_N, bounds)
+    return tables[key]
 
 
 # Set by `scripts/compile_check.py`: compile the GPU specialisations for CPU tensors without a GPU.

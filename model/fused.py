@@ -1,6 +1,7 @@
-"""The model's small elementwise ops (RMSNorm, RoPE, the SwiGLU gate, the MoE's weighted combine),
-each written once in plain PyTorch and, on CUDA with `model.compile_ops` on, run through
-`torch.compile` so that each becomes one or two fused kernels in the forward and the backward.
+"""The model's small elementwise ops (RMSNorm, RoPE, the SwiGLU gate, the MoE's weighted combine;
+`fusable` also wraps the MSA layers' selection statistics in model/stats.py), each written once in
+plain PyTorch and, on CUDA with `model.compile_ops` on, run through `torch.compile` so that each
+becomes one or two fused kernels in the forward and the backward.
 
 Why: in eager mode each of these is a chain of kernels that read and write fp32 copies of [tokens,
 d_model] activations (a cast, a square, a mean, a multiply, another multiply, a cast back). At 32K
@@ -38,7 +39,7 @@ def enabled() -> bool:
     return _enabled
 
 
-def _fusable(fn):
+def fusable(fn):
     """`fn` eager, or compiled on first use when its first argument is a CUDA tensor and fusion is on.
     `fn.eager` is the plain form (the tests compare the two)."""
     compiled = None
@@ -56,7 +57,7 @@ def _fusable(fn):
     return run
 
 
-@_fusable
+@fusable
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dim, in fp32 (bf16 sums of squares lose too much at large
     d_model), returned in x's dtype."""
@@ -65,7 +66,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (y * weight.float()).to(x.dtype)
 
 
-@_fusable
+@fusable
 def rope(x_BTHD: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor) -> torch.Tensor:
     """Rotate the first rope_dim = 2F dims of each head (partial RoPE when rope_dim < D), half-split
     pairing, in fp32; the rest of each head passes through."""
@@ -77,13 +78,13 @@ def rope(x_BTHD: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor) -> 
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
 
 
-@_fusable
+@fusable
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gate: silu(g) * u."""
     return F.silu(g) * u
 
 
-@_fusable
+@fusable
 def weighted_sum(y_NKE: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """sum_k w[n, k] * y[n, k, :], fp32: a token's k expert outputs combined in a fixed order (no
     atomics)."""

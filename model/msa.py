@@ -102,7 +102,7 @@ class MSAAttention(GQAAttention):
             block_idx, index_lse = kernels.msa_select(qi_1NHI.detach(), ki_1NI.detach(), bs, topk, cu,
                                                       budget=msa.selection_budget(topk, ctx.budget_param),
                                                       with_lse=with_lse, fp8=msa.select_fp8, backend=backend)
-            extras["blocks_per_token"] = stats.blocks_per_token(block_idx, layout)
+            sparsity, extras["blocks_per_token"] = stats.selection_means(block_idx, layout, bs)
         if ctx.mode == "sparse":
             o_1NHD, lse_1NH = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, cu, backend=backend)
             o_BTHD = o_1NHD.view(B, T, *o_1NHD.shape[2:])
@@ -112,7 +112,7 @@ class MSAAttention(GQAAttention):
                     kl_idx = torch.where(_draw(B * T, f, x_BTE.device)[None, :, None, None], block_idx, -1)
                 extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, kl_idx, bs, cu,
                                                    lse=lse_1NH.detach(), index_lse=index_lse, backend=backend) / f
-            extras["sparsity"] = stats.sparsity(block_idx, layout, bs)
+            extras["sparsity"] = sparsity
             if msa.budget != "static":  # the main branch's work is data-dependent: measured for the MFU
                 extras["attended_pairs"] = stats.attended_pairs(block_idx, layout, bs)
         else:  # warmup: dense attention, dense-support KL (block_idx=None)
@@ -140,8 +140,8 @@ class MSAAttention(GQAAttention):
         block_idx = oracle.oracle_select(q_1NHD[0].detach(), k_1NHD[0].detach(), layout, bs, topk)[None]
         o_1NHD, _ = kernels.msa_attention(q_1NHD, k_1NHD, v_1NHD, block_idx, bs, layout.cu_seqlens,
                                           backend=msa.backend)
-        extras = {"sparsity": stats.sparsity(block_idx, layout, bs),
-                  "blocks_per_token": stats.blocks_per_token(block_idx, layout)}
+        sparsity, blocks = stats.selection_means(block_idx, layout, bs)
+        extras = {"sparsity": sparsity, "blocks_per_token": blocks}
         if ctx.compute_stats:
             extras["block_idx"] = block_idx
             extras["score_recall"], extras["block_recall"] = stats.recalls(

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from model import fused
 from model.attention import DocLayout
 
 _CHUNK_ELEMS = 1 << 24  # query rows per chunk: ~16M fp32 scores at a time
@@ -32,13 +33,29 @@ def _attended_keys(block_idx_NHK: torch.Tensor, pos_N: torch.Tensor, block_size:
 
 
 @torch.no_grad()
-def sparsity(block_idx_NHK: torch.Tensor, layout: DocLayout, block_size: int) -> torch.Tensor:
-    """Mean over (real token, group) of 1 - attended keys / causally visible keys; 0-dim fp32."""
-    pos_N = layout.pos_N
-    attended_NH = _attended_keys(block_idx_NHK, pos_N, block_size).float()
-    visible_N1 = (pos_N + 1).float()[:, None]
-    frac_NH = 1.0 - attended_NH / visible_N1
-    return _mean_over_valid(frac_NH, layout.valid_N)
+def selection_means(block_idx_NHK: torch.Tensor, layout: DocLayout, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sparsity, blocks per token), each a 0-dim fp32 mean over (real token, group):
+    sparsity = 1 - attended keys / causally visible keys; blocks per token = the selected blocks
+    (the local one included). Every sparse forward of every MSA layer measures both, so they are
+    one fused kernel on CUDA (model/fused.py) rather than a chain of about 35 small launches."""
+    sparsity_blocks_2 = _selection_means(block_idx_NHK, layout.pos_N, layout.valid_N, block_size)
+    return sparsity_blocks_2[0], sparsity_blocks_2[1]
+
+
+@fused.fusable
+def _selection_means(block_idx_NHK: torch.Tensor, pos_N: torch.Tensor, valid_N: torch.Tensor,
+                     block_size: int) -> torch.Tensor:
+    b_NHK = block_idx_NHK.reshape(pos_N.numel(), *block_idx_NHK.shape[-2:]).long()
+    sel_NHK = b_NHK >= 0
+    # keys of block b visible to a token at position pos: all block_size of an earlier block, pos + 1 - b *
+    # block_size of its own block, none of a later one (= _attended_keys)
+    keys_NHK = (pos_N[:, None, None] + 1 - b_NHK * block_size).clamp(0, block_size)
+    attended_NH = torch.where(sel_NHK, keys_NHK, 0).sum(-1).float()
+    w_N1 = valid_N.float()[:, None]
+    n = (w_N1.sum() * b_NHK.shape[1]).clamp(min=1)
+    sparsity = (w_N1 * (1.0 - attended_NH / (pos_N + 1).float()[:, None])).sum() / n
+    blocks = (w_N1 * sel_NHK.sum(-1).float()).sum() / n
+    return torch.stack([sparsity, blocks])
 
 
 @torch.no_grad()
@@ -47,14 +64,6 @@ def attended_pairs(block_idx_NHK: torch.Tensor, layout: DocLayout, block_size: i
     FLOPs of a budget whose counts depend on the data (pipeline/flops.py); 0-dim fp32."""
     keys_NH = _attended_keys(block_idx_NHK, layout.pos_N, block_size).float()
     return (keys_NH * layout.valid_N[:, None]).sum()
-
-
-@torch.no_grad()
-def blocks_per_token(block_idx_NHK: torch.Tensor, layout: DocLayout) -> torch.Tensor:
-    """Mean over (real token, group) of the number of selected blocks (the local one included); 0-dim fp32."""
-    pos_N = layout.pos_N
-    n_NH = (block_idx_NHK.reshape(pos_N.numel(), *block_idx_NHK.shape[-2:]) >= 0).sum(-1).float()
-    return _mean_over_valid(n_NH, layout.valid_N)
 
 
 @torch.no_grad()

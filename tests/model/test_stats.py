@@ -4,19 +4,24 @@
 """
 import math
 
+import pytest
 import torch
 
-from model import stats
+from model import fused, stats
 from model.attention import DocLayout
 
 
-def _layout(lens, T):
+def _segments(lens, T):
     seg = torch.zeros(1, T, dtype=torch.int32)
     t = 0
     for i, L in enumerate(lens):
         seg[0, t:t + L] = i + 1
         t += L
-    return DocLayout.from_segments(seg)
+    return seg
+
+
+def _layout(lens, T):
+    return DocLayout.from_segments(_segments(lens, T))
 
 
 def _random_selection(layout, H, K, bs, g):
@@ -38,7 +43,7 @@ def _brute(q, k, b, layout, bs):
     H = k.shape[1]
     G = Hq // H
     cu = layout.cu_seqlens.tolist()
-    sp, sr, br, n = 0.0, 0.0, 0.0, 0
+    sp, sr, br, nb, n = 0.0, 0.0, 0.0, 0, 0
     for s0, e0 in zip(cu[:-1], cu[1:]):
         if not bool(layout.valid_N[s0]):
             continue
@@ -49,6 +54,7 @@ def _brute(q, k, b, layout, bs):
                 chosen = [int(x) for x in b[t, h] if x >= 0]
                 inside = [j for j in keys if (j - s0) // bs in chosen]
                 sp += 1 - len(inside) / (pos + 1)
+                nb += len(chosen)
                 p = torch.zeros(len(keys))
                 for gi in range(G):
                     s = torch.stack([q[t, h * G + gi] @ k[j, h] for j in keys]) / math.sqrt(D)
@@ -60,10 +66,17 @@ def _brute(q, k, b, layout, bs):
                 top = sorted(mass, key=lambda m: -mass[m])[:len(chosen)]
                 br += len(set(top) & set(chosen)) / len(chosen)
                 n += 1
-    return sp / n, sr / n, br / n
+    return sp / n, sr / n, br / n, nb / n
 
 
-def test_against_brute_force():
+@pytest.mark.parametrize("device", [
+    "cpu",
+    # on CUDA the sparsity and blocks per token are one compiled kernel (model/fused.py)
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="the compiled form runs on CUDA only")]),
+])
+def test_against_brute_force(device, monkeypatch):
+    monkeypatch.setattr(fused, "_enabled", True)
     g = torch.Generator().manual_seed(0)
     bs, K, H, G, D = 16, 3, 2, 2, 8
     lens, T = [70, 40], 120  # 10 tokens of padding at the end
@@ -71,8 +84,13 @@ def test_against_brute_force():
     q = torch.randn(T, H * G, D, generator=g)
     k = torch.randn(T, H, D, generator=g)
     b = _random_selection(lay, H, K, bs, g)
-    sp, sr, br = _brute(q, k, b, lay, bs)
-    torch.testing.assert_close(stats.sparsity(b[None], lay, bs), torch.tensor(sp), atol=1e-5, rtol=1e-5)
+    sp, sr, br, nb = _brute(q, k, b, lay, bs)
+    on = _layout(lens, T) if device == "cpu" else DocLayout.from_segments(_segments(lens, T).to(device))
+    sparsity, blocks = stats.selection_means(b[None].to(device), on, bs)
+    assert sparsity.device.type == device
+    torch.testing.assert_close(sparsity.cpu(), torch.tensor(sp), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blocks.cpu(), torch.tensor(nb, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+    assert 1 < float(blocks) < K  # the documents' first blocks select fewer than K
     score_recall, block_recall = stats.recalls(q, k, b, lay, bs)
     torch.testing.assert_close(score_recall, torch.tensor(sr), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(block_recall, torch.tensor(br), atol=1e-5, rtol=1e-5)
@@ -86,6 +104,7 @@ def test_full_selection_recalls_one_sparsity_zero():
         local = n // bs
         b[n, :, :local + 1] = torch.arange(local + 1, dtype=torch.int32)
     q, k = torch.randn(64, 4, 8), torch.randn(64, H, 8)
-    assert float(stats.sparsity(b, lay, bs)) == 0.0
+    sparsity, blocks = stats.selection_means(b, lay, bs)
+    assert float(sparsity) == 0.0 and float(blocks) == (1 + 2 + 3 + 4) / 4
     sr, br = stats.recalls(q, k, b, lay, bs)
     assert abs(float(sr) - 1) < 1e-5 and float(br) == 1.0
