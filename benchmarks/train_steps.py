@@ -11,7 +11,9 @@ forces the document-mask FlexAttention path that packed rows take, for compariso
 `sparse-s` sample the KL's query tokens (model.msa.warmup_kl_sample / kl_sample, --warmup-kl-sample
 and --kl-sample). Steps are timed with CUDA events after warm-up iterations; the median is reported
 with tokens/s, MFU (model FLOPs, pipeline/flops.py, against the bf16 matmul rate measured in the same
-run) and peak memory. `--profile T` adds a torch.profiler breakdown of one sparse step at T.
+run) and peak memory. `--profile T` adds a torch.profiler breakdown of one sparse step at T, and for
+every variant at T the host's time to issue each phase of the step against the GPU's time for it
+(and a cProfile of the host's time by function).
 `--msa-set budget=top_p --msa-set budget_p=0.9 --msa-set topk=32` sets model.msa fields of the MSA
 variants (an adaptive selection budget, for one); rows then also give the mean blocks per token and
 the MFU counts the keys the selection attended. `--eager-ops` times the model with its small
@@ -99,13 +101,16 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    def step():
+    def step(mark=lambda phase: None):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             out = model(batch)
         loss = sum(weights[k] * v for k, v in out.losses.items())
+        mark("forward")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        mark("backward")
         opt.step()
+        mark("optimizer")
         return out
 
     for _ in range(warmup):
@@ -137,12 +142,56 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
            "budget": cfg.msa.budget if mode == "sparse" else None,
            "blocks_per_token": float(out.stats["blocks_per_token"]) if "blocks_per_token" in out.stats else None}
     if profile and cuda:
-        res["profile"] = _profile(step)
+        res["host"] = _host_phases(step)
+        if mode == "sparse":
+            res["profile"] = _profile(step)
     attention.DenseMask.force_document_mask = False
     del model, opt, batch, out
     if cuda:
         torch.cuda.empty_cache()
     return res
+
+
+def _host_phases(step, iters: int = 3) -> dict:
+    """Is the step bound by the host? Per phase (forward, backward, optimizer), the host's time to
+    issue its work (no sync inside the step) against the GPU's time for it (CUDA events at the same
+    points); medians over `iters` steps. A phase whose host time is close to its GPU time, or above
+    it, keeps the GPU waiting for launches. Then the Python functions that take the host's time in
+    one step (cProfile, by own time; its overhead inflates the host's times, not their order)."""
+    import cProfile
+    import pstats
+
+    phases = ("forward", "backward", "optimizer")
+    host = {p: [] for p in phases}
+    gpu = {p: [] for p in phases}
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        marks = [("start", time.perf_counter(), torch.cuda.Event(enable_timing=True))]
+        marks[0][2].record()
+
+        def mark(phase):
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append((phase, time.perf_counter(), ev))
+
+        step(mark)
+        torch.cuda.synchronize()
+        for (_, t0, e0), (phase, t1, e1) in zip(marks, marks[1:]):
+            host[phase].append((t1 - t0) * 1e3)
+            gpu[phase].append(e0.elapsed_time(e1))
+    out = {"host_ms": {p: statistics.median(v) for p, v in host.items()},
+           "gpu_ms": {p: statistics.median(v) for p, v in gpu.items()}}
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    step()
+    torch.cuda.synchronize()
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = sorted(((f"{fn[0].split('site-packages/')[-1]}:{fn[1]}:{fn[2]}", v[1], v[2] * 1e3, v[3] * 1e3)
+                   for fn, v in st.stats.items()), key=lambda r: -r[2])[:40]
+    out["cprofile_top"] = [{"function": f, "calls": n, "own_ms": own, "cum_ms": cum} for f, n, own, cum in rows]
+    return out
 
 
 def _profile(step) -> dict:
@@ -220,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 r = time_mode(args.preset, variant, T, args.iters, args.warmup, overrides, device, args.kl_sample,
-                              args.warmup_kl_sample, peak, profile=args.profile == T and variant == "sparse-s",
+                              args.warmup_kl_sample, peak, profile=args.profile == T,
                               msa_set=_msa_set(args.msa_set))
             except torch.OutOfMemoryError as e:
                 r = {"variant": variant, "mode": variant.split("-")[0], "context": T, "error": f"out of memory: {e}"[:300]}
@@ -262,6 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nprofile of one sparse-s step at {args.profile}: {prof['total_ms']:.1f} ms of kernels")
         for g, ms in sorted(prof["groups_ms"].items(), key=lambda kv: -kv[1]):
             print(f"  {ms:8.1f} ms {100 * ms / prof['total_ms']:5.1f}%  {g}")
+    hosts = [r for r in rows if r.get("host")]
+    if hosts:
+        print(f"\nhost time to issue each phase vs the GPU's time for it, at {args.profile} (ms, median of 3 steps)")
+        for r in hosts:
+            h, g = r["host"]["host_ms"], r["host"]["gpu_ms"]
+            print(f"  {r['variant']:>10}: " + ", ".join(f"{p} {h[p]:.1f} host / {g[p]:.1f} GPU" for p in h))
+        for r in hosts:
+            print(f"  {r['variant']}: host's own time by function (cProfile, one step):")
+            for row in r["host"]["cprofile_top"][:12]:
+                print(f"    {row['own_ms']:8.1f} ms {row['calls']:>6}x  {row['function'][-90:]}")
     return 0
 
 
