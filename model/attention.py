@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import fused
 from model.config import ModelConfig
-from model.layers import apply_rope
 
 
 @dataclass
@@ -180,8 +180,8 @@ class GQAAttention(nn.Module):
     def qkv(self, x_BTE: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x_BTE.shape
         cfg = self.cfg
-        q_BTHD = apply_rope(self.q_proj(x_BTE).view(B, T, cfg.n_heads, cfg.head_dim), *rope)
-        k_BTHD = apply_rope(self.k_proj(x_BTE).view(B, T, cfg.n_kv_heads, cfg.head_dim), *rope)
+        q_BTHD, k_BTHD = fused.rope_pair(self.q_proj(x_BTE).view(B, T, cfg.n_heads, cfg.head_dim),
+                                         self.k_proj(x_BTE).view(B, T, cfg.n_kv_heads, cfg.head_dim), *rope)
         v_BTHD = self.v_proj(x_BTE).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         return q_BTHD, k_BTHD, v_BTHD
 

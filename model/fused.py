@@ -79,6 +79,23 @@ def rope(x_BTHD: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor) -> 
 
 
 @fusable
+def rope_pair(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor):
+    """`rope` of an attention's queries and keys in one call: each compiled call costs the host a
+    guard check and a runtime wrapper in the forward and again in the backward, and at 8K tokens the
+    step waits on the host (docs/perf/steps_h200.md)."""
+    return rope.eager(q_BTHD, cos_BTF, sin_BTF), rope.eager(k_BTHD, cos_BTF, sin_BTF)
+
+
+@fusable
+def norm_rope_pair(q_BTHI: torch.Tensor, k_BTHI: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                   eps: float, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor):
+    """The MSA index branch's qi and ki: `rms_norm` (each its own weight), rounded to the input's dtype
+    as the separate ops do, then `rope`; one call instead of four (see `rope_pair`)."""
+    return (rope.eager(rms_norm.eager(q_BTHI, q_weight, eps), cos_BTF, sin_BTF),
+            rope.eager(rms_norm.eager(k_BTHI, k_weight, eps), cos_BTF, sin_BTF))
+
+
+@fusable
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gate: silu(g) * u."""
     return F.silu(g) * u

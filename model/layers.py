@@ -27,11 +27,6 @@ def rope_cos_sin(positions_BT: torch.Tensor, rope_dim: int, theta: float) -> tup
     return ang_BTF.cos(), ang_BTF.sin()
 
 
-def apply_rope(x_BTHD: torch.Tensor, cos_BTF: torch.Tensor, sin_BTF: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rope_dim dims of each head (partial RoPE when rope_dim < D); half-split pairing."""
-    return fused.rope(x_BTHD, cos_BTF, sin_BTF)
-
-
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
         super().__init__()

@@ -104,7 +104,11 @@ class MoE(nn.Module):
         order_A = torch.argsort(expert_A, stable=True)
         expert_sorted_A = expert_A[order_A]
         h_AE = x_NE[order_A // K]
-        counts_X = torch.bincount(expert_A, minlength=X)
+        # rows per expert from the sorted ids; torch.bincount would stop the host on CUDA (it reads its
+        # input's max there), once per MoE layer: the GPU then drained its queue at every layer and
+        # idled while the host issued the next layer's small launches (docs/perf/steps_h200.md)
+        ends_X = torch.searchsorted(expert_sorted_A, torch.arange(1, X + 1, device=expert_A.device))
+        counts_X = torch.diff(ends_X, prepend=ends_X.new_zeros(1))
         if self.cfg.dispatch == "grouped_mm":
             y_sorted_AE = self.experts.forward_grouped(h_AE, counts_X)
         else:

@@ -35,10 +35,10 @@ import torch.nn as nn
 
 import kernels
 from kernels.kl.sampled import msa_kl_loss_dense_sampled
-from model import oracle, stats
+from model import fused, oracle, stats
 from model.attention import AttnContext, GQAAttention, dense_attention
 from model.config import ModelConfig
-from model.layers import RMSNorm, apply_rope
+from model.layers import RMSNorm
 
 
 def _draw(n: int, fraction: float, device) -> torch.Tensor:
@@ -69,9 +69,11 @@ class MSAAttention(GQAAttention):
         cfg = self.cfg
         I = cfg.msa.index_dim
         x_BTE = x_BTE.detach()  # stop-gradient: the KL must not reach the backbone (loss spikes)
-        qi_BTHI = self.index_q_norm(self.index_q_proj(x_BTE).view(B, T, cfg.n_kv_heads, I))
-        ki_BT1I = self.index_k_norm(self.index_k_proj(x_BTE).view(B, T, 1, I))
-        return apply_rope(qi_BTHI, *rope), apply_rope(ki_BT1I, *rope)[:, :, 0]
+        qn, kn = self.index_q_norm, self.index_k_norm
+        qi_BTHI, ki_BT1I = fused.norm_rope_pair(  # both norms and RoPEs in one call (fused on CUDA)
+            self.index_q_proj(x_BTE).view(B, T, cfg.n_kv_heads, I), self.index_k_proj(x_BTE).view(B, T, 1, I),
+            qn.weight, kn.weight, qn.eps, *rope)
+        return qi_BTHI, ki_BT1I[:, :, 0]
 
     def forward(self, x_BTE: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, dict]:
         B, T, _ = x_BTE.shape

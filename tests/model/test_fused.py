@@ -40,6 +40,13 @@ def _ref_weighted_sum(y_NKE, w_NK):
     return torch.einsum("nke,nk->ne", y_NKE.double(), w_NK.double())
 
 
+def _cat(op):
+    """A pair op as one output (both flattened, concatenated), so `_check` compares each element."""
+    def run(*args):
+        return torch.cat([x.reshape(-1) for x in op(*args)])
+    return run
+
+
 def _cases(device, dtype):
     g = torch.Generator().manual_seed(0)
 
@@ -50,9 +57,18 @@ def _cases(device, dtype):
     ang = torch.rand(B, T, F_, generator=g) * 2 * math.pi
     N, K, E = 29, 4, 24
     w = torch.rand(N, K, generator=g)
+    cos, sin = ang.cos().to(device), ang.sin().to(device)
+    wq, wk = (1 + 0.1 * torch.randn(D, generator=g)).to(device), (1 + 0.1 * torch.randn(D, generator=g)).to(device)
     return {
         "rms_norm": (fused.rms_norm, _ref_rms_norm, (r(B, T, E), (1 + 0.1 * torch.randn(E, generator=g)).to(device)),
                      (1e-5,)),
+        # the pairs: queries and keys of another head count (GQA), each against the composed references
+        "rope_pair": (_cat(fused.rope_pair), _cat(lambda q, k, c, s_: (_ref_rope(q, c, s_), _ref_rope(k, c, s_))),
+                      (r(B, T, H, D), r(B, T, 1, D)), (cos, sin)),
+        "norm_rope_pair": (_cat(fused.norm_rope_pair),
+                           _cat(lambda q, k, a, b, eps, c, s_: (_ref_rope(_ref_rms_norm(q, a, eps), c, s_),
+                                                                _ref_rope(_ref_rms_norm(k, b, eps), c, s_))),
+                           (r(B, T, H, D), r(B, T, 1, D), wq, wk), (1e-5, cos, sin)),
         "rope": (fused.rope, _ref_rope, (r(B, T, H, D),), (ang.cos().to(device), ang.sin().to(device))),
         "silu_mul": (fused.silu_mul, _ref_silu_mul, (r(N, E), r(N, E)), ()),
         "weighted_sum": (fused.weighted_sum, _ref_weighted_sum, (r(N, K, E), (w / w.sum(1, keepdim=True)).to(device)),

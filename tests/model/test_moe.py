@@ -88,3 +88,22 @@ def test_grouped_mm_matches_bmm():
     except (RuntimeError, NotImplementedError) as e:  # CPU support of _grouped_mm varies by torch version
         pytest.skip(f"_grouped_mm unavailable here: {e}")
     torch.testing.assert_close(y_grp.float(), y_bmm.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
+def test_grouped_mm_forward_and_backward_never_stop_the_host():
+    # a sync per MoE layer drains the GPU's queue at every layer (docs/perf/steps_h200.md)
+    d = 64
+    moe = MoE(d, MoEConfig(n_experts=8, top_k=2, expert_hidden=64, dispatch="grouped_mm")).cuda()
+    x = torch.randn(2, 128, d, device="cuda", requires_grad=True)
+    valid = torch.ones(256, dtype=torch.bool, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, extras = moe(x, valid)
+        (y.float().sum() + extras["aux"]).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert x.grad is not None and torch.isfinite(x.grad).all()

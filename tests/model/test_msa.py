@@ -215,3 +215,27 @@ def test_budget_match_brings_top_p_to_static_compute_on_the_model(start):
             measured, target = float(out.stats["blocks_per_token"]), float(out.stats["blocks_per_token_static"])
             match.update(measured, target)
     assert abs(measured / target - 1) < 0.02, (match.param, measured, target)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
+@pytest.mark.parametrize("kl_sample", [1.0, 0.25])
+def test_sparse_layer_forward_and_backward_never_stop_the_host(kl_sample):
+    # The step's only syncs are where the model reads the batch's layout (model/attention.py,
+    # model/transformer.py); inside a layer one would drain the GPU's queue at every layer.
+    T, docs = 512, [[200, 312], [512]]
+    cfg = small_config(msa=dict(block_size=64, topk=4, backend="triton", kl_sample=kl_sample), max_seq_len=T)
+    batch = build_batch(cfg, docs, T).to("cuda")
+    layer = MSAAttention(cfg).cuda()
+    x = torch.randn(len(docs), T, cfg.d_model, device="cuda", requires_grad=True)
+    for check in (False, True):  # the first time compiles the small ops (model/fused.py)
+        ctx = attn_context(cfg, batch, "sparse")  # a new layout (read on the host): its tables are built anew
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if check else 0)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                o, extras = layer(x, ctx)
+            (o.float().square().mean() + extras["kl"]).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(x.grad).all() and 0 < float(extras["sparsity"]) < 1
