@@ -35,7 +35,8 @@ from model.stats import static_blocks_per_token
 class ModelOutput:
     losses: dict[str, torch.Tensor]  # named scalar losses: "lm" always; "kl_index", "moe_aux" by architecture
     stats: dict[str, float] = field(default_factory=dict)  # named statistics (floats, detached)
-    n_targets: int = 0  # text tokens that carried an LM target
+    n_targets: torch.Tensor | None = None  # 0-dim int64 on the device: text tokens that carried an LM
+    #                                         target (not read here: reading it would stop the host)
     logits: torch.Tensor | None = None  # [B, T, V], only when asked for (evaluation)
     selection: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> block_idx [1, B*T, Hkv, K]
     #                                    int32, the MSA layers' selections (only with compute_stats)
@@ -217,7 +218,8 @@ class MultimodalTransformer(nn.Module):
             stats_named["blocks_per_token_static"] = static_blocks_per_token(
                 layout, cfg.msa.block_size, cfg.msa.budget_match_topk)
         return ModelOutput(losses=losses, stats=stats_named,
-                           n_targets=batch.n_text_targets, logits=logits_BTV if return_logits else None,
+                           n_targets=(batch.targets_BT != IGNORE_INDEX).sum(),
+                           logits=logits_BTV if return_logits else None,
                            selection={i: a["block_idx"] for i, a in attn_extras.items() if "block_idx" in a},
                            attended_pairs=_sum_or_none([a["attended_pairs"] for a in attn_extras.values()
                                                         if "attended_pairs" in a]))
