@@ -71,6 +71,16 @@ def test_train_steps_runs_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_msa_layer_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "layer.json"
+    proc = _run_module("benchmarks.msa_layer", "--device", "cpu", "--preset", "tiny", "--contexts", "256",
+                       "--iters", "1", "--warmup", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["context"] == 256 and row["dense_layer_ms"] > 0 and row["msa_layer_ms"] > 0
+
+
+@pytest.mark.slow
 def test_prep_throughput_runs(tmp_path):
     proc = _run_module("benchmarks.prep_throughput", "--photos", "2", "--demo-docs", "20", "--repeat", "1",
                        "--workers", "1")
