@@ -215,6 +215,21 @@ def _configure_context() -> None:
         detectors.high_memory_detector_config.detection_time_interval_s = -1
 
 
+def ingest_config():
+    """Ray Train's data config for the training stream: the rows in plan order.
+
+    Ray Train replaces a training dataset's execution options with its own when it splits the stream
+    across the workers, taken from the DataContext of the process that does the split; there
+    `preserve_order` was not always set, and then the packing actor's in-flight tasks delivered rows
+    in the order they finished: two runs with the same seed trained on the same documents in another
+    order (a study's dense and native arms, seen once on 2 cores). So the options are given here."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
+
+
 def build_dataset(plan: DataPlan, entries: list[int], tokenizer_path: str, seq_len: int, image_size: int,
                   patch_size: int, pack_docs: int, pack_actors: int, done_ids: dict[int, list[int]] | None = None):
     """The stream of packed rows for the given plan entries (in plan order)."""

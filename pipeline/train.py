@@ -184,7 +184,7 @@ def run(launch: Launch, address: str) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data import DatasetFactory
+    from pipeline.data import DatasetFactory, ingest_config
     from pipeline.loop import train_loop_per_worker
 
     cfg = launch.cfg
@@ -246,6 +246,7 @@ def run(launch: Launch, address: str) -> dict:
                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             ),
             datasets={"train": datasets},
+            dataset_config=ingest_config(),  # the rows in plan order on every worker
         )
         # rank 0's progress lines, without Ray's worker prefixes; Ray's known-harmless lines dropped
         with ProgressTail(launch.run_dir), without_known_harmless_lines():

@@ -35,3 +35,21 @@ def test_ray_ingest_equals_local_packing(local_ray, demo_shards):
     ctx = ds.context
     assert ctx.execution_options.preserve_order and not ctx.enable_progress_bars
     assert ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s == -1
+
+
+def test_ray_train_splits_the_stream_in_plan_order_whatever_the_process_context_says():
+    # Ray Train gives the training dataset the execution options of the process that splits it; msa-train
+    # hands it its own, ordered ones (a process whose context was never set would deliver rows as the
+    # packing actor's tasks finish)
+    import ray.data
+
+    from pipeline.data import ingest_config
+
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = False
+    try:
+        options = ingest_config()._resolve_execution_options("train")
+    finally:
+        ctx.execution_options.preserve_order = old
+    assert options.preserve_order

@@ -67,6 +67,10 @@ def test_tiny_study_end_to_end(demo_shards, heldout_long_shards, tmp_path, capsy
     dense = {r["seed"]: r for r in res["arms"]["dense"]["runs"]}
     for r in res["arms"]["native"]["runs"]:
         assert r["tokens_seen"] == dense[r["seed"]]["tokens_seen"]
+        # the same documents in the same order: the same data position at the retrofit's start step
+        dense_pos, native_pos = (json.loads((out / "runs" / "ray" / f"{arm}-s{r['seed']}" / "checkpoint_000003" /
+                                             "data_state.json").read_text()) for arm in ("dense", "native"))
+        assert dense_pos == native_pos and dense_pos["done_ids"]
     for r in res["arms"]["retrofit"]["runs"]:
         assert r["tokens_seen"] == pytest.approx(dense[r["seed"]]["tokens_seen"], rel=0.25)
         assert r["source"]["step"] == 3 and r["source"]["dense_run"] == dense[r["seed"]]["mlflow_run_id"]
