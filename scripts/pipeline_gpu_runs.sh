@@ -8,7 +8,8 @@
 #                                              # sparse-s at 64K and 128K (what fits 128K on one card)
 #   bash scripts/pipeline_gpu_runs.sh steps    # 1 GPU: the step work of docs/perf/steps_h200.md: the kernels
 #                                              # at 8K-128K, then the step at 8K-64K (dense, warmup-s,
-#                                              # sparse-s) with a profile at 32K. Knobs: SKIP_KERNELS=1,
+#                                              # sparse-s) with a profile at 32K, then one MSA layer
+#                                              # against one dense layer. Knobs: SKIP_KERNELS=1,
 #                                              # CONTEXTS, MODES, PROFILE (0: none), TAG (file suffix),
 #                                              # STEPS_ARGS (e.g. --eager-ops, --msa-set index_lse=select)
 #   bash scripts/pipeline_gpu_runs.sh budgets  # 1 GPU: the selection budgets: kernel rows at 64K, step
@@ -71,6 +72,9 @@ if [ "$what" = steps ]; then
   $PY -m benchmarks.train_steps --preset small --contexts ${CONTEXTS:-8192 32768 65536} \
     --modes ${MODES:-dense warmup-s sparse-s} --skip 8192:warmup-s 65536:warmup-s --iters 3 --warmup 1 \
     --profile "${PROFILE:-32768}" --commit "${GIT_COMMIT:-}" --out "$OUT/steps${TAG:-}.json" ${STEPS_ARGS:-} 2>&1 \
+    | tee -a "$log"
+  echo "=== one MSA layer against one dense layer: the work outside the kernels ===" | tee -a "$log"
+  $PY -m benchmarks.msa_layer --contexts 8192 32768 --commit "${GIT_COMMIT:-}" --out "$OUT/layer${TAG:-}.json" 2>&1 \
     | tee -a "$log"
   echo "=== done ===" | tee -a "$log"
   exit 0
