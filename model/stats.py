@@ -23,12 +23,10 @@ _CHUNK_ELEMS = 1 << 24  # query rows per chunk: ~16M fp32 scores at a time
 
 
 def _attended_keys(block_idx_NHK: torch.Tensor, pos_N: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[N, H] keys each (token, group) attends to: a full earlier block contributes block_size keys,
-    the local block only the keys up to the token."""
+    """[N, H] keys each (token, group) attends to: of a selected block b, all block_size keys of an
+    earlier block, the pos + 1 - b * block_size up to the token of its own block, none of a later one."""
     b_NHK = block_idx_NHK.reshape(pos_N.numel(), *block_idx_NHK.shape[-2:]).long()
-    local_N11 = (pos_N // block_size)[:, None, None]
-    in_local_N11 = (pos_N - (pos_N // block_size) * block_size + 1)[:, None, None]
-    keys_NHK = torch.where(b_NHK < local_N11, block_size, torch.where(b_NHK == local_N11, in_local_N11, 0))
+    keys_NHK = (pos_N[:, None, None] + 1 - b_NHK * block_size).clamp(0, block_size)
     return torch.where(b_NHK >= 0, keys_NHK, 0).sum(-1)
 
 
@@ -45,16 +43,12 @@ def selection_means(block_idx_NHK: torch.Tensor, layout: DocLayout, block_size: 
 @fused.fusable
 def _selection_means(block_idx_NHK: torch.Tensor, pos_N: torch.Tensor, valid_N: torch.Tensor,
                      block_size: int) -> torch.Tensor:
-    b_NHK = block_idx_NHK.reshape(pos_N.numel(), *block_idx_NHK.shape[-2:]).long()
-    sel_NHK = b_NHK >= 0
-    # keys of block b visible to a token at position pos: all block_size of an earlier block, pos + 1 - b *
-    # block_size of its own block, none of a later one (= _attended_keys)
-    keys_NHK = (pos_N[:, None, None] + 1 - b_NHK * block_size).clamp(0, block_size)
-    attended_NH = torch.where(sel_NHK, keys_NHK, 0).sum(-1).float()
+    attended_NH = _attended_keys(block_idx_NHK, pos_N, block_size).float()
+    selected_NH = (block_idx_NHK.reshape(attended_NH.shape + block_idx_NHK.shape[-1:]) >= 0).sum(-1).float()
     w_N1 = valid_N.float()[:, None]
-    n = (w_N1.sum() * b_NHK.shape[1]).clamp(min=1)
+    n = (w_N1.sum() * attended_NH.shape[1]).clamp(min=1)
     sparsity = (w_N1 * (1.0 - attended_NH / (pos_N + 1).float()[:, None])).sum() / n
-    blocks = (w_N1 * sel_NHK.sum(-1).float()).sum() / n
+    blocks = (w_N1 * selected_NH).sum() / n
     return torch.stack([sparsity, blocks])
 
 

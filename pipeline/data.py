@@ -222,12 +222,12 @@ def ingest_config():
     across the workers, taken from the DataContext of the process that does the split; there
     `preserve_order` was not always set, and then the packing actor's in-flight tasks delivered rows
     in the order they finished: two runs with the same seed trained on the same documents in another
-    order (a study's dense and native arms, seen once on 2 cores). So the options are given here."""
+    order (a study's dense and native arms, seen once on 2 cores). So they are given here: the
+    options every dataset of this module runs with (`_configure_context`)."""
     import ray.train
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return ray.train.DataConfig(execution_options=options)
+    _configure_context()  # Ray Train's defaults are read from this process's context
+    return ray.train.DataConfig(execution_options=ray.train.DataConfig.default_ingest_options())
 
 
 def build_dataset(plan: DataPlan, entries: list[int], tokenizer_path: str, seq_len: int, image_size: int,
