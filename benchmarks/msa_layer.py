@@ -30,7 +30,7 @@ import torch
 from model.attention import AttnContext, DenseMask, DocLayout, GQAAttention
 from model.layers import rope_cos_sin
 from model.msa import MSAAttention
-from model.presets import get_preset
+from model.presets import PRESETS, get_preset
 
 
 def _context(cfg, T: int, device, mode: str) -> AttnContext:
@@ -91,7 +91,7 @@ def time_layer(layer, cfg, T: int, mode: str, device, iters: int, warmup: int, p
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -32,7 +32,7 @@ import time
 import torch
 
 from model.batch import IGNORE_INDEX, Batch
-from model.presets import get_preset
+from model.presets import PRESETS, get_preset
 from model.transformer import MultimodalTransformer
 from pipeline.flops import StepFlops
 
@@ -230,7 +230,7 @@ def matmul_ceiling_tflops() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_steps", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--modes", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--skip", nargs="*", default=[], metavar="T:VARIANT", help="e.g. 65536:warmup (too slow to time)")
@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--device", default="cuda", help="cuda; cpu only checks the script (with the tiny preset)")
     args = p.parse_args(argv)
+    if args.profile and args.profile not in args.contexts:
+        p.error(f"--profile {args.profile} is not one of --contexts {args.contexts}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("train_steps: no CUDA GPU here (use --device cpu --preset tiny to check the script)", file=sys.stderr)
