@@ -47,17 +47,35 @@ class DocLayout:
     valid_N: torch.Tensor  # bool [N] not padding (segment id != 0)
     seq_valid_S: torch.Tensor  # bool [S] the document is not a padding run
 
+    @staticmethod
+    def _starts(segment_ids_BT: torch.Tensor) -> torch.Tensor:
+        """bool [N]: a document starts here (a new segment id, or a new row)."""
+        T = segment_ids_BT.shape[1]
+        seg_N = segment_ids_BT.reshape(-1)
+        flat_N = torch.arange(seg_N.numel(), device=seg_N.device)
+        start_N = torch.ones_like(seg_N, dtype=torch.bool)
+        start_N[1:] = (seg_N[1:] != seg_N[:-1]) | (flat_N[1:] % T == 0)
+        return start_N
+
     @classmethod
-    def from_segments(cls, segment_ids_BT: torch.Tensor) -> "DocLayout":
+    def count_documents(cls, segment_ids_BT: torch.Tensor) -> int:
+        """S, the documents of a batch (where its segment ids are on the host: model/batch.py)."""
+        return int(cls._starts(segment_ids_BT).sum())
+
+    @classmethod
+    def from_segments(cls, segment_ids_BT: torch.Tensor, n_docs: int | None = None) -> "DocLayout":
+        """n_docs (from `count_documents` on the host copy): no host sync here; without it, one."""
         B, T = segment_ids_BT.shape
         dev = segment_ids_BT.device
         seg_N = segment_ids_BT.reshape(-1)
         N = seg_N.numel()
         flat_N = torch.arange(N, device=dev)
-        start_N = torch.ones(N, dtype=torch.bool, device=dev)
-        start_N[1:] = (seg_N[1:] != seg_N[:-1]) | (flat_N[1:] % T == 0)
+        start_N = cls._starts(segment_ids_BT)
         doc_N = torch.cumsum(start_N.long(), 0) - 1
-        starts_S = flat_N[start_N]  # one host sync: the number of documents
+        if n_docs is None:
+            starts_S = flat_N[start_N]  # one host sync: the number of documents
+        else:
+            starts_S = torch.nonzero_static(start_N, size=n_docs)[:, 0]
         cu = torch.cat([starts_S, torch.tensor([N], device=dev)]).to(torch.int32)
         pos_N = flat_N - starts_S[doc_N]
         return cls(B=B, T=T, doc_BT=doc_N.view(B, T), cu_seqlens=cu, pos_N=pos_N, valid_N=seg_N != 0,

@@ -4,7 +4,7 @@ Legend: B rows per batch, T tokens per row, N image slots per row, C=3 channels,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -21,19 +21,44 @@ class Batch:
     images_BNCHW: torch.Tensor  # uint8 [B, N, 3, H, W] the row's images in order, zero-padded
     n_images_B: torch.Tensor  # int32 [B] images used in each row
     answer_mask_BT: torch.Tensor  # bool [B, T] positions whose target is a retrieval answer token
+    # Counted on the host where the batch is made (`from_dict`, `with_counts`), so that the forward
+    # never reads its device copy back to size a tensor (a host sync that would make the host wait for
+    # the GPU's previous step); None: the forward counts on the device itself.
+    n_docs: int | None = None  # documents over all rows (model/attention.py: DocLayout)
+    n_images: int | None = None  # images used over all rows
+    n_patch_tokens: int | None = None  # tokens that hold the <|img_patch|> id
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        """The batch on `device`. With non_blocking, a CPU batch is copied from pinned memory (pinned
+        here if it is not already), so the copy is queued behind the device's work instead of waiting
+        for it."""
+        def move(x):
+            if not torch.is_tensor(x):
+                return x
+            if non_blocking and x.device.type == "cpu" and torch.device(device).type == "cuda" and not x.is_pinned():
+                x = x.pin_memory()
+            return x.to(device, non_blocking=non_blocking)
+
+        return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+    def with_counts(self, img_patch_id: int) -> "Batch":
+        """This batch (on the CPU) with its host-side counts filled in."""
+        from model.attention import DocLayout
+
+        return replace(self, n_docs=DocLayout.count_documents(self.segment_ids_BT),
+                       n_images=int(self.n_images_B.sum()),
+                       n_patch_tokens=int((self.tokens_BT == img_patch_id).sum()))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Batch":
-        """From the pipeline's column dict (numpy arrays or tensors), casting to the contract's dtypes."""
+    def from_dict(cls, d: dict, img_patch_id: int | None = None) -> "Batch":
+        """From the pipeline's column dict (numpy arrays or CPU tensors), casting to the contract's
+        dtypes; with `img_patch_id`, the host-side counts are filled in (`with_counts`)."""
         def t(name, dtype):
             x = d[name]
             x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
             return x.to(dtype)
 
-        return cls(
+        batch = cls(
             tokens_BT=t("tokens", torch.int64),
             targets_BT=t("targets", torch.int64),
             positions_BT=t("positions", torch.int64),
@@ -42,6 +67,7 @@ class Batch:
             n_images_B=t("n_images", torch.int32),
             answer_mask_BT=t("answer_mask", torch.bool),
         )
+        return batch if img_patch_id is None else batch.with_counts(img_patch_id)
 
     @property
     def n_text_targets(self) -> int:

@@ -164,8 +164,13 @@ class MultimodalTransformer(nn.Module):
         is_patch_BT = batch.tokens_BT == self.img_patch_id
         n_slots = batch.images_BNCHW.shape[1]
         used_BN = torch.arange(n_slots, device=x_BTE.device)[None, :] < batch.n_images_B[:, None].long()
-        images_MCHW = batch.images_BNCHW[used_BN]
-        n_patch_tokens = int(is_patch_BT.sum())
+        if batch.n_images is None:  # counted here: two host syncs
+            images_MCHW = batch.images_BNCHW[used_BN]
+            n_patch_tokens = int(is_patch_BT.sum())
+        else:  # counted on the host where the batch was made (model/batch.py)
+            which_M = torch.nonzero_static(used_BN.reshape(-1), size=batch.n_images)[:, 0]
+            images_MCHW = batch.images_BNCHW.flatten(0, 1).index_select(0, which_M)
+            n_patch_tokens = batch.n_patch_tokens
         if n_patch_tokens != images_MCHW.shape[0] * self.cfg.n_patches:
             raise ValueError(
                 f"batch has {n_patch_tokens} image-patch tokens but {images_MCHW.shape[0]} images of "
@@ -175,14 +180,19 @@ class MultimodalTransformer(nn.Module):
         # so DDP does not stall on a rank whose batch has no image
         patches_MPE = self.patch_encoder(images_MCHW)
         # row-major order of patch positions == order of images in the row, patches in raster order
-        return x_BTE.masked_scatter(is_patch_BT[..., None], patches_MPE.to(x_BTE.dtype).reshape(-1))
+        patches_MPE = patches_MPE.to(x_BTE.dtype)
+        if batch.n_images is None:
+            return x_BTE.masked_scatter(is_patch_BT[..., None], patches_MPE.reshape(-1))
+        B, T, E = x_BTE.shape  # the same placement, sized on the host
+        where_P = torch.nonzero_static(is_patch_BT.reshape(-1), size=n_patch_tokens)[:, 0]
+        return x_BTE.reshape(B * T, E).index_copy(0, where_P, patches_MPE.reshape(-1, E)).view(B, T, E)
 
     def forward(self, batch: Batch, *, compute_stats: bool = False, return_logits: bool = False,
                 index_loss: bool = True) -> ModelOutput:
         """index_loss=False skips the MSA layers' KL (no "kl_index" loss): evaluation needs only the LM."""
         cfg = self.cfg
         x_BTE = self.embed_inputs(batch)
-        layout = DocLayout.from_segments(batch.segment_ids_BT)
+        layout = DocLayout.from_segments(batch.segment_ids_BT, batch.n_docs)
         ctx = AttnContext(
             layout=layout, mask=DenseMask(layout, cfg.dense_impl),
             rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),

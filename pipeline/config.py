@@ -113,6 +113,14 @@ class RayConfig:
     # result cast back, an approximation of the fp32 average, torch's bf16_compress_hook)
     ddp_bucket_mb: float = 25.0
     ddp_grad_dtype: str = "fp32"
+    # FSDP2: true frees each block's gathered weights after its forward and gathers them again for its
+    # backward (least memory); false keeps them from the forward to the backward (one all-gather per
+    # block and step instead of two, a block's full weights held per block until its backward)
+    fsdp_reshard_after_forward: bool = True
+    # FSDP2: blocks whose weights are gathered ahead of the one computing, in the forward and the
+    # backward (explicit prefetch, so the gather overlaps compute even when the host issues the
+    # kernels just in time); 0 leaves it to FSDP2's implicit prefetch
+    fsdp_prefetch: int = 1
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -127,6 +135,11 @@ class RayConfig:
             raise ConfigError("ray.ddp_bucket_mb", f"must be a positive number of MiB, got {self.ddp_bucket_mb!r}")
         if self.ddp_grad_dtype not in ("fp32", "bf16"):
             raise ConfigError("ray.ddp_grad_dtype", f"must be 'fp32' or 'bf16', got {self.ddp_grad_dtype!r}")
+        if not isinstance(self.fsdp_reshard_after_forward, bool):
+            raise ConfigError("ray.fsdp_reshard_after_forward", f"must be true or false, got {self.fsdp_reshard_after_forward!r}")
+        if not (isinstance(self.fsdp_prefetch, int) and not isinstance(self.fsdp_prefetch, bool)
+                and self.fsdp_prefetch >= 0):
+            raise ConfigError("ray.fsdp_prefetch", f"must be a whole number of blocks >= 0, got {self.fsdp_prefetch!r}")
 
 
 @dataclass

@@ -237,7 +237,7 @@ def evaluate(model: torch.nn.Module, shards_dir: str, tokenizer_path: str, seq_l
     kind_by: dict[str, list[int]] = {}
     for i in range(0, len(rows), batch_size):
         cols = pack_pieces(rows[i:i + batch_size], spec, tok.pad, one_per_row=True)
-        batch = Batch.from_dict(cols).to(device)
+        batch = Batch.from_dict(cols, inner.img_patch_id).to(device)
         with ctx:
             logits_BTV = model(batch, return_logits=True, index_loss=False).logits
         pred_BT = logits_BTV.argmax(-1)

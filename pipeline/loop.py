@@ -34,7 +34,7 @@ from pipeline.console import ProgressLog, progress_line
 from pipeline.metrics import Window, reduce_window
 from pipeline.trace import DataTrace, pause_once
 from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
-from pipeline.parallel import as_float, load_states, model_state, optimizer_state, wrap
+from pipeline.parallel import load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState
 from pipeline.profiling import StepProfiler
 from pipeline.schedule import BudgetMatch, attention_mode, frozen_groups, warmup_steps
@@ -59,6 +59,9 @@ class LoopState:
     tokens_seen: int = 0
     bad_in_a_row: int = 0
     skipped_steps: int = 0
+    # the two above as the device sees them between logging steps (apply_gradients, check_bad_steps):
+    # [steps skipped in a row as of the last step, the longest such run, steps skipped] since the last check
+    bad_steps: torch.Tensor | None = None
     skipped_samples: dict[str, int] = field(default_factory=dict)  # reason -> documents, since the run began
     start_step: int = 0  # where this run's own schedule starts (a continued retrofit: the dense checkpoint's step)
     budget_match: BudgetMatch | None = None  # the adaptive budget's parameter under model.msa.budget_match_topk
@@ -130,8 +133,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     # the data first: its pipeline starts while the model is built, restored and wrapped
     shard = ray.train.get_dataset_shard("train")
+    # the rows stay on the host (pinned for the copy): the bookkeeping columns and the batch's counts
+    # are read there, and the copy to the device is queued behind the previous step instead of
+    # waiting for it (a step without a host sync: apply_gradients, model/batch.py)
     batches = FirstBatchAhead(shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                                       prefetch_batches=cfg.data.prefetch_batches))
+                                                       prefetch_batches=cfg.data.prefetch_batches,
+                                                       device="cpu", pin_memory=device.type == "cuda"))
 
     global _progress
     _progress = ProgressLog(run_dir) if rank == 0 else ProgressLog(None, quiet=True)
@@ -193,9 +200,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"the data plan ran out at step {st.step} before train.max_steps="
                                f"{cfg.train.max_steps}; the plan is sized from the manifests' token estimates")
         win.data_wait_s += time.perf_counter() - t_wait
-        # the bookkeeping columns arrive on the training device like the rest: one copy back for them
-        book = {k: cols[k].cpu().numpy() for k in ("segment_ids", *BOOKKEEPING)}
-        batch = Batch.from_dict(cols).to(device)
+        book = {k: cols[k].numpy() for k in ("segment_ids", *BOOKKEEPING)}
+        host_batch = Batch.from_dict(cols, raw.img_patch_id)
+        batch = host_batch.to(device, non_blocking=True)
 
         mode = attention_mode(cfg, st.step - st.start_step)
         if mode != raw.mode:
@@ -211,20 +218,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss = sum(weights[k] * v for k, v in out.losses.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norms = apply_gradients(optimizer, cfg.train.grad_clip, cfg.train.max_bad_steps, st, has_index)
-        if norms is None:
-            win.count("skipped")
-        else:
-            for k, v in out.losses.items():
-                win.add(f"train/{k}_loss", v.detach())  # summed on the device, read at logging
-            win.add("train/grad_norm", norms[0])
-            if has_index:
-                win.add("train/index_grad_norm", norms[1])
-            for k, v in out.stats.items():
-                if k not in ("kl_index_loss", "moe_aux_loss"):  # already in the losses
-                    win.add(k if k.startswith("layer/") else f"train/{k}", v)
+        grad_norm, index_norm, ok = apply_gradients(optimizer, cfg.train.grad_clip, st, has_index)
+        # summed on the device, read at logging; a skipped step (non-finite) adds nothing to the means
+        for k, v in out.losses.items():
+            win.add(f"train/{k}_loss", v.detach(), ok)
+        win.add("train/grad_norm", grad_norm, ok)
+        if has_index:
+            win.add("train/index_grad_norm", index_norm, ok)
+        for k, v in out.stats.items():
+            if k not in ("kl_index_loss", "moe_aux_loss"):  # already in the losses
+                win.add(k if k.startswith("layer/") else f"train/{k}", v, ok)
         if out.selection:
-            selection = (out.selection, batch.segment_ids_BT.cpu(), batch.positions_BT.cpu(), raw.budget_param)
+            selection = (out.selection, host_batch.segment_ids_BT, host_batch.positions_BT, raw.budget_param)
         st.step += 1
         win.steps += 1
         # counted on the host copy: no device round trip for bookkeeping
@@ -246,6 +251,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # happen on the step they name and every checkpoint has its metrics in the run
         if st.step % cfg.train.log_every == 0 or final or checkpoint or evaluate_now:
             window_s, steps_in_window = time.perf_counter() - win.t0, win.steps
+            check_bad_steps(st, cfg.train.max_bad_steps)
             metrics = _window_metrics(win, device, lr, st, peak, world)
             # under FSDP every rank must take part in the forward passes; rank 0 logs the result
             if evaluate_now and (rank == 0 or cfg.ray.parallel == "fsdp"):
@@ -383,36 +389,64 @@ def _checkpoint(cfg: RunConfig, st: LoopState, model, optimizer, plan: DataPlan,
         tracker.set_tags({what: f"step {st.step}: {type(e).__name__}: {e}"[:5000]})
 
 
-def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, max_bad_steps: int, st: LoopState,
-                    has_index: bool) -> tuple[float, float] | None:
-    """Clip and step, or skip a step whose gradients are not finite; returns the (backbone, index)
-    gradient norms, or None for a skipped step. Raises TooManyBadSteps after max_bad_steps in a row.
+def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, st: LoopState,
+                    has_index: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clip and step, or skip a step whose gradients are not finite, without reading anything on the
+    host: returns the (backbone, index) gradient norms before clipping and whether the step was
+    taken, as 0-dim device tensors. `check_bad_steps` reads the record at the next logging step.
 
     The KL's gradient reaches only the index branch: it is clipped on its own, so a KL spike cannot
     shrink the backbone's update (and the reported grad norm is the backbone's). The norms are taken
     after DDP's all-reduce (FSDP's reduce-scatter), so every rank takes the same decision.
+
+    A host read of the norms here would make the host wait for the GPU at every step; under DDP that
+    wait is the tail of the gradient all-reduce, which the next step's host work could otherwise hide.
+    The fused AdamW takes the decision on the device instead (`found_inf`: the update of every
+    parameter, its moments and its step count are skipped when it is 1). An optimizer without that
+    flag (the FSDP2 path keeps the multi-tensor AdamW) decides on the host.
     """
     clip = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = as_float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"backbone", "experts"}), clip))
-    index_norm = as_float(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"index"}), clip)) if has_index else 0.0
-    if math.isfinite(grad_norm) and math.isfinite(index_norm):
+    grad_norm = _local(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"backbone", "experts"}), clip))
+    index_norm = (_local(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"index"}), clip)) if has_index
+                  else torch.zeros_like(grad_norm))
+    ok = torch.isfinite(grad_norm) & torch.isfinite(index_norm)
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~ok).float()
         optimizer.step()
-        st.bad_in_a_row = 0
-        return grad_norm, index_norm
-    # never update the weights with non-finite values: drop this step's gradients
-    optimizer.zero_grad(set_to_none=True)
-    st.bad_in_a_row += 1
-    st.skipped_steps += 1
-    if st.bad_in_a_row >= max_bad_steps:
-        raise TooManyBadSteps(f"{st.bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                              f"(last at step {st.step + 1}); stopping (train.max_bad_steps)")
-    return None
+    elif bool(ok):
+        optimizer.step()
+    # a skipped step's gradients are dropped by the next step's zero_grad; they never reach the weights
+    bad = (~ok).long()
+    if st.bad_steps is None:
+        st.bad_steps = torch.tensor([st.bad_in_a_row, st.bad_in_a_row, 0], device=ok.device)
+    run = (st.bad_steps[0] + 1) * bad
+    st.bad_steps = torch.stack([run, torch.maximum(st.bad_steps[1], run), st.bad_steps[2] + bad])
+    return grad_norm, index_norm, ok
+
+
+def _local(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor (FSDP returns a replicated DTensor)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def check_bad_steps(st: LoopState, max_bad_steps: int) -> None:
+    """At a logging step: bring the device's record of skipped steps to the host (one read) and
+    raise TooManyBadSteps if max_bad_steps or more steps in a row were skipped since the last check.
+    (The weights never saw those steps; the run stops at the logging step after the run of bad steps.)"""
+    if st.bad_steps is None:
+        return
+    run, longest, skipped = st.bad_steps.tolist()
+    st.bad_in_a_row, st.skipped_steps = run, st.skipped_steps + skipped
+    st.bad_steps = torch.tensor([run, run, 0], device=st.bad_steps.device)
+    if longest >= max_bad_steps:
+        raise TooManyBadSteps(f"{longest} steps in a row had a non-finite loss or gradient (by step {st.step}); "
+                              f"stopping (train.max_bad_steps)")
 
 
 def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float | None, world: int) -> dict:
     # every rank holds the same keys: same config, same steps, same modes
     mean_keys = sorted(win.sums)
-    count_keys = ["skipped"] + [f"dropped_{r}" for r in DROP_REASONS]
+    count_keys = [f"dropped_{r}" for r in DROP_REASONS]
     m = reduce_window(win, device, mean_keys, count_keys)
     st.tokens_seen += int(m["tokens"])
     for r in DROP_REASONS:

@@ -18,14 +18,20 @@ class Window:
     flops: float = 0.0
     data_wait_s: float = 0.0
     sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # metric -> sum of values
-    ns: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # metric -> values added
+    ns: dict[str, int | torch.Tensor] = field(default_factory=lambda: defaultdict(int))  # metric -> values added
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # event counters
     t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, name: str, value: float | torch.Tensor) -> None:
-        """A float, or a 0-dim tensor that stays on its device until the window is reduced."""
-        self.sums[name] = self.sums[name] + (value.detach().double() if torch.is_tensor(value) else float(value))
-        self.ns[name] += 1
+    def add(self, name: str, value: float | torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """A float, or a 0-dim tensor that stays on its device until the window is reduced. `keep`, a
+        0-dim bool on the value's device, leaves the value out (a skipped step's) without a host read."""
+        if keep is None:
+            self.sums[name] = self.sums[name] + (value.detach().double() if torch.is_tensor(value) else float(value))
+            self.ns[name] += 1
+            return
+        value = torch.as_tensor(value, device=keep.device).detach().double()
+        self.sums[name] = self.sums[name] + torch.where(keep, value, 0.0)
+        self.ns[name] = self.ns[name] + keep.double()
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] += int(n)
@@ -52,8 +58,8 @@ def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count
     rank = dist.get_rank() if world_size > 1 else 0
     waits = [0.0] * world_size
     waits[rank] = win.data_wait_s / max(elapsed, 1e-9)
-    local = ([win.sums.get(k, 0.0) for k in mean_keys] + [float(win.ns.get(k, 0)) for k in mean_keys]
-             + [float(win.counts.get(k, 0)) for k in count_keys] + waits
+    local = ([win.sums.get(k, 0.0) for k in mean_keys] + [win.ns.get(k, 0) for k in mean_keys]
+             + [win.counts.get(k, 0) for k in count_keys] + waits
              + [float(win.tokens), win.flops, win.data_wait_s, 1.0])
     total = all_reduce_sum(local, device)
     per_rank_wait = total[2 * len(mean_keys) + len(count_keys):][:world_size]

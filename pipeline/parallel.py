@@ -27,21 +27,40 @@ _LOAD = StateDictOptions(full_state_dict=True)
 def wrap(model: torch.nn.Module, ray_cfg: RayConfig, device: torch.device) -> torch.nn.Module:
     """The model wrapped for `ray_cfg.parallel` (DDP with the config's bucket size and all-reduce
     dtype, or FSDP2); one worker's DDP is the model itself (Ray Train does not wrap it)."""
-    import ray.train.torch
-
     if ray_cfg.parallel == "ddp":
-        ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"bucket_cap_mb": ray_cfg.ddp_bucket_mb})
+        import ray.train.torch
+
+        ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(ray_cfg))
         if ray_cfg.ddp_grad_dtype == "bf16" and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 
             ddp.register_comm_hook(None, bf16_compress_hook)
         return ddp
+    model.to(device)
+    return shard(model, ray_cfg)
+
+
+def ddp_options(ray_cfg: RayConfig) -> dict:
+    """DDP's settings from the config (what `prepare_model` passes to DistributedDataParallel)."""
+    # the gradients are views into DDP's buckets: no copy of every gradient into its bucket and back
+    # at each step (3 GB each way for the `small` preset's fp32 gradients)
+    return {"bucket_cap_mb": ray_cfg.ddp_bucket_mb, "gradient_as_bucket_view": True}
+
+
+def shard(model: torch.nn.Module, ray_cfg: RayConfig) -> torch.nn.Module:
+    """FSDP2: each transformer block one unit, the rest the root; the config's resharding and prefetch."""
     from torch.distributed.fsdp import fully_shard
 
-    model.to(device)
-    for block in model.blocks:
-        fully_shard(block)
+    blocks = list(model.blocks)
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=ray_cfg.fsdp_reshard_after_forward)
     fully_shard(model)  # the embeddings, the patch encoder and the head: the root unit
+    n = ray_cfg.fsdp_prefetch
+    for i, block in enumerate(blocks):
+        if n and i + 1 < len(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + n])
+        if n and i > 0:
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - n):i][::-1])
     return model
 
 
@@ -58,8 +77,3 @@ def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved:
     """Load a full checkpoint (every rank's own copy) into the wrapped model and its optimizer."""
     set_model_state_dict(model, saved["model"], options=_LOAD)
     set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=_LOAD)
-
-
-def as_float(norm) -> float:
-    """A gradient norm as a plain float (FSDP returns a DTensor)."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from model.attention import DocLayout
 from model.transformer import MultimodalTransformer
 from model_helpers import IMG_PATCH, build_batch, small_config, with_and_without_recompute
 
@@ -151,3 +152,44 @@ def test_activation_checkpointing_keeps_losses_and_every_gradient(mode, backend)
 def test_activation_checkpointing_is_validated():
     with pytest.raises(ValueError, match="model.activation_checkpointing"):
         small_config(activation_checkpointing="yes")
+
+
+@pytest.mark.parametrize("images_per_row", [[1, 2], [0, 0]])
+def test_host_counts_give_the_same_forward_and_gradients(images_per_row):
+    """A batch whose documents, images and patch tokens were counted on the host (what the pipeline
+    hands the model, so that the forward needs no host sync) trains exactly as one counted on the device."""
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    batch = build_batch(cfg, [[60, 68], [40, 50, 38]], 128, images_per_row=images_per_row)
+    counted = batch.with_counts(IMG_PATCH)
+    assert counted.n_docs == DocLayout.from_segments(batch.segment_ids_BT).n_docs == 5
+    assert counted.n_images == sum(images_per_row)
+    assert counted.n_patch_tokens == sum(images_per_row) * cfg.n_patches
+    assert DocLayout.from_segments(batch.segment_ids_BT, counted.n_docs).cu_seqlens.tolist() == \
+        DocLayout.from_segments(batch.segment_ids_BT).cu_seqlens.tolist()
+    runs = []
+    for b in (batch, counted):
+        torch.manual_seed(1)  # the sampled KL draws the same tokens
+        model.zero_grad(set_to_none=True)
+        out = model(b)
+        sum(out.losses.values()).backward()
+        runs.append(({k: v.detach() for k, v in out.losses.items()},
+                     {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grad_a), (loss_b, grad_b) = runs
+    assert loss_a.keys() == loss_b.keys() and grad_a.keys() == grad_b.keys()
+    for k in loss_a:
+        torch.testing.assert_close(loss_b[k], loss_a[k], rtol=0, atol=0)
+    for n in grad_a:
+        torch.testing.assert_close(grad_b[n], grad_a[n], rtol=1e-6, atol=1e-7, msg=n)
+    # the images reached the loss (or, with none, the encoder's weights are in the graph at zero)
+    assert (grad_a["patch_encoder.proj.weight"].abs().sum() > 0) == bool(sum(images_per_row))
+
+
+def test_batch_counts_must_match_the_model_patch_size():
+    cfg = small_config()
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    batch = build_batch(cfg, [[60, 68], [100]], 128, images_per_row=[1, 0]).with_counts(IMG_PATCH)
+    bad = dataclasses.replace(batch, n_patch_tokens=batch.n_patch_tokens - 1)
+    with pytest.raises(ValueError, match="image-patch tokens"):
+        model(bad)

@@ -8,7 +8,8 @@ import torch
 from model.presets import get_preset
 from model.transformer import MultimodalTransformer
 from pipeline.config import TrainConfig
-from pipeline.loop import LoopState, TooManyBadSteps, apply_gradients
+from pipeline.loop import LoopState, TooManyBadSteps, apply_gradients, check_bad_steps
+from pipeline.metrics import Window, reduce_window
 from pipeline.optim import build_optimizer, group_params, set_lr
 
 
@@ -24,26 +25,63 @@ def _fill_grads(model, value_backbone, value_index):
         p.grad = torch.full_like(p, value_index if name in index else value_backbone)
 
 
-def test_non_finite_gradients_skip_the_step_and_stop_after_max(model):
+def _step(opt, model, st, backbone, index):
+    """One apply_gradients on gradients filled with these values; True if the step was taken."""
+    _fill_grads(model, backbone, index)
+    return bool(apply_gradients(opt, 1.0, st, has_index=True)[2])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-device-skip", "multi-tensor-host-skip"])
+def test_non_finite_gradients_skip_the_step_and_stop_after_max(model, fused):
     opt = build_optimizer(model, TrainConfig())
+    if not fused:  # the form FSDP2's sharded parameters keep: the decision is read on the host
+        opt = torch.optim.AdamW(opt.param_groups, foreach=True)
+    assert opt.defaults.get("fused") is (True if fused else None)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     st = LoopState()
-    _fill_grads(model, float("nan"), 0.1)
-    assert apply_gradients(opt, 1.0, 3, st, has_index=True) is None
-    assert st.skipped_steps == 1 and st.bad_in_a_row == 1
+    assert not _step(opt, model, st, float("nan"), 0.1)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # weights untouched
-    assert all(p.grad is None for p in model.parameters())  # the bad gradients are dropped
-    # a finite step in between resets the run of bad steps
-    _fill_grads(model, 0.01, 0.01)
-    assert apply_gradients(opt, 1.0, 3, st, has_index=True) is not None
+    if fused:  # nor the step count: the next real step is AdamW's first (its bias correction)
+        assert all(float(s["step"]) == 0 for s in opt.state.values())
+    check_bad_steps(st, 3)
+    assert st.skipped_steps == 1 and st.bad_in_a_row == 1
+    # a finite step in between resets the run of bad steps, and it changes the weights
+    assert _step(opt, model, st, 0.01, 0.01)
+    assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    after_good = {n: p.detach().clone() for n, p in model.named_parameters()}
+    check_bad_steps(st, 3)
     assert st.bad_in_a_row == 0 and st.skipped_steps == 1
-    _fill_grads(model, 0.01, float("inf"))  # an infinite index gradient counts as well
-    assert apply_gradients(opt, 1.0, 3, st, has_index=True) is None
-    _fill_grads(model, float("nan"), 0.0)
-    assert apply_gradients(opt, 1.0, 3, st, has_index=True) is None
-    _fill_grads(model, float("nan"), 0.0)
+    # two bad steps, then a check: a run of two is below the limit of three
+    assert not _step(opt, model, st, 0.01, float("inf"))  # an infinite index gradient counts as well
+    assert not _step(opt, model, st, float("nan"), 0.0)
+    check_bad_steps(st, 3)
+    assert st.bad_in_a_row == 2 and st.skipped_steps == 3
+    assert all(torch.equal(p, after_good[n]) for n, p in model.named_parameters())
+    # the run continues across the check: the third in a row stops the run at the next check
+    assert not _step(opt, model, st, float("nan"), 0.0)
     with pytest.raises(TooManyBadSteps, match="3 steps in a row"):
-        apply_gradients(opt, 1.0, 3, st, has_index=True)
+        check_bad_steps(st, 3)
+
+
+def test_a_run_of_bad_steps_between_two_checks_is_seen(model):
+    """A run of bad steps that ended before the logging step still stops the run (the longest run
+    since the last check is kept on the device, not only the current one)."""
+    opt = build_optimizer(model, TrainConfig())
+    st = LoopState()
+    for _ in range(3):
+        assert not _step(opt, model, st, float("nan"), 0.0)
+    assert _step(opt, model, st, 0.01, 0.01)
+    with pytest.raises(TooManyBadSteps, match="3 steps in a row"):
+        check_bad_steps(st, 3)
+    assert st.bad_in_a_row == 0 and st.skipped_steps == 3
+
+
+def test_skipped_steps_stay_out_of_the_window_means():
+    win = Window()
+    for value, keep in [(1.0, True), (float("nan"), False), (3.0, True)]:
+        win.add("train/lm_loss", torch.tensor(value), torch.tensor(keep))
+    m = reduce_window(win, torch.device("cpu"), ["train/lm_loss"], [])
+    assert m["train/lm_loss"] == pytest.approx(2.0)
 
 
 def test_index_branch_is_clipped_apart_from_the_backbone(model):
@@ -51,9 +89,10 @@ def test_index_branch_is_clipped_apart_from_the_backbone(model):
     _fill_grads(model, 1.0, 100.0)
     n_backbone = sum(p.numel() for p in group_params(opt, {"backbone", "experts"}))
     n_index = sum(p.numel() for p in group_params(opt, {"index"}))
-    norms = apply_gradients(opt, 1.0, 3, LoopState(), has_index=True)
-    assert norms[0] == pytest.approx(math.sqrt(n_backbone), rel=1e-4)  # norms before clipping
-    assert norms[1] == pytest.approx(100 * math.sqrt(n_index), rel=1e-4)
+    grad_norm, index_norm, ok = apply_gradients(opt, 1.0, LoopState(), has_index=True)
+    assert bool(ok)
+    assert float(grad_norm) == pytest.approx(math.sqrt(n_backbone), rel=1e-4)  # norms before clipping
+    assert float(index_norm) == pytest.approx(100 * math.sqrt(n_index), rel=1e-4)
 
 
 def test_groups_get_their_learning_rates(model):

@@ -1,0 +1,169 @@
+"""The pipeline's data-parallel step on two processes (gloo, no Ray): DDP with its gradients as views
+into the buckets, FSDP2 with explicit prefetch and either resharding, each with the pipeline's
+optimizer and `apply_gradients` (the device-side skip of a non-finite step). After three steps on
+different data per rank, one of them made non-finite on one rank only, every rank holds the same
+weights, and they are the weights of one process training on both ranks' rows (the mean of the two
+losses) and skipping the same step.
+
+    pytest -q tests/pipeline/test_parallel.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
+from model_helpers import IMG_PATCH, build_batch, small_config  # noqa: E402
+
+from model.transformer import MultimodalTransformer  # noqa: E402
+from pipeline.config import RayConfig, TrainConfig  # noqa: E402
+from pipeline.loop import LoopState, apply_gradients, check_bad_steps  # noqa: E402
+from pipeline.optim import build_optimizer  # noqa: E402
+from pipeline.parallel import ddp_options, shard  # noqa: E402
+
+STEPS, BAD_STEP, BAD_RANK = 3, 1, 1
+LR = 1e-2
+
+
+def _batches(cfg, rank: int):
+    return [build_batch(cfg, [[40, 24]] if rank == 0 else [[64]], 64, images_per_row=[1], seed=10 * step + rank)
+            for step in range(STEPS)]
+
+
+def _model(cfg):
+    torch.manual_seed(0)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    model.set_mode("sparse")
+    return model
+
+
+def _loss(model, out, step: int, poisoned: bool):
+    w = model.loss_weights()
+    loss = sum(w[k] * v for k, v in out.losses.items())
+    return loss * float("nan") if poisoned and step == BAD_STEP else loss
+
+
+def _worker(rank: int, store_path: str, out_path: str, ray_cfg: RayConfig) -> None:
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        cfg = small_config()
+        raw = _model(cfg)
+        if ray_cfg.parallel == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(raw, **ddp_options(ray_cfg))
+        else:
+            model = shard(raw, ray_cfg)
+        opt = build_optimizer(raw, TrainConfig(lr=LR))
+        st, taken = LoopState(), []
+        for step, batch in enumerate(_batches(cfg, rank)):
+            torch.manual_seed(100 + step)  # the sampled KL draws the same tokens as the reference
+            out = model(batch)
+            opt.zero_grad(set_to_none=True)
+            _loss(raw, out, step, rank == BAD_RANK).backward()
+            taken.append(bool(apply_gradients(opt, 1.0, st, has_index=True)[2]))
+        check_bad_steps(st, 5)
+        state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                 for n, p in raw.named_parameters()}
+        torch.save({"state": state, "taken": taken, "skipped": st.skipped_steps,
+                    "fused": bool(opt.defaults.get("fused"))}, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _reference(cfg, fused: bool):
+    """One process, both ranks' rows: the mean of their losses (what the all-reduce averages), with
+    the ranks' form of AdamW (the fused and the multi-tensor one round differently)."""
+    model = _model(cfg)
+    opt = build_optimizer(model, TrainConfig(lr=LR))
+    if not fused:
+        opt = torch.optim.AdamW(opt.param_groups, foreach=True)
+    st = LoopState()
+    per_rank = [_batches(cfg, r) for r in range(2)]
+    for step in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        losses = []
+        for r in range(2):
+            torch.manual_seed(100 + step)
+            losses.append(_loss(model, model(per_rank[r][step]), step, r == BAD_RANK))
+        (sum(losses) / 2).backward()
+        apply_gradients(opt, 1.0, st, has_index=True)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("ray_cfg", [
+    RayConfig(parallel="ddp"),
+    RayConfig(parallel="fsdp"),
+    RayConfig(parallel="fsdp", fsdp_reshard_after_forward=False, fsdp_prefetch=2),
+], ids=["ddp", "fsdp", "fsdp-no-reshard-prefetch2"])
+def test_data_parallel_steps_match_one_process(tmp_path, ray_cfg):
+    out = tmp_path / "params"
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(out), ray_cfg), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    expected = _reference(small_config(), fused=ray_cfg.parallel == "ddp")
+    for res in ranks:
+        assert res["taken"] == [s != BAD_STEP for s in range(STEPS)]  # both ranks skipped the same step
+        assert res["skipped"] == 1
+        assert res["fused"] is (ray_cfg.parallel == "ddp")  # FSDP2's sharded parameters: multi-tensor AdamW
+        assert res["state"].keys() == expected.keys()
+    init = dict(_model(small_config()).named_parameters())
+    moved = 0
+    for name, ref in expected.items():
+        torch.testing.assert_close(ranks[1]["state"][name], ranks[0]["state"][name], rtol=0, atol=0, msg=name)
+        # AdamW's update is g / (sqrt(v) + eps): where a gradient is near eps (an embedding row whose
+        # contributions nearly cancel), another summation order (the reduce-scatter's) moves it by a few
+        # percent of lr; a missing average or a wrong skip would move weights by whole steps (lr = 1e-2)
+        torch.testing.assert_close(ranks[0]["state"][name], ref, rtol=1e-4, atol=0.02 * LR, msg=name)
+        moved += int(not torch.equal(ref, init[name]))
+    assert moved > len(expected) // 2  # the two good steps changed the weights
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
+@pytest.mark.parametrize("mode", ["sparse", "warmup", "dense"])
+def test_a_training_step_never_stops_the_host(mode):
+    """The loop's step as pipeline/loop.py runs it, on the GPU: a pinned host batch with its counts
+    copied without blocking, the forward (images, packed documents), the backward, the clipped fused
+    AdamW with its device-side skip and the window's sums. None of it may wait for the GPU: the host
+    then runs ahead into the next step (data, launches) while the GPU finishes this one, and under DDP
+    the gradient all-reduce's tail is hidden the same way. (The warm-up runs its full KL here; the
+    sampled warm-up KL, `msa.warmup_kl_sample` < 1, still reads its drawn tokens on the host, one
+    sync per layer during the warm-up steps: kernels/kl/sampled.py.)"""
+    from model.batch import Batch
+    from pipeline.metrics import Window
+
+    T = 256
+    cfg = small_config(msa=dict(block_size=64, topk=2, backend="triton"), max_seq_len=T)
+    torch.manual_seed(0)
+    model = MultimodalTransformer(cfg, IMG_PATCH).cuda()
+    model.set_mode(mode)
+    opt = build_optimizer(model, TrainConfig())
+    st, win = LoopState(), Window()
+    host = [build_batch(cfg, docs, T, images_per_row=[1, 1], seed=s).with_counts(IMG_PATCH)
+            for s, docs in enumerate([[[100, 156], [256]], [[60, 60, 136], [200, 56]], [[256], [128, 128]]])]
+    host = [Batch(**{f: (v.pin_memory() if torch.is_tensor(v) else v) for f, v in vars(b).items()}) for b in host]
+    for i, hb in enumerate(host):  # the first step compiles and warms up; the others are checked
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if i else 0)
+        try:
+            batch = hb.to("cuda", non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(batch)
+            w = model.loss_weights()
+            loss = sum(w[k] * v for k, v in out.losses.items())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm, index_norm, ok = apply_gradients(opt, 1.0, st, has_index=model.has_index_branch)
+            for k, v in out.losses.items():
+                win.add(f"train/{k}_loss", v.detach(), ok)
+            win.add("train/grad_norm", grad_norm, ok)
+            for k, v in out.stats.items():
+                win.add(k, v, ok)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    check_bad_steps(st, 5)
+    assert st.skipped_steps == 0
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in win.sums.values())
