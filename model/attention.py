@@ -76,7 +76,7 @@ class DocLayout:
             starts_S = flat_N[start_N]  # one host sync: the number of documents
         else:
             starts_S = torch.nonzero_static(start_N, size=n_docs)[:, 0]
-        cu = torch.cat([starts_S, torch.tensor([N], device=dev)]).to(torch.int32)
+        cu = torch.cat([starts_S, starts_S.new_full((1,), N)]).to(torch.int32)  # (no host-to-device copy)
         pos_N = flat_N - starts_S[doc_N]
         return cls(B=B, T=T, doc_BT=doc_N.view(B, T), cu_seqlens=cu, pos_N=pos_N, valid_N=seg_N != 0,
                    seq_valid_S=seg_N[starts_S] != 0)

@@ -409,6 +409,8 @@ def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, st: Loop
     grad_norm = _local(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"backbone", "experts"}), clip))
     index_norm = (_local(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"index"}), clip)) if has_index
                   else torch.zeros_like(grad_norm))
+    if index_norm.device != grad_norm.device:  # no index gradient this step (dense mode): torch's CPU zero
+        index_norm = torch.zeros_like(grad_norm)
     ok = torch.isfinite(grad_norm) & torch.isfinite(index_norm)
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = (~ok).float()
