@@ -136,7 +136,9 @@ def test_a_training_step_never_stops_the_host(mode):
     from pipeline.metrics import Window
 
     T = 256
-    cfg = small_config(msa=dict(block_size=64, topk=2, backend="triton"), max_seq_len=T)
+    # the MoE dispatch of the GPU presets (grouped GEMMs; the padded-buffer form sizes itself on the host)
+    cfg = small_config(msa=dict(block_size=64, topk=2, backend="triton"),
+                       moe=dict(dispatch="grouped_mm", expert_hidden=64), max_seq_len=T)
     torch.manual_seed(0)
     model = MultimodalTransformer(cfg, IMG_PATCH).cuda()
     model.set_mode(mode)
