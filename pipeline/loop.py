@@ -220,14 +220,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss.backward()
         grad_norm, index_norm, ok = apply_gradients(optimizer, cfg.train.grad_clip, st, has_index)
         # summed on the device, read at logging; a skipped step (non-finite) adds nothing to the means
-        for k, v in out.losses.items():
-            win.add(f"train/{k}_loss", v.detach(), ok)
-        win.add("train/grad_norm", grad_norm, ok)
+        step_values = {f"train/{k}_loss": v for k, v in out.losses.items()}
+        step_values["train/grad_norm"] = grad_norm
         if has_index:
-            win.add("train/index_grad_norm", index_norm, ok)
-        for k, v in out.stats.items():
-            if k not in ("kl_index_loss", "moe_aux_loss"):  # already in the losses
-                win.add(k if k.startswith("layer/") else f"train/{k}", v, ok)
+            step_values["train/index_grad_norm"] = index_norm
+        step_values.update({k if k.startswith("layer/") else f"train/{k}": v for k, v in out.stats.items()
+                            if k not in ("kl_index_loss", "moe_aux_loss")})  # those two are in the losses
+        win.add_step(step_values, ok)
         if out.selection:
             selection = (out.selection, host_batch.segment_ids_BT, host_batch.positions_BT, raw.budget_param)
         st.step += 1
@@ -447,7 +446,7 @@ def check_bad_steps(st: LoopState, max_bad_steps: int) -> None:
 
 def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float | None, world: int) -> dict:
     # every rank holds the same keys: same config, same steps, same modes
-    mean_keys = sorted(win.sums)
+    mean_keys = sorted(win.totals()[0])
     count_keys = [f"dropped_{r}" for r in DROP_REASONS]
     m = reduce_window(win, device, mean_keys, count_keys)
     st.tokens_seen += int(m["tokens"])

@@ -21,17 +21,33 @@ class Window:
     ns: dict[str, int | torch.Tensor] = field(default_factory=lambda: defaultdict(int))  # metric -> values added
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # event counters
     t0: float = field(default_factory=time.perf_counter)
+    # add_step's sums: one vector per set of names (a step's metrics), summed on the device
+    steps_sums: dict[tuple[str, ...], list[torch.Tensor]] = field(default_factory=dict)
 
-    def add(self, name: str, value: float | torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """A float, or a 0-dim tensor that stays on its device until the window is reduced. `keep`, a
-        0-dim bool on the value's device, leaves the value out (a skipped step's) without a host read."""
-        if keep is None:
-            self.sums[name] = self.sums[name] + (value.detach().double() if torch.is_tensor(value) else float(value))
-            self.ns[name] += 1
-            return
-        value = torch.as_tensor(value, device=keep.device).detach().double()
-        self.sums[name] = self.sums[name] + torch.where(keep, value, 0.0)
-        self.ns[name] = self.ns[name] + keep.double()
+    def add(self, name: str, value: float | torch.Tensor) -> None:
+        """A float, or a 0-dim tensor that stays on its device until the window is reduced."""
+        self.sums[name] = self.sums[name] + (value.detach().double() if torch.is_tensor(value) else float(value))
+        self.ns[name] += 1
+
+    def add_step(self, values: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
+        """One step's 0-dim device values, all at once: a handful of launches for the lot, not a few
+        per value (the loop adds about fifty a step, and at 8K the step is bound by the host's
+        launches). `keep`, a 0-dim bool on their device, leaves the step out (a skipped step's
+        values) without a host read."""
+        names = tuple(values)
+        vec = torch.where(keep, torch.stack([v.detach() for v in values.values()]).double(), 0.0)
+        kept = keep.double()
+        acc = self.steps_sums.get(names)
+        self.steps_sums[names] = [vec, kept] if acc is None else [acc[0] + vec, acc[1] + kept]
+
+    def totals(self) -> tuple[dict[str, float | torch.Tensor], dict[str, int | torch.Tensor]]:
+        """(sum, values added) per metric name, over `add` and `add_step`."""
+        sums, ns = dict(self.sums), dict(self.ns)
+        for names, (vec, n) in self.steps_sums.items():
+            for i, name in enumerate(names):
+                sums[name] = sums.get(name, 0.0) + vec[i]
+                ns[name] = ns.get(name, 0) + n
+        return sums, ns
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] += int(n)
@@ -58,7 +74,8 @@ def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count
     rank = dist.get_rank() if world_size > 1 else 0
     waits = [0.0] * world_size
     waits[rank] = win.data_wait_s / max(elapsed, 1e-9)
-    local = ([win.sums.get(k, 0.0) for k in mean_keys] + [win.ns.get(k, 0) for k in mean_keys]
+    sums, ns = win.totals()
+    local = ([sums.get(k, 0.0) for k in mean_keys] + [ns.get(k, 0) for k in mean_keys]
              + [win.counts.get(k, 0) for k in count_keys] + waits
              + [float(win.tokens), win.flops, win.data_wait_s, 1.0])
     total = all_reduce_sum(local, device)

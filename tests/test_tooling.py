@@ -17,7 +17,8 @@ import pytest
 from setuptools import find_packages
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("benchmarks.msa_kernels", "benchmarks.train_steps", "benchmarks.prep_throughput", "benchmarks.scaling")
+BENCHMARKS = ("benchmarks.msa_kernels", "benchmarks.train_steps", "benchmarks.prep_throughput", "benchmarks.scaling",
+              "benchmarks.select_precision")
 
 
 def test_only_the_library_packages_are_installed():
@@ -78,6 +79,26 @@ def test_msa_layer_benchmark_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["context"] == 256 and row["dense_layer_ms"] > 0 and row["msa_layer_ms"] > 0
+
+
+@pytest.mark.slow
+def test_select_precision_runs_on_cpu(tmp_path, demo_shards):
+    out = tmp_path / "sel.json"
+    proc = _run_module("benchmarks.select_precision", "--preset", "tiny", "--device", "cpu", "--rows", "2",
+                       "--shards", str(demo_shards), "--tokenizer", str(Path(demo_shards) / "tokenizer.json"),
+                       "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    from model.presets import get_preset
+
+    assert sorted(int(x) for x in res["layers"]) == get_preset("tiny").msa_layers
+    assert res["batches"] == 2 and res["tokens"] == 2 * res["seq_len"]
+    for row in [*res["layers"].values(), res["mean"]]:
+        assert all(0 <= v <= 1 for v in row.values())
+        # on the CPU the default path is the reference on fp32 inputs: the exact selection itself
+        assert row["model_same_set"] == 1.0 and row["model_score_recall"] == row["exact_score_recall"]
+        assert row["fp8_blocks_kept"] > 0.5  # rounding to e4m3 moves a few blocks, not most
+    assert "| mean |" in proc.stdout
 
 
 @pytest.mark.slow

@@ -159,13 +159,12 @@ def test_a_training_step_never_stops_the_host(mode):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm, index_norm, ok = apply_gradients(opt, 1.0, st, has_index=model.has_index_branch)
-            for k, v in out.losses.items():
-                win.add(f"train/{k}_loss", v.detach(), ok)
-            win.add("train/grad_norm", grad_norm, ok)
-            for k, v in out.stats.items():
-                win.add(k, v, ok)
+            win.add_step({**{f"train/{k}_loss": v for k, v in out.losses.items()}, "train/grad_norm": grad_norm,
+                          **out.stats}, ok)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     check_bad_steps(st, 5)
     assert st.skipped_steps == 0
-    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in win.sums.values())
+    sums, ns = win.totals()
+    assert sums.keys() >= {"train/lm_loss", "train/grad_norm"} and all(float(n) == len(host) for n in ns.values())
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in sums.values())

@@ -78,10 +78,21 @@ def test_a_run_of_bad_steps_between_two_checks_is_seen(model):
 
 def test_skipped_steps_stay_out_of_the_window_means():
     win = Window()
-    for value, keep in [(1.0, True), (float("nan"), False), (3.0, True)]:
-        win.add("train/lm_loss", torch.tensor(value), torch.tensor(keep))
-    m = reduce_window(win, torch.device("cpu"), ["train/lm_loss"], [])
-    assert m["train/lm_loss"] == pytest.approx(2.0)
+    steps = [({"train/lm_loss": 1.0, "train/grad_norm": 0.5}, True),
+             ({"train/lm_loss": float("nan"), "train/grad_norm": float("inf")}, False),
+             ({"train/lm_loss": 3.0, "train/grad_norm": 1.5, "train/score_recall": 0.25}, True),  # a stats step
+             ({"train/lm_loss": 5.0, "train/grad_norm": 2.5}, True)]
+    for values, keep in steps:
+        win.add_step({k: torch.tensor(v, dtype=torch.bfloat16 if k == "train/grad_norm" else torch.float32)
+                      for k, v in values.items()}, torch.tensor(keep))
+    win.add("train/other", 2.0)
+    keys = ["train/grad_norm", "train/lm_loss", "train/other", "train/score_recall"]
+    assert sorted(win.totals()[0]) == keys
+    m = reduce_window(win, torch.device("cpu"), keys, [])
+    assert m["train/lm_loss"] == pytest.approx(3.0)  # (1 + 3 + 5) / 3
+    assert m["train/grad_norm"] == pytest.approx(1.5)
+    assert m["train/score_recall"] == pytest.approx(0.25)  # only where it was added
+    assert m["train/other"] == pytest.approx(2.0)
 
 
 def test_index_branch_is_clipped_apart_from_the_backbone(model):
