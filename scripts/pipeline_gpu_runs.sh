@@ -17,13 +17,15 @@
 #                                              # (budgets-bench, budgets-train: the two halves alone)
 #   bash scripts/pipeline_gpu_runs.sh study    # every GPU of the host: the corpora of configs/study-gpu.toml
 #                                              # (once), then msa-study with one seed per GPU at once
+#   bash scripts/pipeline_gpu_runs.sh select   # 1 GPU: `small` trained at 32K, then what FP8 index scores
+#                                              # change in its selection (benchmarks.select_precision)
 #   bash scripts/pipeline_gpu_runs.sh scaling  # every GPU of the host: benchmarks.scaling (1 GPU, DDP and
 #                                              # FSDP2 on all GPUs, at CONTEXTS), then the kill test
 # Needs the project installed (`pip install -e .`), or SITE_ARCHIVE (scripts/README.md).
 # Knobs: OUT (default runs/gpu/pipeline: the log, steps.json, mlflow.db), RUN_LIMIT_S (stop each
 # msa-train run after this many seconds; 0, the default, means no limit), PYTHON.
 set -uo pipefail
-what=${1:?bench|single|multi|all|long|steps|budgets|budgets-bench|budgets-train|study|scaling|corpora}
+what=${1:?bench|single|multi|all|long|steps|budgets|budgets-bench|budgets-train|study|scaling|select|corpora}
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 OUT=${OUT:-$PWD/runs/gpu/pipeline}
 mkdir -p "$OUT"
@@ -100,6 +102,27 @@ train() {  # name, overrides...
     --set tracking.run_name="'$name'" --set train.log_every=10 --set train.stats_every=30 \
     --set train.eval_documents=50 "$@" 2>&1 | grep -vE "$noise" | tee -a "$log"
 }
+if [ "$what" = select ]; then
+  # FP8 index scores on a trained index branch (docs/perf/select_precision_cpu.md): `small` trained
+  # natively on 32K-token rows of long documents, then benchmarks.select_precision on held-out rows
+  # of the same kind. Knobs: SELECT_STEPS (default 200), SELECT_ROWS (default 4).
+  data=$PWD/runs/scaling/data
+  held=$PWD/runs/select/heldout
+  [ -f "$data/tokenizer.json" ] || $PY -m data_prep.cli demo --output "$data" --documents 600 --doc-tokens 32768 \
+    --image-tokens 258 --vocab-size 8192 --workers "${PREP_WORKERS:-16}" --quiet 2>&1 | tee -a "$log"
+  [ -f "$held/manifest.json" ] || $PY -m data_prep.cli demo --output "$held" --documents 24 --doc-tokens 32768 \
+    --image-tokens 258 --seed 1 --vocab-size 0 --workers "${PREP_WORKERS:-16}" --quiet 2>&1 | tee -a "$log"
+  steps=${SELECT_STEPS:-200}
+  train select-32k --set output_dir="'$OUT/select'" --set data.seq_len=32768 --set "data.shards=['$data']" \
+    --set data.eval_shards="'$held'" --set train.max_steps="$steps" --set train.checkpoint_every="$steps" \
+    --set train.eval_every=0 --set train.stats_every=100 --set schedule.warmup_tokens=655360
+  run=$(ls -d "$OUT"/select/ray/select-32k* | tail -1)
+  echo "=== FP8 index scores on the trained index branch: $run ===" | tee -a "$log"
+  $PY -m benchmarks.select_precision --checkpoint "$run" --rows "${SELECT_ROWS:-4}" --out "$OUT/select_precision.json" \
+    2>&1 | tee -a "$log"
+  echo "=== done ===" | tee -a "$log"
+  exit 0
+fi
 if [ "$what" = bench ] || [ "$what" = single ]; then
   echo "=== model step time ===" | tee -a "$log"
   $PY -m benchmarks.train_steps --preset small --contexts 8192 32768 --iters 5 --warmup 2 \
