@@ -117,7 +117,12 @@ def summarize(history: dict[str, list[tuple[int, float]]], measure_from: int) ->
         return [v for s, v in sorted(history.get(key, [])) if s > measure_from]
 
     tps = after("train/tokens_per_s")
-    out = {"windows": len(tps), "tokens_per_s": statistics.median(tps) if tps else None}
+    out = {"windows": len(tps), "tokens_per_s": statistics.median(tps) if tps else None,
+           # every measured window, and their quartiles: a host-bound step's windows spread by +-15%
+           "window_tokens_per_s": [[s, v] for s, v in sorted(history.get("train/tokens_per_s", [])) if s > measure_from]}
+    if len(tps) >= 2:
+        q1, _, q3 = statistics.quantiles(tps, n=4, method="inclusive")
+        out.update(tokens_per_s_q1=q1, tokens_per_s_q3=q3)
     for key, name in (("train/mfu", "mfu"), ("train/sparsity", "sparsity")):
         vals = after(key)
         out[name] = statistics.median(vals) if vals else None
@@ -139,6 +144,10 @@ def add_efficiency(rows: list[dict]) -> None:
         base = single.get(r["context"])
         if base:
             r["efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s"]
+            if r is not base and "tokens_per_s_q1" in r and "tokens_per_s_q1" in base:
+                # how far the windows' spread leaves the figure: this run's quartiles against the base's
+                r["efficiency_range"] = [r["tokens_per_s_q1"] / r["gpus"] / base["tokens_per_s_q3"],
+                                         r["tokens_per_s_q3"] / r["gpus"] / base["tokens_per_s_q1"]]
 
 
 def measure(args, layout: Layout, context: int) -> dict:
@@ -237,11 +246,14 @@ def table(rows: list[dict]) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    lines = ["| context | GPUs | parallel | tokens/s | per GPU | scaling eff. | MFU | data wait (worst rank) | sparsity | status |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| context | GPUs | parallel | tokens/s | per GPU | scaling eff. | eff. from the windows' quartiles "
+             "| MFU | data wait (worst rank) | sparsity | status |",
+             "|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
+        lo_hi = r.get("efficiency_range")
+        spread = f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}" if lo_hi else "-"
         lines.append(f"| {r['context']:,} | {r['gpus']} | {r['parallel']} | {f(r.get('tokens_per_s'), ',.0f')} "
-                     f"| {f(r.get('tokens_per_s_per_gpu'), ',.0f')} | {f(r.get('efficiency'), '.1%')} "
+                     f"| {f(r.get('tokens_per_s_per_gpu'), ',.0f')} | {f(r.get('efficiency'), '.1%')} | {spread} "
                      f"| {f(r.get('mfu'), '.1%')} | {f(r.get('data_wait_max'), '.2%')} | {f(r.get('sparsity'), '.2f')} "
                      f"| {r.get('status', 'no run')} (rc {r['exit_code']}) |")
     return "\n".join(lines)
@@ -253,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="worker counts (one GPU each)")
     p.add_argument("--parallel", nargs="+", default=["ddp", "fsdp"], choices=("ddp", "fsdp"))
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
-    p.add_argument("--steps", type=int, default=40)
+    # steps are cheap beside a run's start (about 1.5 minutes), and at 8K the 5-step windows of one run
+    # spread by +-15%: 100 steps give 18 windows after step 10
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup-steps", type=int, default=2, help="dense warm-up steps before sparse attention")
     p.add_argument("--measure-from", type=int, default=10, help="windows logged after this step count")
     p.add_argument("--log-every", type=int, default=5)

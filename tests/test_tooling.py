@@ -122,6 +122,8 @@ def test_scaling_summary_and_efficiency():
     assert s["windows"] == 2 and s["tokens_per_s"] == 115.0
     assert s["data_wait_max"] == 0.03 and s["data_wait_mean"] == 0.02 and s["last_lm_loss"] == 3.0
     assert s["mfu"] is None
+    assert s["window_tokens_per_s"] == [[15, 120.0], [20, 110.0]]
+    assert (s["tokens_per_s_q1"], s["tokens_per_s_q3"]) == (112.5, 117.5)
     rows = [{"run": "1gpu-8k", "gpus": 1, "parallel": "-", "context": 8192, "tokens_per_s": 100.0, "exit_code": 0},
             {"run": "ddp2-8k", "gpus": 2, "parallel": "ddp", "context": 8192, "tokens_per_s": 190.0, "exit_code": 0},
             {"run": "ddp2-32k", "gpus": 2, "parallel": "ddp", "context": 32768, "tokens_per_s": 50.0, "exit_code": 0},
@@ -129,5 +131,12 @@ def test_scaling_summary_and_efficiency():
     add_efficiency(rows)
     assert rows[1]["tokens_per_s_per_gpu"] == 95.0 and rows[1]["efficiency"] == pytest.approx(0.95)
     assert "efficiency" not in rows[2]  # no one-GPU run at 32K to compare with
-    assert "| 8,192 | 2 | ddp | 190 | 95 | 95.0% |" in table(rows)
+    assert "| 8,192 | 2 | ddp | 190 | 95 | 95.0% | - |" in table(rows)
     assert "no run (rc 1)" in table(rows)
+    # the windows' quartiles bound the efficiency: this run's low against the base's high, and back
+    rows[0].update(tokens_per_s_q1=90.0, tokens_per_s_q3=110.0)
+    rows[1].update(tokens_per_s_q1=176.0, tokens_per_s_q3=198.0)
+    add_efficiency(rows)
+    assert rows[1]["efficiency_range"] == pytest.approx([0.8, 1.1])
+    assert "efficiency_range" not in rows[0]
+    assert "| 95.0% | 80%-110% |" in table(rows)
