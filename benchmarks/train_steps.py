@@ -17,8 +17,12 @@ every variant at T the host's time to issue each phase of the step against the G
 `--msa-set budget=top_p --msa-set budget_p=0.9 --msa-set topk=32` sets model.msa fields of the MSA
 variants (an adaptive selection budget, for one); rows then also give the mean blocks per token and
 the MFU counts the keys the selection attended. `--eager-ops` times the model with its small
-elementwise ops unfused (model.compile_ops=false; model/fused.py). Prints a table last; `--out` writes the numbers as
-JSON. Results: docs/perf/.
+elementwise ops unfused (model.compile_ops=false; model/fused.py). Each row also gives the mean of
+the same steps run back to back without a sync between them (`step_ms_back_to_back`: the host issues
+the next step while the GPU finishes this one, as the training loop does). `--cuda-graph` captures
+the whole step in one CUDA graph and times its replays: the step's cost to the GPU with the host's
+launches out of the way (the batch is counted on the host, so the forward reads nothing back).
+Prints a table last; `--out` writes the numbers as JSON. Results: docs/perf/.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ def _batch(cfg, T: int, device) -> Batch:
         segment_ids_BT=torch.ones(1, T, dtype=torch.int32),
         images_BNCHW=torch.zeros(1, 1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8),
         n_images_B=torch.zeros(1, dtype=torch.int32), answer_mask_BT=torch.zeros(1, T, dtype=torch.bool),
-    ).to(device)
+    ).with_counts(img_patch_id=4).to(device)  # counted on the host, as the pipeline's batches are
 
 
 VARIANTS = ("dense", "dense-flex", "warmup", "warmup-s", "sparse", "sparse-s")
@@ -82,7 +86,8 @@ def _msa_set(items: list[str]) -> dict:
 
 def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overrides: dict,
               device: torch.device = torch.device("cuda"), kl_sample: float = 0.25, warmup_kl_sample: float = 1 / 32,
-              peak: float | None = None, profile: bool = False, msa_set: dict | None = None) -> dict:
+              peak: float | None = None, profile: bool = False, msa_set: dict | None = None,
+              cuda_graph: bool = False) -> dict:
     from model import attention
 
     cuda = device.type == "cuda"
@@ -93,7 +98,10 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
     model = MultimodalTransformer(cfg, img_patch_id=4).to(device)
     if mode != "dense":
         model.set_mode(mode)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    if cuda_graph and not cuda:
+        raise ValueError("--cuda-graph needs a CUDA device")
+    # capturable: the step count and the bias corrections on the device, as a graph replay needs
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda, capturable=cuda_graph)
     batch = _batch(cfg, T, device)
     weights = model.loss_weights()
     step_flops = StepFlops(cfg)
@@ -102,7 +110,8 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
         torch.cuda.reset_peak_memory_stats()
 
     def step(mark=lambda phase: None):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        # autocast's weight-cast cache holds tensors across a graph capture's boundary: off when graphed
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=not cuda_graph):
             out = model(batch)
         loss = sum(weights[k] * v for k, v in out.losses.items())
         mark("forward")
@@ -113,14 +122,22 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
         mark("optimizer")
         return out
 
-    for _ in range(warmup):
-        out = step()
+    if cuda_graph:  # the whole step (forward, backward, optimizer) captured once, then replayed
+        graph, captured = _capture(step, max(warmup, 3))
+
+        def run():
+            graph.replay()  # refreshes the captured step's outputs in place
+            return captured
+    else:
+        for _ in range(warmup):
+            out = step()
+        run = step
     times = []
     for _ in range(iters):
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            out = step()
+            out = run()
             b.record()
             torch.cuda.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
@@ -129,19 +146,31 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
             out = step()
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
+    # the same steps back to back, no sync between them (the training loop's way: the host issues the
+    # next step while the GPU finishes this one), their mean
+    back_to_back = None
+    if cuda:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            out = run()
+        b.record()
+        torch.cuda.synchronize()
+        back_to_back = a.elapsed_time(b) / iters
     if out.attended_pairs is not None:  # an adaptive budget: the main branch as the selection made it
         flops += float(step_flops.attended_flops(out.attended_pairs))
     dense_impl = ("flex" if variant == "dense-flex" else "cudnn-causal-sdpa") if mode in ("dense", "warmup") \
         else "msa-kernels"
     res = {"preset": preset, "variant": variant, "mode": mode, "context": T, "dense_impl": dense_impl,
            "kl_sample": cfg.msa.kl_sample if mode == "sparse" else cfg.msa.warmup_kl_sample if mode == "warmup" else None,
-           "step_ms": t * 1e3, "step_ms_all": [x * 1e3 for x in times],
+           "step_ms": t * 1e3, "step_ms_all": [x * 1e3 for x in times], "step_ms_back_to_back": back_to_back,
+           "cuda_graph": cuda_graph,
            "tokens_per_s": T / t, "model_tflops": flops / t / 1e12, "mfu": (flops / t / (peak * 1e12)) if peak else None,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
            "sparsity": float(out.stats.get("sparsity", 0.0)), "loss": float(out.losses["lm"].detach()),
            "budget": cfg.msa.budget if mode == "sparse" else None,
            "blocks_per_token": float(out.stats["blocks_per_token"]) if "blocks_per_token" in out.stats else None}
-    if profile and cuda:
+    if profile and cuda and not cuda_graph:
         res["host"] = _host_phases(step)
         if mode == "sparse":
             res["profile"] = _profile(step)
@@ -150,6 +179,25 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
     if cuda:
         torch.cuda.empty_cache()
     return res
+
+
+def _capture(step, warmup: int):
+    """The step as one CUDA graph (PyTorch's whole-network capture): warm-up steps on a side stream
+    (compilation, the kernels' first launches, the optimizer's state), then one captured step. A
+    replay reruns its kernels on the same tensors: the batch, the weights, the gradients and the
+    optimizer state stay where they are; the sampled KL draws new tokens each replay (the CUDA RNG
+    is graph-safe). Returns the graph and the captured step's outputs (refreshed by each replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    torch.cuda.synchronize()
+    return graph, out
 
 
 def _host_phases(step, iters: int = 3) -> dict:
@@ -245,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(model.activation_checkpointing; what fits 128K); the MFU does not count the recompute")
     p.add_argument("--eager-ops", action="store_true",
                    help="model.compile_ops=false: the small elementwise ops unfused (model/fused.py), for comparison")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time the step captured as one CUDA graph and replayed (the host's launches out of "
+                        "the way: what the step costs the GPU alone)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None)
@@ -252,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.profile and args.profile not in args.contexts:
         p.error(f"--profile {args.profile} is not one of --contexts {args.contexts}")
+    if args.cuda_graph and (args.device != "cuda" or args.profile):
+        p.error("--cuda-graph times CUDA graph replays: it needs --device cuda and no --profile")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("train_steps: no CUDA GPU here (use --device cpu --preset tiny to check the script)", file=sys.stderr)
@@ -272,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r = time_mode(args.preset, variant, T, args.iters, args.warmup, overrides, device, args.kl_sample,
                               args.warmup_kl_sample, peak, profile=args.profile == T,
-                              msa_set=_msa_set(args.msa_set))
+                              msa_set=_msa_set(args.msa_set), cuda_graph=args.cuda_graph)
             except torch.OutOfMemoryError as e:
                 r = {"variant": variant, "mode": variant.split("-")[0], "context": T, "error": f"out of memory: {e}"[:300]}
                 torch.cuda.empty_cache()
@@ -284,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             "commit": args.commit, "preset": args.preset, "bf16_matmul_tflops": peak,
             "kl_sample": args.kl_sample, "warmup_kl_sample": args.warmup_kl_sample, "msa_set": _msa_set(args.msa_set),
             "activation_checkpointing": args.activation_checkpointing, "compile_ops": not args.eager_ops,
-            "rows": rows}
+            "cuda_graph": args.cuda_graph, "rows": rows}
     for r in rows:  # every record names its card and commit (the raw output is read record by record)
         r.update(gpu=info["gpu"], commit=args.commit, activation_checkpointing=args.activation_checkpointing,
                  compile_ops=not args.eager_ops)
@@ -296,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', small ops eager' if args.eager_ops else ', small ops compiled'}; "
           f"MFU against the measured {peak or 0:.0f} TFLOP/s")
     print(f"{'context':>8} {'variant':>10} {'step ms':>9} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6} "
-          f"{'sparsity':>8} {'vs dense':>8}")
+          f"{'sparsity':>8} {'vs dense':>8} {'back-to-back ms':>15}")
     for T in args.contexts:
         done = [r for r in rows if r["context"] == T and "step_ms" in r]
         dense = min((r for r in done if r["mode"] == "dense"), key=lambda r: r["step_ms"], default=None)
@@ -306,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             speed = f"{dense['step_ms'] / r['step_ms']:.2f}x" if dense else "-"
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+            b2b = f"{r['step_ms_back_to_back']:.1f}" if r.get("step_ms_back_to_back") else "-"
             print(f"{T:>8} {r['variant']:>10} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9,.0f} "
-                  f"{r['model_tflops']:>8.1f} {mfu:>6} {r['peak_gib']:>6.1f} {r['sparsity']:>8.2f} {speed:>8}")
+                  f"{r['model_tflops']:>8.1f} {mfu:>6} {r['peak_gib']:>6.1f} {r['sparsity']:>8.2f} {speed:>8} {b2b:>15}")
     prof = next((r["profile"] for r in rows if r.get("profile")), None)
     if prof:
         print(f"\nprofile of one sparse-s step at {args.profile}: {prof['total_ms']:.1f} ms of kernels")
