@@ -401,8 +401,8 @@ def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, st: Loop
     A host read of the norms here would make the host wait for the GPU at every step; under DDP that
     wait is the tail of the gradient all-reduce, which the next step's host work could otherwise hide.
     The fused AdamW takes the decision on the device instead (`found_inf`: the update of every
-    parameter, its moments and its step count are skipped when it is 1). An optimizer without that
-    flag (the FSDP2 path keeps the multi-tensor AdamW) decides on the host.
+    parameter, its moments and its step count are skipped when it is 1); an optimizer without that
+    flag would decide on the host.
     """
     clip = grad_clip if grad_clip > 0 else math.inf
     grad_norm = _local(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"backbone", "experts"}), clip))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from pipeline.config import TrainConfig
 
@@ -23,12 +22,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
             if ps:
                 groups.append({"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "group": name,
                                "lr_scale": scale[name]})
-    # fused: one kernel for every parameter, and it takes a device-side "skip this step" flag
-    # (`found_inf`), so a non-finite step is dropped without the host reading the gradient norms
-    # (pipeline/loop.py: apply_gradients). FSDP2's sharded (DTensor) parameters keep the multi-tensor form.
-    sharded = any(isinstance(p, DTensor) for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=not sharded, foreach=True if sharded else None)
+    # fused: one kernel for every parameter (FSDP2's sharded DTensor parameters too), and it takes a
+    # device-side "skip this step" flag (`found_inf`), so a non-finite step is dropped without the
+    # host reading the gradient norms (pipeline/loop.py: apply_gradients)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

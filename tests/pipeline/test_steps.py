@@ -34,7 +34,7 @@ def _step(opt, model, st, backbone, index):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-device-skip", "multi-tensor-host-skip"])
 def test_non_finite_gradients_skip_the_step_and_stop_after_max(model, fused):
     opt = build_optimizer(model, TrainConfig())
-    if not fused:  # the form FSDP2's sharded parameters keep: the decision is read on the host
+    if not fused:  # an optimizer without found_inf: the decision is read on the host
         opt = torch.optim.AdamW(opt.param_groups, foreach=True)
     assert opt.defaults.get("fused") is (True if fused else None)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
