@@ -62,6 +62,7 @@ class TrainConfig:
     log_every: int = 5
     checkpoint_every: int = 50
     max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or gradient
+    #                         (they never update the weights; checked at the next logging step)
     index_lr: float = 0.0  # learning rate of the index branch (its own optimizer group); 0: train.lr
     expert_lr_scale: float = 1.0  # routed experts' learning rate = lr * expert_lr_scale
     stats_every: int = 0  # score/block recall (needs dense attention) every this many steps; 0: log_every
