@@ -46,7 +46,7 @@ class Batch:
         from model.attention import DocLayout
 
         return replace(self, n_docs=DocLayout.count_documents(self.segment_ids_BT),
-                       n_images=int(self.n_images_B.sum()),
+                       n_images=int(self.n_images_B.clamp(0, self.images_BNCHW.shape[1]).sum()),  # as the forward's slots
                        n_patch_tokens=int((self.tokens_BT == img_patch_id).sum()))
 
     @classmethod
