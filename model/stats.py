@@ -62,8 +62,8 @@ def attended_pairs(block_idx_NHK: torch.Tensor, layout: DocLayout, block_size: i
 
 @torch.no_grad()
 def static_blocks_per_token(layout: DocLayout, block_size: int, k: int) -> torch.Tensor:
-    """What `blocks_per_token` would be under static top-k on the same tokens: the mean over real
-    tokens of min(k, blocks visible to the token) (the same for every group); 0-dim fp32."""
+    """What the blocks per token of `selection_means` would be under static top-k on the same tokens:
+    the mean over real tokens of min(k, blocks visible to the token) (the same for every group); 0-dim fp32."""
     n_N1 = torch.clamp(layout.pos_N // block_size + 1, max=k).float()[:, None]
     return _mean_over_valid(n_N1, layout.valid_N)
 

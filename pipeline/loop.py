@@ -400,10 +400,12 @@ def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, st: Loop
 
     A host read of the norms here would make the host wait for the GPU at every step; under DDP that
     wait is the tail of the gradient all-reduce, which the next step's host work could otherwise hide.
-    The fused AdamW takes the decision on the device instead (`found_inf`: the update of every
-    parameter, its moments and its step count are skipped when it is 1); an optimizer without that
-    flag would decide on the host.
+    The fused AdamW (`build_optimizer`) takes the decision on the device instead (`found_inf`: the
+    update of every parameter, its moments and its step count are skipped when it is 1).
     """
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("apply_gradients skips a bad step on the device: it needs the fused AdamW "
+                         "(pipeline/optim.py: build_optimizer)")
     clip = grad_clip if grad_clip > 0 else math.inf
     grad_norm = _local(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"backbone", "experts"}), clip))
     index_norm = (_local(torch.nn.utils.clip_grad_norm_(group_params(optimizer, {"index"}), clip)) if has_index
@@ -411,11 +413,8 @@ def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, st: Loop
     if index_norm.device != grad_norm.device:  # no index gradient this step (dense mode): torch's CPU zero
         index_norm = torch.zeros_like(grad_norm)
     ok = torch.isfinite(grad_norm) & torch.isfinite(index_norm)
-    if optimizer.defaults.get("fused"):
-        optimizer.found_inf = (~ok).float()
-        optimizer.step()
-    elif bool(ok):
-        optimizer.step()
+    optimizer.found_inf = (~ok).float()
+    optimizer.step()
     # a skipped step's gradients are dropped by the next step's zero_grad; they never reach the weights
     bad = (~ok).long()
     if st.bad_steps is None:

@@ -17,36 +17,30 @@ class Window:
     tokens: int = 0
     flops: float = 0.0
     data_wait_s: float = 0.0
-    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # metric -> sum of values
-    ns: dict[str, int | torch.Tensor] = field(default_factory=lambda: defaultdict(int))  # metric -> values added
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # event counters
     t0: float = field(default_factory=time.perf_counter)
-    # add_step's sums: one vector per set of names (a step's metrics), summed on the device
+    # the steps' metrics: one sum vector per set of names (and the steps kept), on the device
     steps_sums: dict[tuple[str, ...], list[torch.Tensor]] = field(default_factory=dict)
 
-    def add(self, name: str, value: float | torch.Tensor) -> None:
-        """A float, or a 0-dim tensor that stays on its device until the window is reduced."""
-        self.sums[name] = self.sums[name] + (value.detach().double() if torch.is_tensor(value) else float(value))
-        self.ns[name] += 1
-
     def add_step(self, values: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
-        """One step's 0-dim device values, all at once: a handful of launches for the lot, not a few
-        per value (the loop adds about fifty a step, and at 8K the step is bound by the host's
-        launches). `keep`, a 0-dim bool on their device, leaves the step out (a skipped step's
-        values) without a host read."""
+        """One step's 0-dim tensors, summed on their device until the window is reduced: a handful of
+        launches for the lot, not a few per value (the loop adds about fifty a step, and at 8K the
+        step is bound by the host's launches). `keep`, a 0-dim bool on their device, leaves the step
+        out (a skipped step's values) without a host read."""
         names = tuple(values)
         vec = torch.where(keep, torch.stack([v.detach() for v in values.values()]).double(), 0.0)
         kept = keep.double()
         acc = self.steps_sums.get(names)
         self.steps_sums[names] = [vec, kept] if acc is None else [acc[0] + vec, acc[1] + kept]
 
-    def totals(self) -> tuple[dict[str, float | torch.Tensor], dict[str, int | torch.Tensor]]:
-        """(sum, values added) per metric name, over `add` and `add_step`."""
-        sums, ns = dict(self.sums), dict(self.ns)
+    def totals(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(sum, steps that added it) per metric name."""
+        sums: dict[str, torch.Tensor] = {}
+        ns: dict[str, torch.Tensor] = {}
         for names, (vec, n) in self.steps_sums.items():
             for i, name in enumerate(names):
-                sums[name] = sums.get(name, 0.0) + vec[i]
-                ns[name] = ns.get(name, 0) + n
+                sums[name] = sums[name] + vec[i] if name in sums else vec[i]
+                ns[name] = ns[name] + n if name in ns else n
         return sums, ns
 
     def count(self, name: str, n: int = 1) -> None:

@@ -16,8 +16,9 @@ def _worker(rank: int, world: int, store_path: str, out_path: str) -> None:
         win = Window(t0=time.perf_counter() - 2.0)  # a 2-second window
         win.tokens = 1000 * (rank + 1)
         win.data_wait_s = [0.1, 1.0][rank]  # rank 1 waited half of the window for its data
-        win.add("train/lm_loss", 2.0 + rank)
-        win.add("train/lm_loss", torch.tensor(4.0 + rank))
+        win.add_step({"train/lm_loss": torch.tensor(2.0 + rank)}, torch.tensor(True))
+        win.add_step({"train/lm_loss": torch.tensor(4.0 + rank)}, torch.tensor(True))
+        win.add_step({"train/lm_loss": torch.tensor(float("nan"))}, torch.tensor(False))  # a skipped step
         win.count("skipped", rank)
         m = reduce_window(win, torch.device("cpu"), ["train/lm_loss"], ["skipped"])
         with open(f"{out_path}.{rank}", "w") as f:
