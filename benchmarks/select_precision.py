@@ -129,18 +129,17 @@ def table(res: dict) -> str:
 def _batches(args, cfg, img_patch_id: int):
     from data_prep.reader import iter_documents
     from data_prep.tokenizer import load_tokenizer
-    from model.batch import Batch
+    from pipeline.evaluate import _batches
     from pipeline.packing import ImageDecoder, PackSpec, Tokenizer, pack_documents
 
     tok = Tokenizer(load_tokenizer(Path(args.tokenizer)))
     spec = PackSpec(args.seq_len, cfg.image_size, cfg.patch_size)
     docs = list(iter_documents(Path(args.shards), limit=args.max_documents))
-    cols = pack_documents(docs, tok, spec, ImageDecoder(cfg.image_size))
-    n = min(len(cols["tokens"]), args.rows)
-    if n == 0:
+    cols = pack_documents(docs, tok, spec, ImageDecoder(cfg.image_size))  # packed as the evaluation packs them
+    if len(cols["tokens"]) == 0:
         raise ValueError(f"{args.shards}: no document could be packed into a row")
-    for i in range(0, n, args.batch_size):
-        yield Batch.from_dict({key: v[i:min(i + args.batch_size, n)] for key, v in cols.items()}, img_patch_id)
+    rows = {key: v[:args.rows] for key, v in cols.items()}
+    return [batch.with_counts(img_patch_id) for batch in _batches(rows, args.batch_size)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
+    if args.rows < 1 or args.batch_size < 1:
+        p.error("--rows and --batch-size must be at least 1")
+    from pipeline.checkpoint import CheckpointError
+
+    try:
+        return _run(p, args)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:  # a missing checkpoint or shard, no row
+        print(f"select_precision: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(p: argparse.ArgumentParser, args) -> int:
     device = torch.device(args.device)
     if args.checkpoint:
         from pipeline.evaluate import load_checkpoint_model

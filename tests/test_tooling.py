@@ -196,3 +196,13 @@ def test_train_steps_cuda_graph_trains_like_the_eager_step():
     for n, eager in updates[0].items():
         if eager.norm() > 0:
             assert (updates[1][n] - eager).norm() / eager.norm() < 0.05, n
+
+
+def test_select_precision_bad_input_is_a_clear_error(tmp_path, capsys):
+    from benchmarks.select_precision import main
+
+    assert main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "neither a checkpoint nor a run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny", "--rows", "0", "--shards", str(tmp_path), "--tokenizer", str(tmp_path)])
+    assert "--rows and --batch-size must be at least 1" in capsys.readouterr().err
