@@ -194,7 +194,8 @@ def _capture(step, warmup: int):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # captured on the warm-up's stream: autograd keeps, per parameter, the stream of its first backward
+    with torch.cuda.graph(graph, stream=side):
         out = step()
     torch.cuda.synchronize()
     return graph, out

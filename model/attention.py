@@ -45,7 +45,9 @@ class DocLayout:
     cu_seqlens: torch.Tensor  # int32 [S+1] document boundaries on the flat N = B*T axis
     pos_N: torch.Tensor  # int64 [N] position of the token inside its document (0-based)
     valid_N: torch.Tensor  # bool [N] not padding (segment id != 0)
-    seq_valid_S: torch.Tensor  # bool [S] the document is not a padding run
+    seq_valid_S: torch.Tensor  # bool [S] the document is not a padding run (nor an empty slot)
+    real_docs: int | None = None  # the documents of the batch when counted on the host (S may be more:
+    #                               `doc_slots`); None: S
 
     @staticmethod
     def _starts(segment_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -63,8 +65,15 @@ class DocLayout:
         return int(cls._starts(segment_ids_BT).sum())
 
     @classmethod
-    def from_segments(cls, segment_ids_BT: torch.Tensor, n_docs: int | None = None) -> "DocLayout":
-        """n_docs (from `count_documents` on the host copy): no host sync here; without it, one."""
+    def from_segments(cls, segment_ids_BT: torch.Tensor, n_docs: int | None = None,
+                      doc_slots: int | None = None) -> "DocLayout":
+        """n_docs (from `count_documents` on the host copy): no host sync here; without it, one.
+
+        doc_slots (>= n_docs): the layout has this many documents, the ones after the batch's own
+        empty (zero length, at the end of the flat axis, not valid). Every kernel and statistic gives
+        the same result with them; what it buys is a shape that depends on the slots, not on the
+        batch, so one captured training step serves every batch whose documents fit them
+        (pipeline/graphs.py)."""
         B, T = segment_ids_BT.shape
         dev = segment_ids_BT.device
         seg_N = segment_ids_BT.reshape(-1)
@@ -73,13 +82,20 @@ class DocLayout:
         start_N = cls._starts(segment_ids_BT)
         doc_N = torch.cumsum(start_N.long(), 0) - 1
         if n_docs is None:
+            if doc_slots is not None:
+                raise ValueError("doc_slots needs the batch's document count (n_docs)")
             starts_S = flat_N[start_N]  # one host sync: the number of documents
         else:
-            starts_S = torch.nonzero_static(start_N, size=n_docs)[:, 0]
+            slots = n_docs if doc_slots is None else doc_slots
+            if slots < n_docs:
+                raise ValueError(f"doc_slots={slots} is fewer than the batch's {n_docs} documents")
+            # the empty slots start (and end) at N
+            starts_S = torch.nonzero_static(start_N, size=slots, fill_value=N)[:, 0]
         cu = torch.cat([starts_S, starts_S.new_full((1,), N)]).to(torch.int32)  # (no host-to-device copy)
         pos_N = flat_N - starts_S[doc_N]
+        seq_valid_S = (seg_N[starts_S.clamp(max=N - 1)] != 0) & (starts_S < N)
         return cls(B=B, T=T, doc_BT=doc_N.view(B, T), cu_seqlens=cu, pos_N=pos_N, valid_N=seg_N != 0,
-                   seq_valid_S=seg_N[starts_S] != 0)
+                   seq_valid_S=seq_valid_S, real_docs=n_docs)
 
     @property
     def n_docs(self) -> int:
@@ -94,7 +110,8 @@ class DenseMask:
     def __init__(self, layout: DocLayout, impl: str):
         self.layout, self.impl = layout, impl
         # one document per row: the mask is plain causal (known on the host, no sync)
-        self.causal_only = layout.n_docs == layout.B and not self.force_document_mask
+        docs = layout.n_docs if layout.real_docs is None else layout.real_docs
+        self.causal_only = docs == layout.B and not self.force_document_mask
         self._mask = None
 
     def get(self):

@@ -27,6 +27,10 @@ class Batch:
     n_docs: int | None = None  # documents over all rows (model/attention.py: DocLayout)
     n_images: int | None = None  # images used over all rows
     n_patch_tokens: int | None = None  # tokens that hold the <|img_patch|> id
+    # Shapes fixed by the batch's size rather than its contents (`fixed_shapes`), for a training step
+    # captured once and replayed for every batch (pipeline/graphs.py); None: sized by the counts.
+    doc_slots: int | None = None  # documents in the layout (>= n_docs; the rest empty)
+    image_slots: int | None = None  # images through the patch encoder (>= n_images; the rest unused)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """The batch on `device`. With non_blocking, a CPU batch is copied from pinned memory (pinned
@@ -48,6 +52,17 @@ class Batch:
         return replace(self, n_docs=DocLayout.count_documents(self.segment_ids_BT),
                        n_images=int(self.n_images_B.clamp(0, self.images_BNCHW.shape[1]).sum()),  # as the forward's slots
                        n_patch_tokens=int((self.tokens_BT == img_patch_id).sum()))
+
+    def fixed_shapes(self) -> "Batch":
+        """This batch (with its counts) laid out in shapes that depend on B, T and the image slots
+        alone, except for the documents, rounded up to a power of two: every image slot goes through
+        the patch encoder (an unused one's output is dropped) and the layout has `doc_slots`
+        documents, the last ones empty. The forward's results are the same (model/transformer.py,
+        model/attention.py: DocLayout.from_segments)."""
+        if self.n_docs is None or self.n_images is None:
+            raise ValueError("fixed_shapes needs the host-side counts (with_counts)")
+        B, N = self.images_BNCHW.shape[:2]
+        return replace(self, doc_slots=doc_slots_for(self.n_docs), image_slots=B * N)
 
     @classmethod
     def from_dict(cls, d: dict, img_patch_id: int | None = None) -> "Batch":
@@ -72,3 +87,9 @@ class Batch:
     @property
     def n_text_targets(self) -> int:
         return int((self.targets_BT != IGNORE_INDEX).sum())
+
+
+def doc_slots_for(n_docs: int) -> int:
+    """The documents' slots of a batch with n_docs documents: the next power of two, so that a run
+    sees a handful of layouts (one captured step each) whatever its documents' lengths."""
+    return 1 << max(n_docs - 1, 0).bit_length()

@@ -166,14 +166,19 @@ class MultimodalTransformer(nn.Module):
         used_BN = torch.arange(n_slots, device=x_BTE.device)[None, :] < batch.n_images_B[:, None].long()
         if batch.n_images is None:  # counted here: two host syncs
             images_MCHW = batch.images_BNCHW[used_BN]
-            n_patch_tokens = int(is_patch_BT.sum())
+            n_images, n_patch_tokens = images_MCHW.shape[0], int(is_patch_BT.sum())
         else:  # counted on the host where the batch was made (model/batch.py)
-            which_M = torch.nonzero_static(used_BN.reshape(-1), size=batch.n_images)[:, 0]
+            # image_slots: the encoder takes that many (the used ones first, then copies of slot 0,
+            # whose output goes nowhere), so the shapes do not depend on the count
+            M = batch.n_images if batch.image_slots is None else batch.image_slots
+            if M < batch.n_images:
+                raise ValueError(f"image_slots={M} is fewer than the batch's {batch.n_images} images")
+            which_M = torch.nonzero_static(used_BN.reshape(-1), size=M, fill_value=0)[:, 0]
             images_MCHW = batch.images_BNCHW.flatten(0, 1).index_select(0, which_M)
-            n_patch_tokens = batch.n_patch_tokens
-        if n_patch_tokens != images_MCHW.shape[0] * self.cfg.n_patches:
+            n_images, n_patch_tokens = batch.n_images, batch.n_patch_tokens
+        if n_patch_tokens != n_images * self.cfg.n_patches:
             raise ValueError(
-                f"batch has {n_patch_tokens} image-patch tokens but {images_MCHW.shape[0]} images of "
+                f"batch has {n_patch_tokens} image-patch tokens but {n_images} images of "
                 f"{self.cfg.n_patches} patches: the data's image size/patch size disagree with the model's"
             )
         # run the encoder even on zero images: its weights then stay in the graph (zero gradient),
@@ -184,15 +189,22 @@ class MultimodalTransformer(nn.Module):
         if batch.n_images is None:
             return x_BTE.masked_scatter(is_patch_BT[..., None], patches_MPE.reshape(-1))
         B, T, E = x_BTE.shape  # the same placement, sized on the host
-        where_P = torch.nonzero_static(is_patch_BT.reshape(-1), size=n_patch_tokens)[:, 0]
-        return x_BTE.reshape(B * T, E).index_copy(0, where_P, patches_MPE.reshape(-1, E)).view(B, T, E)
+        P = patches_MPE.shape[0] * patches_MPE.shape[1]
+        if P == n_patch_tokens:
+            where_P = torch.nonzero_static(is_patch_BT.reshape(-1), size=P)[:, 0]
+            return x_BTE.reshape(B * T, E).index_copy(0, where_P, patches_MPE.reshape(-1, E)).view(B, T, E)
+        # more encoded patches than patch tokens (image_slots): the surplus goes to a spare row past
+        # the last token, which is then cut off (it gets no gradient)
+        where_P = torch.nonzero_static(is_patch_BT.reshape(-1), size=P, fill_value=B * T)[:, 0]
+        x_NE = torch.cat([x_BTE.reshape(B * T, E), x_BTE.new_zeros(1, E)])
+        return x_NE.index_copy(0, where_P, patches_MPE.reshape(-1, E))[:B * T].view(B, T, E)
 
     def forward(self, batch: Batch, *, compute_stats: bool = False, return_logits: bool = False,
                 index_loss: bool = True) -> ModelOutput:
         """index_loss=False skips the MSA layers' KL (no "kl_index" loss): evaluation needs only the LM."""
         cfg = self.cfg
         x_BTE = self.embed_inputs(batch)
-        layout = DocLayout.from_segments(batch.segment_ids_BT, batch.n_docs)
+        layout = DocLayout.from_segments(batch.segment_ids_BT, batch.n_docs, batch.doc_slots)
         ctx = AttnContext(
             layout=layout, mask=DenseMask(layout, cfg.dense_impl),
             rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),

@@ -74,6 +74,9 @@ class TrainConfig:
     eval_every: int = 0  # held-out evaluation (data.eval_shards) every this many steps, on rank 0; 0: off
     eval_documents: int = 200  # held-out documents per periodic evaluation
     seed: int = 0
+    # one GPU: each step replayed as a CUDA graph, one per batch layout (pipeline/graphs.py); for
+    # steps bound by the host's launches (8K-token rows of `small`)
+    cuda_graphs: bool = False
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
@@ -275,8 +278,36 @@ class RunConfig:
                                                      f"{self.debug.profile_steps}")
         if self.debug.pause_at_step and not 0 <= self.debug.pause_rank < self.ray.num_workers:
             raise ConfigError("debug.pause_rank", f"must name one of the {self.ray.num_workers} workers")
+        if self.train.cuda_graphs:
+            self._check_cuda_graphs()
         if self.model.image_tokens > self.seq_len:
             raise ConfigError("data.seq_len", f"one image takes {self.model.image_tokens} tokens, more than a row")
+
+    def _check_cuda_graphs(self) -> None:
+        """What a captured step cannot be: it replays fixed work on one GPU's fixed memory."""
+        why = []
+        if not self.ray.use_gpu:
+            why.append("it needs a GPU (ray.use_gpu = true)")
+        if self.ray.num_workers != 1:
+            why.append(f"it runs on one GPU (ray.num_workers = 1, not {self.ray.num_workers}): a step captured with "
+                       f"DDP's or FSDP2's collectives would need NCCL's error handling off, and with it the "
+                       f"recovery from a lost worker")
+        if self.ray.parallel != "ddp":
+            why.append(f"FSDP2 (ray.parallel = {self.ray.parallel!r}) gathers and frees its parameters in hooks "
+                       f"around every block")
+        moe = self.model.moe
+        if moe.enabled and moe.dispatch != "grouped_mm":
+            why.append(f"the MoE dispatch {moe.dispatch!r} sizes its buffer on the host each step (model.moe.dispatch "
+                       f"= 'grouped_mm' does not)")
+        if self.model.activation_checkpointing:
+            why.append("the recomputation of model.activation_checkpointing restores the RNG state on the host")
+        if self.model.msa.budget != "static":
+            why.append(f"an adaptive budget (model.msa.budget = {self.model.msa.budget!r}) is adjusted from "
+                       f"the host between steps")
+        if self.debug.profile_steps:
+            why.append("debug.profile_steps profiles eager steps")
+        if why:
+            raise ConfigError("train.cuda_graphs", "; ".join(why))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pipeline.flops import StepFlops, device_peak_tflops
 from pipeline.console import ProgressLog, progress_line
 from pipeline.metrics import Window, reduce_window
 from pipeline.trace import DataTrace, pause_once
-from pipeline.optim import build_optimizer, group_params, lr_at, set_lr
+from pipeline.optim import build_optimizer, group_params, lr_at, prepare_for_graphs, set_lr
 from pipeline.parallel import load_states, model_state, optimizer_state, wrap
 from pipeline.plan import DataPlan, DataState
 from pipeline.profiling import StepProfiler
@@ -167,6 +167,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         del saved
         if rank == 0:
             say(f"[train] resumed at step {st.step} ({st.tokens_seen:,} tokens seen) from {resume_from.name}")
+    # a captured step reads its learning rate from the device; otherwise plain floats (also what a
+    # graphed run's checkpoint is restored to)
+    prepare_for_graphs(optimizer, device if cfg.train.cuda_graphs else None)
+    graphs = None
+    if cfg.train.cuda_graphs:
+        from pipeline.graphs import StepGraphs
+
+        graphs = StepGraphs(device, say if rank == 0 else (lambda _: None))
     msa = cfg.model.msa
     if msa.budget_match_topk and raw.has_index_branch and st.budget_match is None:
         st.budget_match = BudgetMatch(msa.budget, getattr(msa, msa.budget_param_name))
@@ -179,8 +187,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         sysmon, line = start_system_metrics(loop_config["tracking_uri"], loop_config["run_id"],
                                             cfg.tracking.system_metrics_interval_s)
         say(f"[train] {line}")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16"
-                else contextlib.nullcontext())
+    # (no cast cache under CUDA graphs: a captured step must cast the weights it reads each replay)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cfg.train.cuda_graphs)
+                if cfg.train.dtype == "bfloat16" else contextlib.nullcontext())
     step_flops = StepFlops(cfg.model)
     peak = device_peak_tflops(cfg.train.peak_tflops)
     stats_every = cfg.train.stats_every or cfg.train.log_every
@@ -192,87 +201,94 @@ def train_loop_per_worker(loop_config: dict) -> None:
     selection = None
     t_start, step_start = time.perf_counter(), st.step
     profiler = StepProfiler(cfg.debug.profile_steps, run_dir, rank, device)
-    while st.step < cfg.train.max_steps:
-        _profile_at(profiler, st.step, tracker, world)
-        t_wait = time.perf_counter()
-        cols = batches.next()
-        if cols is None:
-            raise RuntimeError(f"the data plan ran out at step {st.step} before train.max_steps="
-                               f"{cfg.train.max_steps}; the plan is sized from the manifests' token estimates")
-        win.data_wait_s += time.perf_counter() - t_wait
-        book = {k: cols[k].numpy() for k in ("segment_ids", *BOOKKEEPING)}
-        host_batch = Batch.from_dict(cols, raw.img_patch_id)
-        batch = host_batch.to(device, non_blocking=True)
+    # every step on the graphs' stream (pipeline/graphs.py: StepGraphs.streamed)
+    with graphs.streamed() if graphs is not None else contextlib.nullcontext():
+        while st.step < cfg.train.max_steps:
+            _profile_at(profiler, st.step, tracker, world)
+            t_wait = time.perf_counter()
+            cols = batches.next()
+            if cols is None:
+                raise RuntimeError(f"the data plan ran out at step {st.step} before train.max_steps="
+                                   f"{cfg.train.max_steps}; the plan is sized from the manifests' token estimates")
+            win.data_wait_s += time.perf_counter() - t_wait
+            book = {k: cols[k].numpy() for k in ("segment_ids", *BOOKKEEPING)}
+            host_batch = Batch.from_dict(cols, raw.img_patch_id)
 
-        mode = attention_mode(cfg, st.step - st.start_step)
-        if mode != raw.mode:
-            raw.set_mode(mode)
-            if rank == 0:
-                say(f"[train] step {st.step}: attention mode -> {mode}")
-        lr = lr_at(st.step, cfg.train)
-        set_lr(optimizer, lr, frozen_groups(cfg, mode))
-        compute_stats = (st.step + 1) % stats_every == 0 and raw.has_index_branch
-        with autocast:
-            out = model(batch, compute_stats=compute_stats)
-        weights = raw.loss_weights()
-        loss = sum(weights[k] * v for k, v in out.losses.items())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm, index_norm, ok = apply_gradients(optimizer, cfg.train.grad_clip, st, has_index)
-        # summed on the device, read at logging; a skipped step (non-finite) adds nothing to the means
-        step_values = {f"train/{k}_loss": v for k, v in out.losses.items()}
-        step_values["train/grad_norm"] = grad_norm
-        if has_index:
-            step_values["train/index_grad_norm"] = index_norm
-        step_values.update({k if k.startswith("layer/") else f"train/{k}": v for k, v in out.stats.items()
-                            if k not in ("kl_index_loss", "moe_aux_loss")})  # those two are in the losses
-        win.add_step(step_values, ok)
-        if out.selection:
-            selection = (out.selection, host_batch.segment_ids_BT, host_batch.positions_BT, raw.budget_param)
-        st.step += 1
-        win.steps += 1
-        # counted on the host copy: no device round trip for bookkeeping
-        win.tokens += int((book["segment_ids"] != 0).sum())
-        win.flops += step_flops(torch.from_numpy(book["segment_ids"]), mode)
-        if out.attended_pairs is not None:  # an adaptive budget: the sparse work as selected
-            win.flops = win.flops + step_flops.attended_flops(out.attended_pairs.detach())
-        # the rows of this step are trained on (a skipped step too: its rows are not read again)
-        consumed.add(book)
-        for reason in DROP_REASONS:
-            win.count(f"dropped_{reason}", int(book[f"dropped_{reason}"].sum()))
-        trace.write(st.step, book["plan_idx"], book["piece_ids"])
-        pause_once(cfg, run_dir, rank, st.step)
+            mode = attention_mode(cfg, st.step - st.start_step)
+            if mode != raw.mode:
+                raw.set_mode(mode)
+                if rank == 0:
+                    say(f"[train] step {st.step}: attention mode -> {mode}")
+            lr = lr_at(st.step, cfg.train)
+            set_lr(optimizer, lr, frozen_groups(cfg, mode))
+            compute_stats = (st.step + 1) % stats_every == 0 and raw.has_index_branch
 
-        final = st.step == cfg.train.max_steps
-        checkpoint = st.step % cfg.train.checkpoint_every == 0 or (final and cfg.train.final_checkpoint)
-        evaluate_now = bool(cfg.train.eval_every) and st.step % cfg.train.eval_every == 0
-        # a checkpoint or an evaluation also logs the window, whatever train.log_every says, so both
-        # happen on the step they name and every checkpoint has its metrics in the run
-        if st.step % cfg.train.log_every == 0 or final or checkpoint or evaluate_now:
-            window_s, steps_in_window = time.perf_counter() - win.t0, win.steps
-            check_bad_steps(st, cfg.train.max_bad_steps)
-            metrics = _window_metrics(win, device, lr, st, peak, world)
-            # under FSDP every rank must take part in the forward passes; rank 0 logs the result
-            if evaluate_now and (rank == 0 or cfg.ray.parallel == "fsdp"):
-                metrics.update(_evaluate(cfg, raw, device, autocast, verbose=rank == 0))
-            if st.budget_match is not None:
-                _match_budget(st.budget_match, raw, metrics, cfg)
-            tracker.log_metrics(metrics, st.step)
-            if final:
-                # every step is trained and logged: the run is complete, whatever happens from here on
-                tracker.set_tags({"training_complete": "true"})
-            if rank == 0:
-                elapsed = time.perf_counter() - t_start
-                eta = elapsed / max(st.step - step_start, 1) * (cfg.train.max_steps - st.step)
-                gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-                say(progress_line(st.step, cfg.train.max_steps, metrics, elapsed, eta, window_s / max(steps_in_window, 1),
-                                  gib))
-            if checkpoint:
-                _log_plots(tracker, cfg, selection, st.step, st.start_step)
-                _checkpoint(cfg, st, model, optimizer, plan, data_state, consumed, run_dir, rank, tracker, final)
-            ray.train.report({k.replace("/", "_"): v for k, v in metrics.items()} | {"step": st.step})
-            win = Window()
+            def step(batch: Batch):
+                return train_step(model, raw, batch, optimizer, autocast, compute_stats, cfg.train.grad_clip, has_index)
+
+            if graphs is None:
+                out, grad_norm, index_norm, ok = step(host_batch.to(device, non_blocking=True))
+            else:
+                # eager where the step reads the host: statistics, the sampled warm-up KL's draw
+                capturable = not compute_stats and not (mode == "warmup" and cfg.model.msa.warmup_kl_sample < 1)
+                out, grad_norm, index_norm, ok = graphs.run(host_batch, (mode,) if capturable else None, step)
+            record_bad_step(st, ok)
+            # summed on the device, read at logging; a skipped step (non-finite) adds nothing to the means
+            step_values = {f"train/{k}_loss": v for k, v in out.losses.items()}
+            step_values["train/grad_norm"] = grad_norm
+            if has_index:
+                step_values["train/index_grad_norm"] = index_norm
+            step_values.update({k if k.startswith("layer/") else f"train/{k}": v for k, v in out.stats.items()
+                                if k not in ("kl_index_loss", "moe_aux_loss")})  # those two are in the losses
+            win.add_step(step_values, ok)
+            if out.selection:
+                selection = (out.selection, host_batch.segment_ids_BT, host_batch.positions_BT, raw.budget_param)
+            st.step += 1
+            win.steps += 1
+            # counted on the host copy: no device round trip for bookkeeping
+            win.tokens += int((book["segment_ids"] != 0).sum())
+            win.flops += step_flops(torch.from_numpy(book["segment_ids"]), mode)
+            if out.attended_pairs is not None:  # an adaptive budget: the sparse work as selected
+                win.flops = win.flops + step_flops.attended_flops(out.attended_pairs.detach())
+            # the rows of this step are trained on (a skipped step too: its rows are not read again)
+            consumed.add(book)
+            for reason in DROP_REASONS:
+                win.count(f"dropped_{reason}", int(book[f"dropped_{reason}"].sum()))
+            trace.write(st.step, book["plan_idx"], book["piece_ids"])
+            pause_once(cfg, run_dir, rank, st.step)
+
+            final = st.step == cfg.train.max_steps
+            checkpoint = st.step % cfg.train.checkpoint_every == 0 or (final and cfg.train.final_checkpoint)
+            evaluate_now = bool(cfg.train.eval_every) and st.step % cfg.train.eval_every == 0
+            # a checkpoint or an evaluation also logs the window, whatever train.log_every says, so both
+            # happen on the step they name and every checkpoint has its metrics in the run
+            if st.step % cfg.train.log_every == 0 or final or checkpoint or evaluate_now:
+                window_s, steps_in_window = time.perf_counter() - win.t0, win.steps
+                check_bad_steps(st, cfg.train.max_bad_steps)
+                metrics = _window_metrics(win, device, lr, st, peak, world)
+                # under FSDP every rank must take part in the forward passes; rank 0 logs the result
+                if evaluate_now and (rank == 0 or cfg.ray.parallel == "fsdp"):
+                    metrics.update(_evaluate(cfg, raw, device, autocast, verbose=rank == 0))
+                if st.budget_match is not None:
+                    _match_budget(st.budget_match, raw, metrics, cfg)
+                tracker.log_metrics(metrics, st.step)
+                if final:
+                    # every step is trained and logged: the run is complete, whatever happens from here on
+                    tracker.set_tags({"training_complete": "true"})
+                if rank == 0:
+                    elapsed = time.perf_counter() - t_start
+                    eta = elapsed / max(st.step - step_start, 1) * (cfg.train.max_steps - st.step)
+                    gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                    say(progress_line(st.step, cfg.train.max_steps, metrics, elapsed, eta,
+                                      window_s / max(steps_in_window, 1), gib))
+                if checkpoint:
+                    _log_plots(tracker, cfg, selection, st.step, st.start_step)
+                    _checkpoint(cfg, st, model, optimizer, plan, data_state, consumed, run_dir, rank, tracker, final)
+                ray.train.report({k.replace("/", "_"): v for k, v in metrics.items()} | {"step": st.step})
+                win = Window()
     _profile_at(profiler, st.step, tracker, world)  # a window that ends with the run
+    if graphs is not None and rank == 0:
+        say(f"[train] {graphs.summary()}")
     if sysmon is not None:
         sysmon.finish()
 
@@ -388,11 +404,27 @@ def _checkpoint(cfg: RunConfig, st: LoopState, model, optimizer, plan: DataPlan,
         tracker.set_tags({what: f"step {st.step}: {type(e).__name__}: {e}"[:5000]})
 
 
-def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, st: LoopState,
+def train_step(model, raw, batch: Batch, optimizer: torch.optim.Optimizer, autocast, compute_stats: bool,
+               grad_clip: float, has_index: bool):
+    """One batch's forward, backward and optimizer step, with nothing read on the host (so that it
+    can also be captured as a CUDA graph: pipeline/graphs.py). `model` is the wrapped model, `raw`
+    the model itself. Returns (the model's output, backbone and index gradient norms, whether the
+    step was taken), all on the device."""
+    with autocast:
+        out = model(batch, compute_stats=compute_stats)
+    weights = raw.loss_weights()
+    loss = sum(weights[k] * v for k, v in out.losses.items())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return (out, *apply_gradients(optimizer, grad_clip, None, has_index))
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, st: LoopState | None,
                     has_index: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clip and step, or skip a step whose gradients are not finite, without reading anything on the
     host: returns the (backbone, index) gradient norms before clipping and whether the step was
-    taken, as 0-dim device tensors. `check_bad_steps` reads the record at the next logging step.
+    taken, as 0-dim device tensors. With `st`, the step is also recorded there (`record_bad_step`;
+    `check_bad_steps` reads the record at the next logging step).
 
     The KL's gradient reaches only the index branch: it is clipped on its own, so a KL spike cannot
     shrink the backbone's update (and the reported grad norm is the backbone's). The norms are taken
@@ -416,12 +448,18 @@ def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, st: Loop
     optimizer.found_inf = (~ok).float()
     optimizer.step()
     # a skipped step's gradients are dropped by the next step's zero_grad; they never reach the weights
+    if st is not None:
+        record_bad_step(st, ok)
+    return grad_norm, index_norm, ok
+
+
+def record_bad_step(st: LoopState, ok: torch.Tensor) -> None:
+    """Add a step (taken or skipped: `ok`) to the device's record of skipped steps, without a host read."""
     bad = (~ok).long()
     if st.bad_steps is None:
         st.bad_steps = torch.tensor([st.bad_in_a_row, st.bad_in_a_row, 0], device=ok.device)
     run = (st.bad_steps[0] + 1) * bad
     st.bad_steps = torch.stack([run, torch.maximum(st.bad_steps[1], run), st.bad_steps[2] + bad])
-    return grad_norm, index_norm, ok
 
 
 def _local(norm: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def set_lr(opt: torch.optim.Optimizer, lr: float, frozen: frozenset[str] = frozenset()) -> None:
     for g in opt.param_groups:
-        g["lr"] = 0.0 if g["group"] in frozen else lr * g["lr_scale"]
+        value = 0.0 if g["group"] in frozen else lr * g["lr_scale"]
+        if g.get("capturable") and torch.is_tensor(g["lr"]):
+            g["lr"].fill_(value)  # a captured step reads it from the device (`prepare_for_graphs`)
+        else:
+            g["lr"] = value
+
+
+def prepare_for_graphs(opt: torch.optim.Optimizer, device: torch.device | None) -> None:
+    """With a device: the optimizer made capturable in a CUDA graph (pipeline/graphs.py), each group's
+    learning rate a tensor on it, which `set_lr` fills in place, so that a replayed step reads this
+    step's rate (a float would be baked into the graph). None: plain floats, not capturable (what a
+    checkpoint of a graphed run restores to otherwise)."""
+    for g in opt.param_groups:
+        lr = float(g["lr"])
+        g["capturable"] = device is not None
+        g["lr"] = torch.tensor(lr, dtype=torch.float32, device=device) if device is not None else lr
 
 
 def group_params(opt: torch.optim.Optimizer, names: set[str]) -> list[torch.nn.Parameter]:

@@ -160,7 +160,9 @@ def test_train_steps_cuda_graph_trains_like_the_eager_step():
     from model.transformer import MultimodalTransformer
 
     cfg = get_preset("tiny")
-    cfg = dataclasses.replace(cfg, msa=dataclasses.replace(cfg.msa, backend="triton", kl_sample=1.0))
+    # (the GPU presets' MoE dispatch: the padded-buffer one sizes its buffer on the host, no capture)
+    cfg = dataclasses.replace(cfg, msa=dataclasses.replace(cfg.msa, backend="triton", kl_sample=1.0),
+                              moe=dataclasses.replace(cfg.moe, dispatch="grouped_mm"))
     batch = _batch(cfg, 512, torch.device("cuda"))
     updates, losses = [], []
     for graphed in (False, True):

@@ -18,15 +18,16 @@ IMG_BEGIN, IMG_END, IMG_PATCH = 2, 3, 4  # special ids as in data_prep/schema.py
 
 
 def build_batch(cfg: ModelConfig, doc_lens_per_row: list[list[int]], T: int, images_per_row: list[int] | None = None,
-                seed: int = 0) -> Batch:
+                seed: int = 0, n_slots: int | None = None) -> Batch:
     """Rows of packed documents (segment ids 1, 2, ...; the rest of the row padding, segment 0).
 
-    images_per_row[r] images are placed at the start of row r's first document.
+    images_per_row[r] images are placed at the start of row r's first document; n_slots image slots
+    per row (default: as many as the most images of a row, at least 1).
     """
     g = torch.Generator().manual_seed(seed)
     B = len(doc_lens_per_row)
     images_per_row = images_per_row or [0] * B
-    n_slots = max(1, max(images_per_row))
+    n_slots = n_slots or max(1, max(images_per_row))
     tokens = torch.zeros(B, T, dtype=torch.int64)
     positions = torch.zeros(B, T, dtype=torch.int64)
     segments = torch.zeros(B, T, dtype=torch.int32)

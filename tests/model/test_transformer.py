@@ -4,6 +4,7 @@ expects, param groups partition the parameters, and every mode trains.
     pytest -q tests/model/test_transformer.py
 """
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -184,6 +185,61 @@ def test_host_counts_give_the_same_forward_and_gradients(images_per_row):
         torch.testing.assert_close(grad_b[n], grad_a[n], rtol=1e-6, atol=1e-7, msg=n)
     # the images reached the loss (or, with none, the encoder's weights are in the graph at zero)
     assert (grad_a["patch_encoder.proj.weight"].abs().sum() > 0) == bool(sum(images_per_row))
+
+
+@pytest.mark.parametrize("backend,mode", [("reference", "sparse"), ("reference", "warmup"), ("triton", "sparse"),
+                                          ("triton", "warmup"), ("reference", "dense")])
+def test_fixed_shapes_give_the_same_forward_and_gradients(backend, mode):
+    """A batch laid out in fixed shapes (what a captured training step replays: every image slot
+    through the encoder, the documents padded with empty ones up to a power of two) trains as the
+    batch sized by its counts: the same losses and statistics, the same gradients, in every mode and
+    with both kernel backends (the empty documents reach every MSA kernel and its backward)."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels on CPU tensors run in the interpreter only (a GPU machine: "
+                    "tests/pipeline/test_graphs.py runs fixed shapes through them on the GPU)")
+    cfg = small_config(msa=dict(backend=backend, block_size=16, topk=3))
+    torch.manual_seed(0)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    model.set_mode(mode)
+    # 5 documents (8 slots), 3 of the rows' 2 x 8 image slots used
+    counted = build_batch(cfg, [[60, 68], [40, 50, 38]], 128, images_per_row=[1, 2]).with_counts(IMG_PATCH)
+    fixed = counted.fixed_shapes()
+    assert (fixed.doc_slots, fixed.image_slots) == (8, counted.images_BNCHW.shape[0] * counted.images_BNCHW.shape[1])
+    assert fixed.image_slots > counted.n_images
+    layout = DocLayout.from_segments(fixed.segment_ids_BT, fixed.n_docs, fixed.doc_slots)
+    assert layout.cu_seqlens.tolist()[:6] == DocLayout.from_segments(counted.segment_ids_BT).cu_seqlens.tolist()
+    assert layout.cu_seqlens.tolist()[6:] == [256] * 3 and not layout.seq_valid_S[5:].any()
+    runs = []
+    for b in (counted, fixed):
+        torch.manual_seed(1)  # the sampled KL draws the same tokens
+        model.zero_grad(set_to_none=True)
+        out = model(b, compute_stats=mode != "dense")
+        sum(out.losses.values()).backward()
+        runs.append(({k: v.detach() for k, v in {**out.losses, **out.stats}.items()},
+                     {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (val_a, grad_a), (val_b, grad_b) = runs
+    assert val_a.keys() == val_b.keys() and grad_a.keys() == grad_b.keys()
+    for k in val_a:
+        torch.testing.assert_close(val_b[k], val_a[k], rtol=1e-6, atol=1e-7, msg=k)
+    for n in grad_a:
+        torch.testing.assert_close(grad_b[n], grad_a[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert grad_a["patch_encoder.proj.weight"].abs().sum() > 0
+
+
+def test_fixed_shapes_need_the_counts_and_enough_slots():
+    from model.batch import doc_slots_for
+
+    assert [doc_slots_for(n) for n in (1, 2, 3, 4, 5, 8, 9, 100)] == [1, 2, 4, 4, 8, 8, 16, 128]
+    cfg = small_config()
+    batch = build_batch(cfg, [[60, 68], [128]], 128, images_per_row=[1, 1])
+    with pytest.raises(ValueError, match="counts"):
+        batch.fixed_shapes()
+    counted = batch.with_counts(IMG_PATCH)
+    with pytest.raises(ValueError, match="doc_slots=2 is fewer than the batch's 3 documents"):
+        DocLayout.from_segments(counted.segment_ids_BT, counted.n_docs, 2)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    with pytest.raises(ValueError, match="image_slots=1 is fewer than the batch's 2 images"):
+        model(dataclasses.replace(counted, image_slots=1))
 
 
 def test_batch_counts_must_match_the_model_patch_size():

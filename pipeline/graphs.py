@@ -1,0 +1,138 @@
+"""The training step replayed as CUDA graphs (`train.cuda_graphs`, one GPU).
+
+At 8K tokens a step of the `small` preset is bound by the host: Python issues a few thousand small
+launches (norms, RoPE, routing, the MSA kernels' tables, AdamW) and the GPU waits for them. Captured
+once as a CUDA graph (forward, backward, clipping and the fused AdamW), a step is one launch; the
+host is free at once for the next batch.
+
+A graph replays fixed shapes on fixed memory, and a packed row's shapes follow its contents (how
+many documents, how many images). So the batch is first laid out in fixed shapes
+(`Batch.fixed_shapes`: every image slot through the encoder, the documents padded with empty ones up
+to a power of two; the forward's results are the same), then copied into one set of device buffers
+that every graph reads. One graph per layout key (attention mode, document slots, whether every row
+is one document); all of them share one memory pool, so together they hold about one step's
+activations. The first batch of a key runs eagerly (it compiles and tunes what its shapes need and
+creates the optimizer's state), the second is captured and replayed, every later one is replayed.
+
+What stays eager: the steps that compute the recall statistics and the sampled warm-up KL (both
+read the host). The bookkeeping after a step (the window's sums, the record of skipped steps) runs
+eagerly on the graph's outputs, before the next replay can overwrite them.
+
+Every step, eager or captured, runs on one side stream (`streamed`): autograd remembers for each
+parameter the stream its first backward ran on, and a capture on another stream (the default one is
+the usual culprit) would have to wait on it, which a capture cannot. A capture that fails leaves the
+CUDA state unusable for the process (its allocator pool and RNG mid-capture), so it is an error that
+names the cause, not a silent fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from model.batch import Batch
+
+MAX_GRAPHS = 32  # layouts captured at most; later new ones run eagerly (said once)
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+class StepGraphs:
+    """Runs a training step on a host batch: replayed from a graph where one is captured for the
+    batch's layout key, else eagerly. The step must not synchronise with the host (pipeline/loop.py:
+    train_step); its outputs are valid until the next `run`."""
+
+    def __init__(self, device: torch.device, say: Callable[[str], None] = print):
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+        self.device, self.say = device, say
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
+        self.seen: set[tuple] = set()
+        self.refused: dict[tuple, str] = {}
+        self.static: Batch | None = None  # the device buffers every graph reads
+        self.counts = {"replayed": 0, "captured": 0, "eager": 0}
+
+    @contextlib.contextmanager
+    def streamed(self):
+        """Run the training (every step, and what reads or writes the weights between them) on the
+        graphs' stream, ordered after what the default stream did before and before what it does after."""
+        outer = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(outer)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            outer.wait_stream(self.stream)
+
+    def run(self, host: Batch, key: tuple | None, step: Callable[[Batch], Any]) -> Any:
+        """`step(batch)` on `host` (a CPU batch with its counts), where `key` names what the step
+        does besides the batch's layout (the same key must always mean the same step). key None:
+        eager on a plain device copy (statistics steps, the sampled warm-up KL). Returns the step's
+        outputs."""
+        if key is None:
+            self.counts["eager"] += 1
+            return step(host.to(self.device, non_blocking=True))
+        batch = self._stage(host.fixed_shapes())
+        key = (*key, batch.doc_slots, batch.n_docs == batch.tokens_BT.shape[0])
+        if key in self.graphs:
+            graph, out = self.graphs[key]
+            graph.replay()
+            self.counts["replayed"] += 1
+            return out
+        if key in self.refused or key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
+            if key in self.seen and key not in self.refused:  # the second time, but no room left
+                self.refused[key] = f"{MAX_GRAPHS} layouts are captured already"
+                self.say(f"[train] CUDA graphs: layout {key} runs eagerly ({self.refused[key]})")
+            self.seen.add(key)
+            self.counts["eager"] += 1
+            return step(batch)
+        return self._capture(key, batch, step)
+
+    def _stage(self, fixed: Batch) -> Batch:
+        """The batch's tensors copied (without blocking: pinned host memory) into the buffers the
+        graphs read; its host-side counts kept as they are."""
+        tensors = {f.name: getattr(fixed, f.name) for f in dataclasses.fields(fixed)
+                   if torch.is_tensor(getattr(fixed, f.name))}
+        if self.static is None:
+            self.static = dataclasses.replace(fixed, **{k: torch.empty_like(v, device=self.device)
+                                                        for k, v in tensors.items()})
+        for name, src in tensors.items():
+            dst = getattr(self.static, name)
+            if dst.shape != src.shape or dst.dtype != src.dtype:
+                raise ValueError(f"CUDA graphs: batch field {name} is {tuple(src.shape)} {src.dtype}, the captured "
+                                 f"steps read {tuple(dst.shape)} {dst.dtype} (a fixed row length and image slots)")
+            dst.copy_(src if src.is_pinned() else src.pin_memory(), non_blocking=True)
+        counts = {f.name: getattr(fixed, f.name) for f in dataclasses.fields(fixed) if f.name not in tensors}
+        return dataclasses.replace(self.static, **counts)
+
+    def _capture(self, key: tuple, batch: Batch, step: Callable[[Batch], Any]) -> Any:
+        if torch.cuda.current_stream(self.device) != self.stream:
+            raise CaptureError("CUDA graphs: the steps must run on the graphs' stream (StepGraphs.streamed)")
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: Ray Data's threads pin host memory for the next batches meanwhile
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                out = step(batch)
+        except Exception as e:
+            raise CaptureError(f"train.cuda_graphs: the training step of layout {key} could not be captured as a "
+                               f"CUDA graph ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                               f"something in it waits for the GPU or changes with the batch. Run without "
+                               f"train.cuda_graphs.") from e
+        self.graphs[key] = (graph, out)
+        self.counts["captured"] += 1
+        graph.replay()  # the capture recorded the step; this runs it
+        return out
+
+    def summary(self) -> str:
+        c = self.counts
+        total = max(sum(c.values()), 1)
+        return (f"CUDA graphs: {len(self.graphs)} layouts captured, {c['replayed'] + c['captured']} of {total} steps "
+                f"replayed ({(c['replayed'] + c['captured']) / total:.0%}), {c['eager']} eager"
+                + (f"; {len(self.refused)} layouts eager (no room for more graphs)" if self.refused else ""))

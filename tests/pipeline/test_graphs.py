@@ -1,0 +1,131 @@
+"""`train.cuda_graphs`: the training step captured once per batch layout and replayed
+(pipeline/graphs.py). On the GPU, steps replayed from graphs over batches of changing layouts
+(documents, images, attention modes, learning rates) train the weights as eager steps on the same
+batches do; on the CPU, what the configuration refuses and the learning rate the replays read.
+
+    pytest -q tests/pipeline/test_graphs.py
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
+from model_helpers import IMG_PATCH, build_batch, small_config  # noqa: E402
+
+from model.transformer import MultimodalTransformer  # noqa: E402
+from pipeline.config import ConfigError, TrainConfig, config_from_dict  # noqa: E402
+from pipeline.graphs import CaptureError, StepGraphs  # noqa: E402
+from pipeline.loop import LoopState, check_bad_steps, record_bad_step, train_step  # noqa: E402
+from pipeline.optim import build_optimizer, prepare_for_graphs, set_lr  # noqa: E402
+
+
+def _run_config(**sections):
+    base = {"data": {"shards": ["x"], "seq_len": 128}, "model": {"preset": "tiny", "moe": {"dispatch": "grouped_mm"}},
+            "train": {"cuda_graphs": True}, "ray": {"num_workers": 1, "use_gpu": True}}
+    for name, values in sections.items():
+        for key, value in values.items():  # one level deeper too (model.moe, model.msa)
+            part = base.setdefault(name, {})
+            part[key] = {**part[key], **value} if isinstance(value, dict) and key in part else value
+    return config_from_dict(base)
+
+
+def test_the_config_takes_cuda_graphs_on_one_gpu_and_says_what_it_cannot_capture():
+    assert _run_config().train.cuda_graphs
+    for sections, why in [({"ray": {"use_gpu": False}}, "needs a GPU"),
+                          ({"ray": {"num_workers": 2}}, "runs on one GPU"),
+                          ({"ray": {"parallel": "fsdp"}}, "FSDP2"),
+                          ({"model": {"activation_checkpointing": True}}, "activation_checkpointing"),
+                          ({"model": {"msa": {"budget": "top_p"}}}, "adaptive budget"),
+                          ({"model": {"moe": {"dispatch": "bmm"}}}, "MoE dispatch 'bmm'"),
+                          ({"train": {"max_steps": 10}, "debug": {"profile_steps": [2, 4]}}, "profile_steps")]:
+        with pytest.raises(ConfigError, match=f"train.cuda_graphs.*{why}"):
+            _run_config(**sections)
+
+
+def test_a_capturable_optimizer_reads_its_learning_rate_from_a_tensor_set_in_place():
+    model = MultimodalTransformer(small_config(), IMG_PATCH)
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, index_lr=2e-3))
+    prepare_for_graphs(opt, torch.device("cpu"))
+    tensors = [g["lr"] for g in opt.param_groups]
+    assert all(torch.is_tensor(t) and g["capturable"] for t, g in zip(tensors, opt.param_groups))
+    set_lr(opt, 0.5, frozenset({"backbone"}))
+    # the same tensors (a captured step holds their addresses), with this step's values
+    assert all(g["lr"] is t for g, t in zip(opt.param_groups, tensors))
+    want = {g["group"]: 0.0 if g["group"] == "backbone" else 0.5 * g["lr_scale"] for g in opt.param_groups}
+    assert {g["group"]: float(g["lr"]) for g in opt.param_groups} == pytest.approx(want)
+    assert want["index"] == pytest.approx(1.0)
+    prepare_for_graphs(opt, None)  # back to floats (a checkpoint of a graphed run, restored without)
+    assert all(isinstance(g["lr"], float) and not g["capturable"] for g in opt.param_groups)
+    set_lr(opt, 0.25)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25 * opt.param_groups[0]["lr_scale"])
+
+
+def test_graphs_need_a_cuda_device():
+    with pytest.raises(ValueError, match="CUDA device"):
+        StepGraphs(torch.device("cpu"))
+
+
+# batches of 2 rows x 256 tokens, 3 image slots per row: one document per row (plain causal mask),
+# 3 documents (4 slots) and 5-6 documents (8 slots), with 0-3 images
+_LAYOUTS = [([[256], [256]], [1, 0]), ([[100, 156], [256]], [2, 1]), ([[60, 60, 136], [200, 56]], [1, 0]),
+            ([[256], [256]], [0, 3]), ([[40, 50, 100, 66], [128, 128]], [1, 1])]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_replayed_steps_train_as_eager_steps():
+    T = 256
+    cfg = small_config(msa=dict(block_size=64, topk=2, backend="triton"),
+                       moe=dict(dispatch="grouped_mm", expert_hidden=64), max_seq_len=T, dense_impl="flex")
+    torch.manual_seed(0)
+    base = MultimodalTransformer(cfg, IMG_PATCH).cuda()
+    plan = [(mode, i % len(_LAYOUTS)) for mode in ("warmup", "sparse") for i in range(8)]
+    lrs = [1e-2 if i % 3 else 0.0 for i in range(len(plan))]  # a baked-in rate would move the zero steps
+    host = [build_batch(cfg, docs, T, images_per_row=imgs, seed=i, n_slots=3).with_counts(IMG_PATCH)
+            for i, (docs, imgs) in enumerate(_LAYOUTS)]
+    results = {}
+    for graphed in (False, True):
+        model = copy.deepcopy(base)
+        opt = build_optimizer(model, TrainConfig(lr=1e-2))
+        prepare_for_graphs(opt, torch.device("cuda") if graphed else None)
+        graphs = StepGraphs(torch.device("cuda"), say=lambda _: None)
+        st, losses = LoopState(), []
+        streamed = graphs.streamed() if graphed else contextlib.nullcontext()
+        streamed.__enter__()
+        for (mode, b), lr in zip(plan, lrs):
+            model.set_mode(mode)
+            set_lr(opt, lr)
+
+            def step(batch):
+                return train_step(model, model, batch, opt, torch.autocast("cuda", torch.bfloat16, cache_enabled=False),
+                                  False, 1.0, model.has_index_branch)
+
+            if graphed:
+                out, _, _, ok = graphs.run(host[b], (mode,), step)
+            else:
+                out, _, _, ok = step(host[b].to("cuda"))
+            record_bad_step(st, ok)
+            losses.append(float(out.losses["lm"]))  # read before the next replay overwrites it
+        streamed.__exit__(None, None, None)
+        check_bad_steps(st, 5)
+        results[graphed] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()}, graphs)
+    (loss_e, w_e, _), (loss_g, w_g, graphs) = results[False], results[True]
+    assert not graphs.refused, graphs.refused
+    # a step outside the graphs' stream is refused before anything is captured
+    with pytest.raises(CaptureError, match="graphs' stream"):
+        graphs._capture(("sparse", 99, False), graphs.static, lambda b: None)
+    # per mode 3 keys (2 document slots, one document per row, whatever the images; 4 slots; 8 slots),
+    # each eager the first time, captured the second, replayed after: 3 eager, 3 captured, 2 replayed
+    assert len(graphs.graphs) == 6, graphs.summary()
+    assert graphs.counts == {"eager": 6, "captured": 6, "replayed": 4}, graphs.summary()
+    torch.testing.assert_close(torch.tensor(loss_g), torch.tensor(loss_e), rtol=2e-3, atol=1e-3)
+    for n in w_e:
+        torch.testing.assert_close(w_g[n], w_e[n], rtol=1e-3, atol=2e-4, msg=n)
+    moved = max((w_e[n] - p).abs().max().item() for n, p in base.named_parameters())
+    assert moved > 1e-2  # the steps trained (so the comparison above is not between untouched weights)
