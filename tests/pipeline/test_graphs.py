@@ -125,7 +125,11 @@ def test_replayed_steps_train_as_eager_steps():
     assert len(graphs.graphs) == 6, graphs.summary()
     assert graphs.counts == {"eager": 6, "captured": 6, "replayed": 4}, graphs.summary()
     torch.testing.assert_close(torch.tensor(loss_g), torch.tensor(loss_e), rtol=2e-3, atol=1e-3)
-    for n in w_e:
-        torch.testing.assert_close(w_g[n], w_e[n], rtol=1e-3, atol=2e-4, msg=n)
-    moved = max((w_e[n] - p).abs().max().item() for n, p in base.named_parameters())
-    assert moved > 1e-2  # the steps trained (so the comparison above is not between untouched weights)
+    # the updates compared as a whole per parameter, not element by element: AdamW's sign-like first
+    # steps turn a last-bit difference of a tiny gradient (bf16 autocast, atomics in the backward) into
+    # a visible one. A replay that read a stale learning rate (the zero-rate steps baked at 1e-2), or
+    # skipped the optimizer, or reused stale gradients, is a third or more off.
+    for n, p in base.named_parameters():
+        eager, graphed = w_e[n] - p.detach(), w_g[n] - p.detach()
+        assert eager.norm() > 0, n  # every parameter trained (so the comparison is not of untouched weights)
+        assert (graphed - eager).norm() / eager.norm() < 0.05, n
