@@ -75,7 +75,9 @@ class TrainConfig:
     eval_documents: int = 200  # held-out documents per periodic evaluation
     seed: int = 0
     # one GPU: each step replayed as a CUDA graph, one per batch layout (pipeline/graphs.py); for
-    # steps bound by the host's launches (8K-token rows of `small`)
+    # steps bound by the host's launches (8K-token rows of `small`). The graphs keep one step's
+    # activations reserved, and the steps that stay eager (statistics, a layout's first) need their
+    # own: up to twice the eager loop's activation memory at such a step
     cuda_graphs: bool = False
 
     def validate(self) -> None:
@@ -295,6 +297,9 @@ class RunConfig:
         if self.ray.parallel != "ddp":
             why.append(f"FSDP2 (ray.parallel = {self.ray.parallel!r}) gathers and frees its parameters in hooks "
                        f"around every block")
+        if self.model.msa.enabled and self.model.msa.backend != "triton":
+            why.append(f"the {self.model.msa.backend!r} MSA kernels read the document boundaries on the host "
+                       f"(model.msa.backend = 'triton' does not)")
         moe = self.model.moe
         if moe.enabled and moe.dispatch != "grouped_mm":
             why.append(f"the MoE dispatch {moe.dispatch!r} sizes its buffer on the host each step (model.moe.dispatch "

@@ -201,7 +201,7 @@ def test_fixed_shapes_give_the_same_forward_and_gradients(backend, mode):
     torch.manual_seed(0)
     model = MultimodalTransformer(cfg, IMG_PATCH)
     model.set_mode(mode)
-    # 5 documents (8 slots), 3 of the rows' 2 x 8 image slots used
+    # 5 documents (8 slots), 3 of the rows' 2 x 2 image slots used
     counted = build_batch(cfg, [[60, 68], [40, 50, 38]], 128, images_per_row=[1, 2]).with_counts(IMG_PATCH)
     fixed = counted.fixed_shapes()
     assert (fixed.doc_slots, fixed.image_slots) == (8, counted.images_BNCHW.shape[0] * counted.images_BNCHW.shape[1])
@@ -219,11 +219,25 @@ def test_fixed_shapes_give_the_same_forward_and_gradients(backend, mode):
                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (val_a, grad_a), (val_b, grad_b) = runs
     assert val_a.keys() == val_b.keys() and grad_a.keys() == grad_b.keys()
+    # fp32 to its last bits but for the order of sums (the encoder's convolution sees more images)
     for k in val_a:
-        torch.testing.assert_close(val_b[k], val_a[k], rtol=1e-6, atol=1e-7, msg=k)
+        torch.testing.assert_close(val_b[k], val_a[k], rtol=1e-5, atol=1e-7, msg=k)
     for n in grad_a:
         torch.testing.assert_close(grad_b[n], grad_a[n], rtol=1e-5, atol=1e-7, msg=n)
     assert grad_a["patch_encoder.proj.weight"].abs().sum() > 0
+
+
+def test_fixed_shapes_with_every_image_slot_used_give_the_same_forward():
+    """The captured step's placement of the patches is the same whether some image slots are unused
+    or none is (every patch then has its token; no surplus goes to the spare row)."""
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    counted = build_batch(cfg, [[60, 68], [128]], 128, images_per_row=[2, 2]).with_counts(IMG_PATCH)
+    fixed = counted.fixed_shapes()
+    assert fixed.image_slots == fixed.n_images == 4
+    x_a, x_b = model.embed_inputs(counted), model.embed_inputs(fixed)
+    torch.testing.assert_close(x_b, x_a, rtol=1e-5, atol=1e-7)
 
 
 def test_fixed_shapes_need_the_counts_and_enough_slots():

@@ -26,7 +26,8 @@ from pipeline.optim import build_optimizer, prepare_for_graphs, set_lr  # noqa: 
 
 
 def _run_config(**sections):
-    base = {"data": {"shards": ["x"], "seq_len": 128}, "model": {"preset": "tiny", "moe": {"dispatch": "grouped_mm"}},
+    base = {"data": {"shards": ["x"], "seq_len": 128}, "model": {"preset": "tiny", "moe": {"dispatch": "grouped_mm"},
+                                                                  "msa": {"backend": "triton"}},
             "train": {"cuda_graphs": True}, "ray": {"num_workers": 1, "use_gpu": True}}
     for name, values in sections.items():
         for key, value in values.items():  # one level deeper too (model.moe, model.msa)
@@ -43,6 +44,7 @@ def test_the_config_takes_cuda_graphs_on_one_gpu_and_says_what_it_cannot_capture
                           ({"model": {"activation_checkpointing": True}}, "activation_checkpointing"),
                           ({"model": {"msa": {"budget": "top_p"}}}, "adaptive budget"),
                           ({"model": {"moe": {"dispatch": "bmm"}}}, "MoE dispatch 'bmm'"),
+                          ({"model": {"msa": {"backend": "reference"}}}, "'reference' MSA kernels"),
                           ({"train": {"max_steps": 10}, "debug": {"profile_steps": [2, 4]}}, "profile_steps")]:
         with pytest.raises(ConfigError, match=f"train.cuda_graphs.*{why}"):
             _run_config(**sections)
@@ -72,9 +74,9 @@ def test_graphs_need_a_cuda_device():
 
 
 # batches of 2 rows x 256 tokens, 3 image slots per row: one document per row (plain causal mask),
-# 3 documents (4 slots) and 5-6 documents (8 slots), with 0-3 images
+# 3 documents (4 slots) and 5-6 documents (8 slots), with 0-6 images (every slot used in one)
 _LAYOUTS = [([[256], [256]], [1, 0]), ([[100, 156], [256]], [2, 1]), ([[60, 60, 136], [200, 56]], [1, 0]),
-            ([[256], [256]], [0, 3]), ([[40, 50, 100, 66], [128, 128]], [1, 1])]
+            ([[256], [256]], [3, 3]), ([[40, 50, 100, 66], [128, 128]], [1, 1])]
 
 
 @pytest.mark.gpu
