@@ -20,6 +20,12 @@ stops after step `--kill-at` and this script kills it with SIGKILL by its pid; R
 the worker group from the last checkpoint. Passes when the run ends FINISHED in MLflow as one run,
 every logged step once, and the data trace shows every step trained and no piece of a document twice.
 
+`--cuda-graphs` adds a one-GPU run with `train.cuda_graphs` (the step captured and replayed; one GPU
+only) at each context: the scaling efficiency stays against the eager one-GPU run (what DDP and FSDP2
+run), and every row also gives its per-GPU rate against the graphed one (`vs_graphed_1gpu`): what
+several eager GPUs buy over one graphed GPU (the graphed row's own efficiency is then its speed-up
+over the eager GPU).
+
 NCCL: NVLink multicast (NVLS) stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1 are set where unset; the local Ray's workers inherit this environment).
 Writes scaling.json (every run's figures and the environment) and scaling.md (the table) to --out.
@@ -50,14 +56,16 @@ METRICS = ("train/tokens_per_s", "train/data_wait_frac", "train/data_wait_frac_m
 class Layout:
     gpus: int
     parallel: str  # "ddp" | "fsdp"; one GPU runs plain (the DDP path with one worker)
+    graphs: bool = False  # train.cuda_graphs (one GPU)
 
     @property
     def name(self) -> str:
-        return "1gpu" if self.gpus == 1 else f"{self.parallel}{self.gpus}"
+        return ("1gpu" + ("-graphs" if self.graphs else "")) if self.gpus == 1 else f"{self.parallel}{self.gpus}"
 
 
-def layouts(gpus: list[int], parallel: list[str]) -> list[Layout]:
+def layouts(gpus: list[int], parallel: list[str], graphs: bool = False) -> list[Layout]:
     out = [Layout(1, "ddp")] if 1 in gpus else []
+    out += [Layout(1, "ddp", graphs=True)] if graphs else []
     return out + [Layout(n, p) for n in sorted(set(gpus) - {1}) for p in parallel]
 
 
@@ -71,6 +79,7 @@ def train_argv(args, layout: Layout, context: int, name: str, steps: int, extra:
         "train.stats_every": steps + 1,  # the recall statistics run dense attention: not in a timing run
         "train.eval_every": 0, "train.checkpoint_every": steps + 1, "train.final_checkpoint": "false",
         "schedule.mode": "'msa'", "schedule.warmup_tokens": args.warmup_steps * layout.gpus * context,
+        "train.cuda_graphs": "true" if layout.graphs else "false",
     }
     if args.cpu:
         sets["train.dtype"] = "'float32'"
@@ -135,12 +144,16 @@ def summarize(history: dict[str, list[tuple[int, float]]], measure_from: int) ->
 
 
 def add_efficiency(rows: list[dict]) -> None:
-    """Per-GPU tokens/s and scaling efficiency against the one-GPU run at the same context."""
-    single = {r["context"]: r for r in rows if r["gpus"] == 1 and r.get("tokens_per_s")}
+    """Per-GPU tokens/s and scaling efficiency against the (eager) one-GPU run at the same context;
+    with a graphed one-GPU run there too, every row's per-GPU rate against it."""
+    single = {r["context"]: r for r in rows if r["gpus"] == 1 and not r.get("graphs") and r.get("tokens_per_s")}
+    graphed = {r["context"]: r for r in rows if r.get("graphs") and r.get("tokens_per_s")}
     for r in rows:
         if r.get("tokens_per_s") is None:
             continue
         r["tokens_per_s_per_gpu"] = r["tokens_per_s"] / r["gpus"]
+        if r["context"] in graphed:
+            r["vs_graphed_1gpu"] = r["tokens_per_s_per_gpu"] / graphed[r["context"]]["tokens_per_s"]
         base = single.get(r["context"])
         if base:
             r["efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s"]
@@ -154,7 +167,7 @@ def measure(args, layout: Layout, context: int) -> dict:
     name = f"{layout.name}-{context // 1024}k"
     rc, secs = run_training(args, train_argv(args, layout, context, name, args.steps, []), name)
     row = {"run": name, "gpus": layout.gpus, "parallel": layout.parallel if layout.gpus > 1 else "-",
-           "context": context, "steps": args.steps, "exit_code": rc, "wall_s": round(secs, 1)}
+           "graphs": layout.graphs, "context": context, "steps": args.steps, "exit_code": rc, "wall_s": round(secs, 1)}
     client, runs = mlflow_run(args.tracking_uri, name)
     if runs:
         run = runs[0]
@@ -246,15 +259,18 @@ def table(rows: list[dict]) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    graphs = any(r.get("graphs") for r in rows)
     lines = ["| context | GPUs | parallel | tokens/s | per GPU | scaling eff. | eff. from the windows' quartiles "
-             "| MFU | data wait (worst rank) | sparsity | status |",
-             "|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|"]
+             + ("| per GPU vs 1 GPU graphed " if graphs else "") + "| MFU | data wait (worst rank) | sparsity | status |",
+             "|---:|---:|---|---:|---:|---:|---|" + ("---:|" if graphs else "") + "---:|---:|---:|---|"]
     for r in rows:
         lo_hi = r.get("efficiency_range")
         spread = f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}" if lo_hi else "-"
-        lines.append(f"| {r['context']:,} | {r['gpus']} | {r['parallel']} | {f(r.get('tokens_per_s'), ',.0f')} "
+        parallel = r["parallel"] + (" (CUDA graphs)" if r.get("graphs") else "")
+        lines.append(f"| {r['context']:,} | {r['gpus']} | {parallel} | {f(r.get('tokens_per_s'), ',.0f')} "
                      f"| {f(r.get('tokens_per_s_per_gpu'), ',.0f')} | {f(r.get('efficiency'), '.1%')} | {spread} "
-                     f"| {f(r.get('mfu'), '.1%')} | {f(r.get('data_wait_max'), '.2%')} | {f(r.get('sparsity'), '.2f')} "
+                     + (f"| {f(r.get('vs_graphed_1gpu'), '.1%')} " if graphs else "")
+                     + f"| {f(r.get('mfu'), '.1%')} | {f(r.get('data_wait_max'), '.2%')} | {f(r.get('sparsity'), '.2f')} "
                      f"| {r.get('status', 'no run')} (rc {r['exit_code']}) |")
     return "\n".join(lines)
 
@@ -280,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-checkpoint-every", type=int, default=12)
     p.add_argument("--run-timeout-s", type=float, default=0, help="stop a run after this long (0: no limit)")
     p.add_argument("--cpu", action="store_true", help="workers on CPUs (gloo), to check the script")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also one GPU with train.cuda_graphs at each context (needs --gpus 1)")
     p.add_argument("--tracking-uri", default="", help="default: a SQLite file in --out")
     p.add_argument("--out", type=Path, default=Path("runs/scaling"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -289,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cuda_graphs and (args.cpu or 1 not in args.gpus):
+        raise SystemExit("--cuda-graphs runs one GPU with train.cuda_graphs: it needs a GPU and --gpus 1")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     args.tracking_uri = args.tracking_uri or f"sqlite:///{args.out / 'mlflow.db'}"
@@ -312,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.kill_only:
         for context in args.contexts:
-            for layout in layouts(args.gpus, args.parallel):
+            for layout in layouts(args.gpus, args.parallel, args.cuda_graphs):
                 print(f"[scaling] {layout.name} at {context:,} tokens ...", flush=True)
                 results["runs"].append(measure(args, layout, context))
                 print(save().splitlines()[-1], flush=True)

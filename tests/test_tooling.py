@@ -140,6 +140,17 @@ def test_scaling_summary_and_efficiency():
     assert rows[1]["efficiency_range"] == pytest.approx([0.8, 1.1])
     assert "efficiency_range" not in rows[0]
     assert "| 95.0% | 80%-110% |" in table(rows)
+    # --cuda-graphs: a graphed one-GPU run beside the eager one; the efficiency stays against the
+    # eager run (what DDP runs), every row also against the graphed GPU
+    assert [lay.name for lay in layouts([1, 2], ["ddp"], graphs=True)] == ["1gpu", "1gpu-graphs", "ddp2"]
+    rows.insert(1, {"run": "1gpu-graphs-8k", "gpus": 1, "parallel": "-", "graphs": True, "context": 8192,
+                    "tokens_per_s": 160.0, "exit_code": 0})
+    add_efficiency(rows)
+    assert rows[0]["efficiency"] == 1.0 and rows[2]["efficiency"] == pytest.approx(0.95)
+    assert rows[1]["vs_graphed_1gpu"] == 1.0 and rows[2]["vs_graphed_1gpu"] == pytest.approx(95 / 160)
+    assert "vs_graphed_1gpu" not in rows[3]  # no graphed run at 32K
+    assert "| 8,192 | 1 | - (CUDA graphs) | 160 | 160 | 160.0% | - | 100.0% |" in table(rows)
+    assert "| 8,192 | 2 | ddp | 190 | 95 | 95.0% | 80%-110% | 59.4% |" in table(rows)
 
 
 @pytest.mark.gpu
