@@ -263,9 +263,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # a checkpoint or an evaluation also logs the window, whatever train.log_every says, so both
             # happen on the step they name and every checkpoint has its metrics in the run
             if st.step % cfg.train.log_every == 0 or final or checkpoint or evaluate_now:
-                window_s, steps_in_window = time.perf_counter() - win.t0, win.steps
                 check_bad_steps(st, cfg.train.max_bad_steps)
                 metrics = _window_metrics(win, device, lr, st, peak, world)
+                step_s = win.elapsed_s / max(win.steps, 1)  # (the device's time, not the host's)
                 # under FSDP every rank must take part in the forward passes; rank 0 logs the result
                 if evaluate_now and (rank == 0 or cfg.ray.parallel == "fsdp"):
                     metrics.update(_evaluate(cfg, raw, device, autocast, verbose=rank == 0))
@@ -279,8 +279,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     elapsed = time.perf_counter() - t_start
                     eta = elapsed / max(st.step - step_start, 1) * (cfg.train.max_steps - st.step)
                     gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-                    say(progress_line(st.step, cfg.train.max_steps, metrics, elapsed, eta,
-                                      window_s / max(steps_in_window, 1), gib))
+                    say(progress_line(st.step, cfg.train.max_steps, metrics, elapsed, eta, step_s, gib))
                 if checkpoint:
                     _log_plots(tracker, cfg, selection, st.step, st.start_step)
                     _checkpoint(cfg, st, model, optimizer, plan, data_state, consumed, run_dir, rank, tracker, final)

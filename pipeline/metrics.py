@@ -19,6 +19,7 @@ class Window:
     data_wait_s: float = 0.0
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # event counters
     t0: float = field(default_factory=time.perf_counter)
+    elapsed_s: float | None = None  # from t0 to when the device finished the window's steps (reduce_window)
     # the steps' metrics: one sum vector per set of names (and the steps kept), on the device
     steps_sums: dict[tuple[str, ...], list[torch.Tensor]] = field(default_factory=dict)
 
@@ -61,7 +62,11 @@ def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count
     throughput over all workers, and the data wait of the worst-fed worker (one input-starved rank
     stalls every other rank at the next collective, so the mean over ranks would hide it). Every rank
     must pass the same keys (they are collective)."""
-    elapsed = time.perf_counter() - win.t0
+    if device.type == "cuda":
+        # the window ends when the GPU has run its steps: the host is ahead of it (by a whole window
+        # when the steps are replayed CUDA graphs, whose launches take the host almost no time)
+        torch.cuda.synchronize(device)
+    elapsed = win.elapsed_s = time.perf_counter() - win.t0
     # the worst-fed rank, carried through the same sum: each rank adds its wait fraction to one slot
     # of a vector as long as the world; the max of the summed vector is the max over ranks
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

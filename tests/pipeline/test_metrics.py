@@ -45,3 +45,24 @@ def test_reduce_window_one_process():
     m = reduce_window(win, torch.device("cpu"), [], [])
     assert m["data_wait_frac"] == pytest.approx(0.25, rel=0.05)
     assert m["data_wait_frac_max"] == m["data_wait_frac"]
+    assert win.elapsed_s == pytest.approx(1.0, rel=0.05)  # what the progress line divides by its steps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host running ahead of the GPU is a CUDA matter")
+def test_a_window_ends_when_the_gpu_has_run_its_steps():
+    """The host queues a window's steps and reaches the logging step long before the GPU has run them
+    (replayed CUDA graphs cost the host almost nothing): the window's time, its tokens/s and the
+    progress line's step time are the GPU's."""
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    win = Window()
+    t_host = time.perf_counter()
+    for _ in range(50):
+        a = torch.tanh(a @ a)  # queued, not waited for
+    t_host = time.perf_counter() - t_host
+    win.tokens = 1000
+    m = reduce_window(win, torch.device("cuda"), [], [])
+    gpu_busy = win.elapsed_s
+    assert gpu_busy > 2 * t_host
+    assert m["tokens_per_s"] == pytest.approx(1000 / gpu_busy, rel=1e-3)
