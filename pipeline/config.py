@@ -127,6 +127,12 @@ class RayConfig:
     # backward (explicit prefetch, so the gather overlaps compute even when the host issues the
     # kernels just in time); 0 leaves it to FSDP2's implicit prefetch
     fsdp_prefetch: int = 1
+    # FSDP2: the dtype each block's weights are gathered and computed in. "fp32": the weights as they
+    # are, cast by autocast op by op (what DDP does); "bf16": FSDP2's mixed precision, gathered in bf16
+    # (half the bytes, no per-op casts of the weights) while the sharded master weights, the optimizer
+    # and the gradients' reduce-scatter stay fp32. Not the same arithmetic: the ops autocast keeps in
+    # fp32 (norms, the patch encoder's position table, ...) then read bf16-rounded weights
+    fsdp_param_dtype: str = "fp32"
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -146,6 +152,8 @@ class RayConfig:
         if not (isinstance(self.fsdp_prefetch, int) and not isinstance(self.fsdp_prefetch, bool)
                 and self.fsdp_prefetch >= 0):
             raise ConfigError("ray.fsdp_prefetch", f"must be a whole number of blocks >= 0, got {self.fsdp_prefetch!r}")
+        if self.fsdp_param_dtype not in ("fp32", "bf16"):
+            raise ConfigError("ray.fsdp_param_dtype", f"must be 'fp32' or 'bf16', got {self.fsdp_param_dtype!r}")
 
 
 @dataclass

@@ -155,6 +155,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         mb, dtype = ddp_set  # not the defaults: say so
         say(f"[train] DDP: gradients all-reduced in {dtype}{' (bf16 compress hook)' if dtype == 'bf16' else ''}, "
             f"buckets of {mb:g} MiB")
+    if rank == 0 and cfg.ray.parallel == "fsdp" and cfg.ray.fsdp_param_dtype == "bf16":
+        say("[train] FSDP2: weights gathered and computed in bf16 (fp32 master weights, optimizer and reductions)")
     optimizer = build_optimizer(raw, cfg.train)  # after wrapping: FSDP replaces the parameters
     if resume_from:
         load_states(model, optimizer, saved)

@@ -48,13 +48,16 @@ def ddp_options(ray_cfg: RayConfig) -> dict:
 
 
 def shard(model: torch.nn.Module, ray_cfg: RayConfig) -> torch.nn.Module:
-    """FSDP2: each transformer block one unit, the rest the root; the config's resharding and prefetch."""
-    from torch.distributed.fsdp import fully_shard
+    """FSDP2: each transformer block one unit, the rest the root; the config's resharding, prefetch
+    and gather dtype (`ray.fsdp_param_dtype`: bf16 is FSDP2's mixed precision, fp32 reductions)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if ray_cfg.fsdp_param_dtype == "bf16" else MixedPrecisionPolicy())
     blocks = list(model.blocks)
     for block in blocks:
-        fully_shard(block, reshard_after_forward=ray_cfg.fsdp_reshard_after_forward)
-    fully_shard(model)  # the embeddings, the patch encoder and the head: the root unit
+        fully_shard(block, reshard_after_forward=ray_cfg.fsdp_reshard_after_forward, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)  # the embeddings, the patch encoder and the head: the root unit
     n = ray_cfg.fsdp_prefetch
     for i, block in enumerate(blocks):
         if n and i + 1 < len(blocks):
