@@ -23,8 +23,8 @@ every logged step once, and the data trace shows every step trained and no piece
 `--cuda-graphs` adds a one-GPU run with `train.cuda_graphs` (the step captured and replayed; one GPU
 only) at each context: the scaling efficiency stays against the eager one-GPU run (what DDP and FSDP2
 run), and every row also gives its per-GPU rate against the graphed one (`vs_graphed_1gpu`): what
-several eager GPUs buy over one graphed GPU (the graphed row's own efficiency is then its speed-up
-over the eager GPU).
+several eager GPUs buy over one graphed GPU (the graphed run's speed-up over the eager one is
+`speedup_over_eager`).
 
 NCCL: NVLink multicast (NVLS) stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1 are set where unset; the local Ray's workers inherit this environment).
@@ -155,7 +155,9 @@ def add_efficiency(rows: list[dict]) -> None:
         if r["context"] in graphed:
             r["vs_graphed_1gpu"] = r["tokens_per_s_per_gpu"] / graphed[r["context"]]["tokens_per_s"]
         base = single.get(r["context"])
-        if base:
+        if base and r.get("graphs"):  # not a scaling figure: what the graphs buy on one GPU
+            r["speedup_over_eager"] = r["tokens_per_s"] / base["tokens_per_s"]
+        elif base:
             r["efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s"]
             if r is not base and "tokens_per_s_q1" in r and "tokens_per_s_q1" in base:
                 # how far the windows' spread leaves the figure: this run's quartiles against the base's

@@ -113,7 +113,7 @@ class MSAAttention(GQAAttention):
                 if f < 1:  # the tokens not drawn get an empty support: no work, no loss, no gradient
                     kl_idx = torch.where(_draw(B * T, f, x_BTE.device)[None, :, None, None], block_idx, -1)
                 extras["kl"] = kernels.msa_kl_loss(q_1NHD, k_1NHD, qi_1NHI, ki_1NI, kl_idx, bs, cu,
-                                                   lse=lse_1NH.detach(), index_lse=index_lse, backend=backend) / f
+                                                   lse=lse_1NH.detach().float(), index_lse=index_lse, backend=backend) / f
             extras["sparsity"] = sparsity
             if msa.budget != "static":  # the main branch's work is data-dependent: measured for the MFU
                 extras["attended_pairs"] = stats.attended_pairs(block_idx, layout, bs)

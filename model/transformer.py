@@ -160,7 +160,9 @@ class MultimodalTransformer(nn.Module):
     # forward
 
     def embed_inputs(self, batch: Batch) -> torch.Tensor:
-        x_BTE = self.embed(batch.tokens_BT)
+        # the residual stream is fp32 whatever the weights' dtype (autocast leaves an embedding
+        # lookup in its weight's dtype; FSDP2's bf16 mixed precision gathers that weight in bf16)
+        x_BTE = self.embed(batch.tokens_BT).float()
         is_patch_BT = batch.tokens_BT == self.img_patch_id
         n_slots = batch.images_BNCHW.shape[1]
         used_BN = torch.arange(n_slots, device=x_BTE.device)[None, :] < batch.n_images_B[:, None].long()

@@ -129,9 +129,10 @@ class RayConfig:
     fsdp_prefetch: int = 1
     # FSDP2: the dtype each block's weights are gathered and computed in. "fp32": the weights as they
     # are, cast by autocast op by op (what DDP does); "bf16": FSDP2's mixed precision, gathered in bf16
-    # (half the bytes, no per-op casts of the weights) while the sharded master weights, the optimizer
-    # and the gradients' reduce-scatter stay fp32. Not the same arithmetic: the ops autocast keeps in
-    # fp32 (norms, the patch encoder's position table, ...) then read bf16-rounded weights
+    # (half the bytes, no per-op casts of the weights) while the sharded master weights, the optimizer,
+    # the gradients' reduce-scatter and the residual stream stay fp32. Not the same arithmetic: the
+    # ops autocast keeps in fp32 (norms, the MoE router, the patch encoder's position table, ...) then
+    # read bf16-rounded weights
     fsdp_param_dtype: str = "fp32"
 
     def validate(self) -> None:
@@ -288,6 +289,9 @@ class RunConfig:
                                                      f"{self.debug.profile_steps}")
         if self.debug.pause_at_step and not 0 <= self.debug.pause_rank < self.ray.num_workers:
             raise ConfigError("debug.pause_rank", f"must name one of the {self.ray.num_workers} workers")
+        if self.ray.parallel == "fsdp" and self.ray.fsdp_param_dtype == "bf16" and self.train.dtype != "bfloat16":
+            raise ConfigError("ray.fsdp_param_dtype", "'bf16' computes with bf16 weights on the fp32 residual stream, "
+                                                      "which needs train.dtype = 'bfloat16' (autocast)")
         if self.train.cuda_graphs:
             self._check_cuda_graphs()
         if self.model.image_tokens > self.seq_len:

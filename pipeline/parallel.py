@@ -52,7 +52,9 @@ def shard(model: torch.nn.Module, ray_cfg: RayConfig) -> torch.nn.Module:
     and gather dtype (`ray.fsdp_param_dtype`: bf16 is FSDP2's mixed precision, fp32 reductions)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # bf16: the weights only; a block's inputs keep their dtype (the fp32 residual stream and the
+    # RoPE tables: FSDP2 would otherwise cast every floating input of a unit to param_dtype)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
           if ray_cfg.fsdp_param_dtype == "bf16" else MixedPrecisionPolicy())
     blocks = list(model.blocks)
     for block in blocks:

@@ -147,9 +147,10 @@ def test_scaling_summary_and_efficiency():
                     "tokens_per_s": 160.0, "exit_code": 0})
     add_efficiency(rows)
     assert rows[0]["efficiency"] == 1.0 and rows[2]["efficiency"] == pytest.approx(0.95)
+    assert "efficiency" not in rows[1] and rows[1]["speedup_over_eager"] == pytest.approx(1.6)
     assert rows[1]["vs_graphed_1gpu"] == 1.0 and rows[2]["vs_graphed_1gpu"] == pytest.approx(95 / 160)
     assert "vs_graphed_1gpu" not in rows[3]  # no graphed run at 32K
-    assert "| 8,192 | 1 | - (CUDA graphs) | 160 | 160 | 160.0% | - | 100.0% |" in table(rows)
+    assert "| 8,192 | 1 | - (CUDA graphs) | 160 | 160 | - | - | 100.0% |" in table(rows)
     assert "| 8,192 | 2 | ddp | 190 | 95 | 95.0% | 80%-110% | 59.4% |" in table(rows)
 
 

@@ -90,6 +90,15 @@ def test_ddp_settings_are_checked(override, words):
     assert words in str(e.value)
 
 
+def test_fsdp_bf16_weights_need_autocast():
+    data = apply_overrides({k: dict(v) for k, v in BASE.items()},
+                           ["ray.parallel=\"fsdp\"", "ray.fsdp_param_dtype=\"bf16\""])
+    with pytest.raises(ConfigError, match="^ray.fsdp_param_dtype.*train.dtype = 'bfloat16'"):
+        config_from_dict(data)
+    data.setdefault("train", {})["dtype"] = "bfloat16"
+    assert config_from_dict(data).ray.fsdp_param_dtype == "bf16"
+
+
 def test_params_log_only_the_budget_fields_that_apply():
     from pipeline.config import resolved_params
 
