@@ -68,6 +68,37 @@ def test_a_capturable_optimizer_reads_its_learning_rate_from_a_tensor_set_in_pla
     assert opt.param_groups[0]["lr"] == pytest.approx(0.25 * opt.param_groups[0]["lr_scale"])
 
 
+@pytest.mark.parametrize("graphed_again", [False, True])
+def test_a_graphed_runs_checkpoint_resumes_with_or_without_graphs(tmp_path, graphed_again):
+    """The optimizer state of a graphed run holds its learning rates as tensors: it is written and
+    verified like any other, and a resumed run (graphed or not) steps with this step's rate."""
+    from pipeline.checkpoint import load_checkpoint, write_checkpoint
+
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    batch = build_batch(cfg, [[60, 68], [128]], 128, images_per_row=[1, 1])
+    opt = build_optimizer(model, TrainConfig(lr=1e-3))
+    prepare_for_graphs(opt, torch.device("cpu"))  # (capturable tensors; the device a CPU here)
+    set_lr(opt, 5e-4)
+    sum(model(batch).losses.values()).backward()
+    opt.step()
+    path = write_checkpoint(tmp_path, 1, {"model": model.state_dict(), "optimizer": opt.state_dict()}, {}, {})
+    saved, _, _ = load_checkpoint(path)
+    resumed = build_optimizer(model, TrainConfig(lr=1e-3))
+    resumed.load_state_dict(saved["optimizer"])
+    prepare_for_graphs(resumed, torch.device("cpu") if graphed_again else None)
+    set_lr(resumed, 2e-4)
+    assert all(float(g["lr"]) == pytest.approx(2e-4 * g["lr_scale"]) for g in resumed.param_groups)
+    assert all(torch.is_tensor(g["lr"]) == graphed_again == g["capturable"] for g in resumed.param_groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    sum(model(batch).losses.values()).backward()
+    resumed.step()
+    assert all(int(s["step"]) == 2 for s in resumed.state.values())  # the moments and counts came back
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_graphs_need_a_cuda_device():
     with pytest.raises(ValueError, match="CUDA device"):
         StepGraphs(torch.device("cpu"))
