@@ -46,8 +46,7 @@ class DocLayout:
     pos_N: torch.Tensor  # int64 [N] position of the token inside its document (0-based)
     valid_N: torch.Tensor  # bool [N] not padding (segment id != 0)
     seq_valid_S: torch.Tensor  # bool [S] the document is not a padding run (nor an empty slot)
-    real_docs: int | None = None  # the documents of the batch when counted on the host (S may be more:
-    #                               `doc_slots`); None: S
+    real_docs: int  # the batch's documents (S may be more: `doc_slots` adds empty ones at the end)
 
     @staticmethod
     def _starts(segment_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,7 @@ class DocLayout:
         pos_N = flat_N - starts_S[doc_N]
         seq_valid_S = (seg_N[starts_S.clamp(max=N - 1)] != 0) & (starts_S < N)
         return cls(B=B, T=T, doc_BT=doc_N.view(B, T), cu_seqlens=cu, pos_N=pos_N, valid_N=seg_N != 0,
-                   seq_valid_S=seq_valid_S, real_docs=n_docs)
+                   seq_valid_S=seq_valid_S, real_docs=starts_S.numel() if n_docs is None else n_docs)
 
     @property
     def n_docs(self) -> int:
@@ -110,8 +109,7 @@ class DenseMask:
     def __init__(self, layout: DocLayout, impl: str):
         self.layout, self.impl = layout, impl
         # one document per row: the mask is plain causal (known on the host, no sync)
-        docs = layout.n_docs if layout.real_docs is None else layout.real_docs
-        self.causal_only = docs == layout.B and not self.force_document_mask
+        self.causal_only = layout.real_docs == layout.B and not self.force_document_mask
         self._mask = None
 
     def get(self):

@@ -39,8 +39,8 @@ class Batch:
         def move(x):
             if not torch.is_tensor(x):
                 return x
-            if non_blocking and x.device.type == "cpu" and torch.device(device).type == "cuda" and not x.is_pinned():
-                x = x.pin_memory()
+            if non_blocking and torch.device(device).type == "cuda":
+                x = pinned(x)
             return x.to(device, non_blocking=non_blocking)
 
         return Batch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
@@ -93,3 +93,9 @@ def doc_slots_for(n_docs: int) -> int:
     """The documents' slots of a batch with n_docs documents: the next power of two, so that a run
     sees a handful of layouts (one captured step each) whatever its documents' lengths."""
     return 1 << max(n_docs - 1, 0).bit_length()
+
+
+def pinned(x: torch.Tensor) -> torch.Tensor:
+    """x in pinned host memory (itself if it is there already, or not on the CPU), so that a copy
+    to the GPU with non_blocking=True is queued instead of waited for."""
+    return x if x.device.type != "cpu" or x.is_pinned() else x.pin_memory()

@@ -190,14 +190,11 @@ class MultimodalTransformer(nn.Module):
         patches_MPE = patches_MPE.to(x_BTE.dtype)
         if batch.n_images is None:
             return x_BTE.masked_scatter(is_patch_BT[..., None], patches_MPE.reshape(-1))
-        B, T, E = x_BTE.shape  # the same placement, sized on the host
+        # the same placement, sized on the host; with image_slots the surplus patches (none when
+        # every slot is used) go to a spare row past the last token, which is then cut off (it gets
+        # no gradient): the same ops whatever the count, so a captured step replays for every batch
+        B, T, E = x_BTE.shape
         P = patches_MPE.shape[0] * patches_MPE.shape[1]
-        if batch.image_slots is None:
-            where_P = torch.nonzero_static(is_patch_BT.reshape(-1), size=P)[:, 0]
-            return x_BTE.reshape(B * T, E).index_copy(0, where_P, patches_MPE.reshape(-1, E)).view(B, T, E)
-        # image_slots: as many encoded patches as the slots hold, the surplus (none when every slot
-        # is used) to a spare row past the last token, which is then cut off (it gets no gradient).
-        # The same ops whatever the count: a captured step replays for every batch of these shapes
         where_P = torch.nonzero_static(is_patch_BT.reshape(-1), size=P, fill_value=B * T)[:, 0]
         x_NE = torch.cat([x_BTE.reshape(B * T, E), x_BTE.new_zeros(1, E)])
         return x_NE.index_copy(0, where_P, patches_MPE.reshape(-1, E))[:B * T].view(B, T, E)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from model.batch import Batch
+from model.batch import Batch, pinned
 
 MAX_GRAPHS = 32  # layouts captured at most; later new ones run eagerly (said once)
 
@@ -108,7 +108,7 @@ class StepGraphs:
             if dst.shape != src.shape or dst.dtype != src.dtype:
                 raise ValueError(f"CUDA graphs: batch field {name} is {tuple(src.shape)} {src.dtype}, the captured "
                                  f"steps read {tuple(dst.shape)} {dst.dtype} (a fixed row length and image slots)")
-            dst.copy_(src if src.is_pinned() else src.pin_memory(), non_blocking=True)
+            dst.copy_(pinned(src), non_blocking=True)
         counts = {f.name: getattr(fixed, f.name) for f in dataclasses.fields(fixed) if f.name not in tensors}
         return dataclasses.replace(self.static, **counts)
 

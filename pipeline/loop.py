@@ -59,7 +59,7 @@ class LoopState:
     tokens_seen: int = 0
     bad_in_a_row: int = 0
     skipped_steps: int = 0
-    # the two above as the device sees them between logging steps (apply_gradients, check_bad_steps):
+    # the two above as the device sees them between logging steps (record_bad_step, check_bad_steps):
     # [steps skipped in a row as of the last step, the longest such run, steps skipped] since the last check
     bad_steps: torch.Tensor | None = None
     skipped_samples: dict[str, int] = field(default_factory=dict)  # reason -> documents, since the run began
@@ -417,14 +417,14 @@ def train_step(model, raw, batch: Batch, optimizer: torch.optim.Optimizer, autoc
     loss = sum(weights[k] * v for k, v in out.losses.items())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    return (out, *apply_gradients(optimizer, grad_clip, None, has_index))
+    return (out, *apply_gradients(optimizer, grad_clip, has_index))
 
 
-def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, st: LoopState | None,
+def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float,
                     has_index: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clip and step, or skip a step whose gradients are not finite, without reading anything on the
     host: returns the (backbone, index) gradient norms before clipping and whether the step was
-    taken, as 0-dim device tensors. With `st`, the step is also recorded there (`record_bad_step`;
+    taken, as 0-dim device tensors (the loop records the last with `record_bad_step`, and
     `check_bad_steps` reads the record at the next logging step).
 
     The KL's gradient reaches only the index branch: it is clipped on its own, so a KL spike cannot
@@ -449,8 +449,6 @@ def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, st: Loop
     optimizer.found_inf = (~ok).float()
     optimizer.step()
     # a skipped step's gradients are dropped by the next step's zero_grad; they never reach the weights
-    if st is not None:
-        record_bad_step(st, ok)
     return grad_norm, index_norm, ok
 
 

@@ -23,7 +23,7 @@ from model_helpers import IMG_PATCH, build_batch, small_config  # noqa: E402
 
 from model.transformer import MultimodalTransformer  # noqa: E402
 from pipeline.config import RayConfig, TrainConfig  # noqa: E402
-from pipeline.loop import LoopState, apply_gradients, check_bad_steps  # noqa: E402
+from pipeline.loop import LoopState, apply_gradients, check_bad_steps, record_bad_step  # noqa: E402
 from pipeline.optim import build_optimizer  # noqa: E402
 from pipeline.parallel import ddp_options, shard  # noqa: E402
 
@@ -71,7 +71,9 @@ def _worker(rank: int, store_path: str, out_path: str, ray_cfg: RayConfig) -> No
                 out = model(batch)
             opt.zero_grad(set_to_none=True)
             _loss(raw, out, step, rank == BAD_RANK).backward()
-            taken.append(bool(apply_gradients(opt, 1.0, st, has_index=True)[2]))
+            ok = apply_gradients(opt, 1.0, has_index=True)[2]
+            record_bad_step(st, ok)
+            taken.append(bool(ok))
         check_bad_steps(st, 5)
         state = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                  for n, p in raw.named_parameters()}
@@ -95,7 +97,7 @@ def _reference(cfg):
             torch.manual_seed(100 + step)
             losses.append(_loss(model, model(per_rank[r][step]), step, r == BAD_RANK))
         (sum(losses) / 2).backward()
-        apply_gradients(opt, 1.0, st, has_index=True)
+        record_bad_step(st, apply_gradients(opt, 1.0, has_index=True)[2])
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
@@ -170,7 +172,8 @@ def test_a_training_step_never_stops_the_host(mode):
             loss = sum(w[k] * v for k, v in out.losses.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm, index_norm, ok = apply_gradients(opt, 1.0, st, has_index=model.has_index_branch)
+            grad_norm, index_norm, ok = apply_gradients(opt, 1.0, has_index=model.has_index_branch)
+            record_bad_step(st, ok)
             win.add_step({**{f"train/{k}_loss": v for k, v in out.losses.items()}, "train/grad_norm": grad_norm,
                           **out.stats}, ok)
         finally:

@@ -8,7 +8,7 @@ import torch
 from model.presets import get_preset
 from model.transformer import MultimodalTransformer
 from pipeline.config import TrainConfig
-from pipeline.loop import LoopState, TooManyBadSteps, apply_gradients, check_bad_steps
+from pipeline.loop import LoopState, TooManyBadSteps, apply_gradients, check_bad_steps, record_bad_step
 from pipeline.metrics import Window, reduce_window
 from pipeline.optim import build_optimizer, group_params, set_lr
 
@@ -28,7 +28,9 @@ def _fill_grads(model, value_backbone, value_index):
 def _step(opt, model, st, backbone, index):
     """One apply_gradients on gradients filled with these values; True if the step was taken."""
     _fill_grads(model, backbone, index)
-    return bool(apply_gradients(opt, 1.0, st, has_index=True)[2])
+    ok = apply_gradients(opt, 1.0, has_index=True)[2]
+    record_bad_step(st, ok)
+    return bool(ok)
 
 
 def test_non_finite_gradients_skip_the_step_and_stop_after_max(model):
@@ -63,7 +65,7 @@ def test_an_optimizer_without_a_device_side_skip_is_refused(model):
     opt = torch.optim.AdamW(build_optimizer(model, TrainConfig()).param_groups, foreach=True)
     _fill_grads(model, 0.01, 0.01)
     with pytest.raises(ValueError, match="fused AdamW"):
-        apply_gradients(opt, 1.0, LoopState(), has_index=True)
+        apply_gradients(opt, 1.0, has_index=True)
 
 
 def test_a_run_of_bad_steps_between_two_checks_is_seen(model):
@@ -101,7 +103,7 @@ def test_index_branch_is_clipped_apart_from_the_backbone(model):
     _fill_grads(model, 1.0, 100.0)
     n_backbone = sum(p.numel() for p in group_params(opt, {"backbone", "experts"}))
     n_index = sum(p.numel() for p in group_params(opt, {"index"}))
-    grad_norm, index_norm, ok = apply_gradients(opt, 1.0, LoopState(), has_index=True)
+    grad_norm, index_norm, ok = apply_gradients(opt, 1.0, has_index=True)
     assert bool(ok)
     assert float(grad_norm) == pytest.approx(math.sqrt(n_backbone), rel=1e-4)  # norms before clipping
     assert float(index_norm) == pytest.approx(100 * math.sqrt(n_index), rel=1e-4)
