@@ -19,35 +19,34 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
 from model_helpers import IMG_PATCH, build_batch, small_config  # noqa: E402
 
 from model.transformer import MultimodalTransformer  # noqa: E402
-from pipeline.config import ConfigError, TrainConfig, config_from_dict  # noqa: E402
+from pipeline.config import ConfigError, TrainConfig, apply_overrides, config_from_dict  # noqa: E402
 from pipeline.graphs import CaptureError, StepGraphs  # noqa: E402
 from pipeline.loop import LoopState, check_bad_steps, record_bad_step, train_step  # noqa: E402
 from pipeline.optim import build_optimizer, prepare_for_graphs, set_lr  # noqa: E402
 
 
-def _run_config(**sections):
-    base = {"data": {"shards": ["x"], "seq_len": 128}, "model": {"preset": "tiny", "moe": {"dispatch": "grouped_mm"},
-                                                                  "msa": {"backend": "triton"}},
-            "train": {"cuda_graphs": True}, "ray": {"num_workers": 1, "use_gpu": True}}
-    for name, values in sections.items():
-        for key, value in values.items():  # one level deeper too (model.moe, model.msa)
-            part = base.setdefault(name, {})
-            part[key] = {**part[key], **value} if isinstance(value, dict) and key in part else value
-    return config_from_dict(base)
+_GRAPHED = ["data.seq_len=128", "model.moe.dispatch='grouped_mm'", "model.msa.backend='triton'",
+            "train.cuda_graphs=true", "ray.num_workers=1", "ray.use_gpu=true"]
+
+
+def _run_config(*overrides: str):
+    """The config of a graphed run (tiny, on one GPU) with `--set` overrides on top."""
+    data = {"data": {"shards": ["x"]}, "model": {"preset": "tiny"}}
+    return config_from_dict(apply_overrides(data, _GRAPHED + list(overrides)))
 
 
 def test_the_config_takes_cuda_graphs_on_one_gpu_and_says_what_it_cannot_capture():
     assert _run_config().train.cuda_graphs
-    for sections, why in [({"ray": {"use_gpu": False}}, "needs a GPU"),
-                          ({"ray": {"num_workers": 2}}, "runs on one GPU"),
-                          ({"ray": {"parallel": "fsdp"}}, "FSDP2"),
-                          ({"model": {"activation_checkpointing": True}}, "activation_checkpointing"),
-                          ({"model": {"msa": {"budget": "top_p"}}}, "adaptive budget"),
-                          ({"model": {"moe": {"dispatch": "bmm"}}}, "MoE dispatch 'bmm'"),
-                          ({"model": {"msa": {"backend": "reference"}}}, "'reference' MSA kernels"),
-                          ({"train": {"max_steps": 10}, "debug": {"profile_steps": [2, 4]}}, "profile_steps")]:
+    for overrides, why in [(["ray.use_gpu=false"], "needs a GPU"),
+                           (["ray.num_workers=2"], "runs on one GPU"),
+                           (["ray.parallel='fsdp'"], "FSDP2"),
+                           (["model.activation_checkpointing=true"], "activation_checkpointing"),
+                           (["model.msa.budget='top_p'"], "adaptive budget"),
+                           (["model.moe.dispatch='bmm'"], "MoE dispatch 'bmm'"),
+                           (["model.msa.backend='reference'"], "'reference' MSA kernels"),
+                           (["train.max_steps=10", "debug.profile_steps=[2, 4]"], "profile_steps")]:
         with pytest.raises(ConfigError, match=f"train.cuda_graphs.*{why}"):
-            _run_config(**sections)
+            _run_config(*overrides)
 
 
 def test_a_capturable_optimizer_reads_its_learning_rate_from_a_tensor_set_in_place():
