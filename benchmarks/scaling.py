@@ -125,10 +125,11 @@ def summarize(history: dict[str, list[tuple[int, float]]], measure_from: int) ->
     def after(key):
         return [v for s, v in sorted(history.get(key, [])) if s > measure_from]
 
-    tps = after("train/tokens_per_s")
+    # every measured window, and their quartiles: a host-bound step's windows spread by +-15%
+    windows = [[s, v] for s, v in sorted(history.get("train/tokens_per_s", [])) if s > measure_from]
+    tps = [v for _, v in windows]
     out = {"windows": len(tps), "tokens_per_s": statistics.median(tps) if tps else None,
-           # every measured window, and their quartiles: a host-bound step's windows spread by +-15%
-           "window_tokens_per_s": [[s, v] for s, v in sorted(history.get("train/tokens_per_s", [])) if s > measure_from]}
+           "window_tokens_per_s": windows}
     if len(tps) >= 2:
         q1, _, q3 = statistics.quantiles(tps, n=4, method="inclusive")
         out.update(tokens_per_s_q1=q1, tokens_per_s_q3=q3)
