@@ -24,7 +24,7 @@ every logged step once, and the data trace shows every step trained and no piece
 only) at each context: the scaling efficiency stays against the eager one-GPU run (what DDP and FSDP2
 run), and every row also gives its per-GPU rate against the graphed one (`vs_graphed_1gpu`): what
 several eager GPUs buy over one graphed GPU (the graphed run's speed-up over the eager one is
-`speedup_over_eager`).
+`speedup_over_eager`). `--graphs-only` runs the graphed one-GPU run alone (no eager row, so no ratio).
 
 NCCL: NVLink multicast (NVLS) stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1 are set where unset; the local Ray's workers inherit this environment).
@@ -63,7 +63,9 @@ class Layout:
         return ("1gpu" + ("-graphs" if self.graphs else "")) if self.gpus == 1 else f"{self.parallel}{self.gpus}"
 
 
-def layouts(gpus: list[int], parallel: list[str], graphs: bool = False) -> list[Layout]:
+def layouts(gpus: list[int], parallel: list[str], graphs: bool = False, graphs_only: bool = False) -> list[Layout]:
+    if graphs_only:
+        return [Layout(1, "ddp", graphs=True)]
     out = [Layout(1, "ddp")] if 1 in gpus else []
     out += [Layout(1, "ddp", graphs=True)] if graphs else []
     return out + [Layout(n, p) for n in sorted(set(gpus) - {1}) for p in parallel]
@@ -301,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="workers on CPUs (gloo), to check the script")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also one GPU with train.cuda_graphs at each context (needs --gpus 1)")
+    p.add_argument("--graphs-only", action="store_true",
+                   help="only the graphed one-GPU run at each context (implies --cuda-graphs; no eager rows, "
+                        "so no efficiency: for a call whose eager figures are measured elsewhere)")
     p.add_argument("--tracking-uri", default="", help="default: a SQLite file in --out")
     p.add_argument("--out", type=Path, default=Path("runs/scaling"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -310,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.cuda_graphs = args.cuda_graphs or args.graphs_only
     if args.cuda_graphs and (args.cpu or 1 not in args.gpus):
         raise SystemExit("--cuda-graphs runs one GPU with train.cuda_graphs: it needs a GPU and --gpus 1")
     args.out = args.out.resolve()
@@ -335,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.kill_only:
         for context in args.contexts:
-            for layout in layouts(args.gpus, args.parallel, args.cuda_graphs):
+            for layout in layouts(args.gpus, args.parallel, args.cuda_graphs, args.graphs_only):
                 print(f"[scaling] {layout.name} at {context:,} tokens ...", flush=True)
                 results["runs"].append(measure(args, layout, context))
                 print(save().splitlines()[-1], flush=True)

@@ -143,6 +143,7 @@ def test_scaling_summary_and_efficiency():
     # --cuda-graphs: a graphed one-GPU run beside the eager one; the efficiency stays against the
     # eager run (what DDP runs), every row also against the graphed GPU
     assert [lay.name for lay in layouts([1, 2], ["ddp"], graphs=True)] == ["1gpu", "1gpu-graphs", "ddp2"]
+    assert [lay.name for lay in layouts([1, 2], ["ddp"], graphs=True, graphs_only=True)] == ["1gpu-graphs"]
     rows.insert(1, {"run": "1gpu-graphs-8k", "gpus": 1, "parallel": "-", "graphs": True, "context": 8192,
                     "tokens_per_s": 160.0, "exit_code": 0})
     add_efficiency(rows)
