@@ -60,7 +60,7 @@ if [ "$what" = study ]; then
   ngpu=$(nvidia-smi -L | wc -l)
   # STUDY_ARGS: e.g. "--set 'seeds=[0]'"; seeds go one per GPU at once (at most 2 GPUs: 2 seeds)
   eval "$PY -m pipeline.study --config configs/study-gpu.toml --parallel $(( ngpu < 2 ? 1 : 2 )) ${STUDY_ARGS:-}" 2>&1 \
-    | grep -vE "$noise" | tee -a "$log"
+    | grep --line-buffered -vE "$noise" | tee -a "$log"
   echo "=== done ===" | tee -a "$log"
   exit 0
 fi
@@ -100,7 +100,7 @@ train() {  # name, overrides...
   echo "=== msa-train $name ===" | tee -a "$log"
   timeout "${RUN_LIMIT_S:-0}" $PY -m pipeline.train --config configs/small.toml --tracking-uri "$uri" \
     --set tracking.run_name="'$name'" --set train.log_every=10 --set train.stats_every=30 \
-    --set train.eval_documents=50 "$@" 2>&1 | grep -vE "$noise" | tee -a "$log"
+    --set train.eval_documents=50 "$@" 2>&1 | grep --line-buffered -vE "$noise" | tee -a "$log"
 }
 if [ "$what" = select ]; then
   # FP8 index scores on a trained index branch (docs/perf/select_precision_cpu.md): `small` trained
