@@ -6,8 +6,9 @@
 One row of `context` tokens holding one document, bf16 autocast, forward + backward + AdamW step, on
 one GPU, no Ray: the model's own cost. The dense baseline is the same preset with
 model.msa.enabled=false (no index branch); with one document per row the model's dense attention is
-causal SDPA with cuDNN first, the fastest dense attention for that mask (`dense`); `dense-flex`
-forces the document-mask FlexAttention path that packed rows take, for comparison. `warmup-s` and
+causal SDPA with cuDNN first, the fastest dense attention for that mask (`dense`); `dense-flex` and
+`dense-varlen` force the document-mask paths that packed rows take (FlexAttention; flash attention
+over the packed documents, `model.dense_impl`), for comparison. `warmup-s` and
 `sparse-s` sample the KL's query tokens (model.msa.warmup_kl_sample / kl_sample, --warmup-kl-sample
 and --kl-sample). Steps are timed with CUDA events after warm-up iterations; the median is reported
 with tokens/s, MFU (model FLOPs, pipeline/flops.py, against the bf16 matmul rate measured in the same
@@ -53,14 +54,17 @@ def _batch(cfg, T: int, device) -> Batch:
     ).with_counts(img_patch_id=4).to(device)  # counted on the host, as the pipeline's batches are
 
 
-VARIANTS = ("dense", "dense-flex", "warmup", "warmup-s", "sparse", "sparse-s")
+VARIANTS = ("dense", "dense-flex", "dense-varlen", "warmup", "warmup-s", "sparse", "sparse-s")
+DOCUMENT_MASK_IMPL = {"dense-flex": "flex", "dense-varlen": "varlen"}  # the dense variants that time packed rows' path
 
 
 def _build(preset: str, variant: str, T: int, overrides: dict, kl_sample: float, warmup_kl_sample: float,
            msa_set: dict | None = None):
     cfg = get_preset(preset)
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, T), **overrides)
-    msa = {"dense": dict(enabled=False), "dense-flex": dict(enabled=False),
+    if variant in DOCUMENT_MASK_IMPL:
+        cfg = dataclasses.replace(cfg, dense_impl=DOCUMENT_MASK_IMPL[variant])
+    msa = {"dense": dict(enabled=False), "dense-flex": dict(enabled=False), "dense-varlen": dict(enabled=False),
            "warmup": dict(warmup_kl_sample=1.0), "sparse": dict(kl_sample=1.0),  # the exact KL
            "warmup-s": dict(warmup_kl_sample=warmup_kl_sample), "sparse-s": dict(kl_sample=kl_sample)}[variant]
     if not variant.startswith("dense"):
@@ -93,8 +97,8 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
     cuda = device.type == "cuda"
     mode = variant.split("-")[0]
     cfg = _build(preset, variant, T, overrides, kl_sample, warmup_kl_sample, msa_set)
-    # dense-flex: the document-mask path, as if the row were packed
-    attention.DenseMask.force_document_mask = variant == "dense-flex"
+    # dense-flex, dense-varlen: the document-mask path, as if the row were packed
+    attention.DenseMask.force_document_mask = variant in DOCUMENT_MASK_IMPL
     model = MultimodalTransformer(cfg, img_patch_id=4).to(device)
     if mode != "dense":
         model.set_mode(mode)
@@ -159,8 +163,7 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
         back_to_back = a.elapsed_time(b) / iters
     if out.attended_pairs is not None:  # an adaptive budget: the main branch as the selection made it
         flops += float(step_flops.attended_flops(out.attended_pairs))
-    dense_impl = ("flex" if variant == "dense-flex" else "cudnn-causal-sdpa") if mode in ("dense", "warmup") \
-        else "msa-kernels"
+    dense_impl = DOCUMENT_MASK_IMPL.get(variant, "cudnn-causal-sdpa") if mode in ("dense", "warmup") else "msa-kernels"
     res = {"preset": preset, "variant": variant, "mode": mode, "context": T, "dense_impl": dense_impl,
            "kl_sample": cfg.msa.kl_sample if mode == "sparse" else cfg.msa.warmup_kl_sample if mode == "warmup" else None,
            "step_ms": t * 1e3, "step_ms_all": [x * 1e3 for x in times], "step_ms_back_to_back": back_to_back,
@@ -307,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cuda_graph and (args.device != "cuda" or args.profile):
         p.error("--cuda-graph times CUDA graph replays: it needs --device cuda and no --profile")
     device = torch.device(args.device)
+    if device.type != "cuda":  # FlexAttention has no CPU backward, flash attention no CPU kernel
+        for m in [m for m in args.modes if m in DOCUMENT_MASK_IMPL]:
+            args.modes.remove(m)
+            print(f"[bench] {m} skipped: its attention ({DOCUMENT_MASK_IMPL[m]}) trains on CUDA only", flush=True)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("train_steps: no CUDA GPU here (use --device cpu --preset tiny to check the script)", file=sys.stderr)
         return 2

@@ -20,6 +20,10 @@ identical, tested in tests/model/test_attention.py):
     on CPU and at a few thousand tokens, but the mask is T^2 bytes per row (1 GiB at 32K).
   * "flex": FlexAttention with a document-causal BlockMask, built once per forward from the
     document ids (no [T, T] tensor), compiled on CUDA. The long-context GPU path (`small` preset).
+  * "varlen": flash attention over the packed documents (`torch.nn.attention.varlen.varlen_attn`,
+    causal, `cu_seqlens` as the MSA kernels take them): no mask at all, each document its own
+    causal sequence. CUDA and bf16/fp16 inputs only (flash attention's); no host sync (the longest
+    document is bounded by the row length, known on the host), so a CUDA graph can capture it.
 
     pytest -q tests/model/test_attention.py
 """
@@ -169,8 +173,40 @@ def _causal_sdpa(q_BHTD, k_BHTD, v_BHTD):
         return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=True, enable_gqa=True)
 
 
+_VARLEN_KWARGS = None
+
+
+def _varlen_flash(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, layout: DocLayout) -> torch.Tensor:
+    """Document-causal GQA attention as flash attention over the packed documents; o [B, T, Hq, D]."""
+    global _VARLEN_KWARGS
+    if q_BTHD.device.type != "cuda" or q_BTHD.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"model.dense_impl = 'varlen' runs flash attention, which needs CUDA tensors in bf16 or "
+                         f"fp16 (train.dtype); got {q_BTHD.dtype} on {q_BTHD.device.type}. Use 'sdpa' on the CPU "
+                         f"or 'flex'.")
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as e:
+        raise ValueError(f"model.dense_impl = 'varlen' needs torch.nn.attention.varlen (torch >= 2.10); this is "
+                         f"torch {torch.__version__}") from e
+    if _VARLEN_KWARGS is None:
+        import inspect
+
+        params = inspect.signature(varlen_attn).parameters
+        # causal: torch 2.10 takes is_causal, later releases a (left, right) window, (-1, 0) meaning causal
+        _VARLEN_KWARGS = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        if "enable_gqa" in params:
+            _VARLEN_KWARGS["enable_gqa"] = True
+    B, T, Hq, D = q_BTHD.shape
+    cu = layout.cu_seqlens  # documents never span rows, so no document is longer than T
+    q_NHD, k_NHD, v_NHD = (x.reshape(B * T, x.shape[2], D) for x in (q_BTHD, k_BTHD, v_BTHD))
+    o_NHD = varlen_attn(q_NHD, k_NHD, v_NHD, cu, cu, T, T, **_VARLEN_KWARGS)
+    return o_NHD.view(B, T, Hq, D)
+
+
 def dense_attention(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, mask: DenseMask) -> torch.Tensor:
     """Document-causal full GQA attention; o [B, T, Hq, D]."""
+    if mask.impl == "varlen" and not mask.causal_only:
+        return _varlen_flash(q_BTHD, k_BTHD, v_BTHD, mask.layout)
     q, k, v = (x.transpose(1, 2) for x in (q_BTHD, k_BTHD, v_BTHD))
     if mask.causal_only:
         o_BHTD = _causal_sdpa(q, k, v)

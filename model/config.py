@@ -17,7 +17,7 @@ ATTENTION_MODES = ("dense", "warmup", "sparse", "oracle")  # of the MSA layers, 
 #                                                            pipeline/config.py); "oracle": evaluation only (model/oracle.py)
 INDEX_LSE_AT = ("kl", "select")  # where the sparse KL's student log-sum-exp is computed (msa.index_lse)
 MSA_BACKENDS = ("reference", "triton")  # kernels' backends; chosen explicitly, never by fallback
-DENSE_IMPLS = ("sdpa", "flex")  # how full (document-causal) attention is computed
+DENSE_IMPLS = ("sdpa", "flex", "varlen")  # how full (document-causal) attention is computed
 MOE_DISPATCH = ("bmm", "grouped_mm")
 
 
@@ -198,7 +198,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = False
-    dense_impl: str = "sdpa"  # full attention: "sdpa" (boolean [T, T] mask; CPU, short rows) | "flex"
+    # full attention on packed rows: "sdpa" (boolean [T, T] mask; CPU, short rows) | "flex" (FlexAttention)
+    # | "varlen" (flash attention over the packed documents; CUDA, bf16/fp16); model/attention.py
+    dense_impl: str = "sdpa"
     # recompute each block's activations in the backward instead of keeping them (about one more
     # forward of compute for the memory of one block's activations; longer rows fit); not an
     # architecture: a checkpoint trained either way loads into the other

@@ -1,5 +1,8 @@
 """Rows that each hold one document take plain causal SDPA (cuDNN/flash on a GPU) instead of a
-document mask; the result must be the document-masked attention's, and packed rows must not take it."""
+document mask; the result must be the document-masked attention's, and packed rows must not take it.
+Packed rows with `dense_impl = "varlen"` take flash attention over the documents (GPU; checked against
+an fp32 reference in tests/model/test_gpu.py); on the CPU that is a clear error, not a fallback."""
+import pytest
 import torch
 
 from model.attention import DenseMask, DocLayout, dense_attention
@@ -29,3 +32,15 @@ def test_packed_or_padded_rows_keep_the_document_mask():
     seg = torch.ones(2, 64, dtype=torch.int32)
     seg[1, 50:] = 0  # padding after the document is a run of its own
     assert not DenseMask(DocLayout.from_segments(seg), "sdpa").causal_only
+
+
+def test_varlen_on_the_cpu_is_refused_for_packed_rows_only():
+    seg = torch.ones(2, 64, dtype=torch.int32)
+    seg[0, 40:] = 2
+    q, k, v = torch.randn(2, 64, 4, 16), torch.randn(2, 64, 2, 16), torch.randn(2, 64, 2, 16)
+    with pytest.raises(ValueError, match="dense_impl = 'varlen'.*CUDA tensors in bf16 or fp16"):
+        dense_attention(q, k, v, DenseMask(DocLayout.from_segments(seg), "varlen"))
+    # one document per row needs no document mask: the causal path, whatever the packed rows' impl
+    one = DenseMask(DocLayout.from_segments(torch.ones(2, 64, dtype=torch.int32)), "varlen")
+    torch.testing.assert_close(dense_attention(q, k, v, one),
+                               dense_attention(q, k, v, DenseMask(DocLayout.from_segments(torch.ones(2, 64)), "sdpa")))

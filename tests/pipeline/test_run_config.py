@@ -99,6 +99,17 @@ def test_fsdp_bf16_weights_need_autocast():
     assert config_from_dict(data).ray.fsdp_param_dtype == "bf16"
 
 
+def test_varlen_dense_attention_needs_a_gpu_and_bf16():
+    data = apply_overrides({k: dict(v) for k, v in BASE.items()}, ["model.dense_impl=\"varlen\""])
+    with pytest.raises(ConfigError, match="^model.dense_impl.*ray.use_gpu = true.*train.dtype = 'bfloat16'"):
+        config_from_dict(data)
+    data = apply_overrides(data, ["ray.use_gpu=true", "train.dtype=\"bfloat16\""])
+    assert config_from_dict(data).model.dense_impl == "varlen"
+    data = apply_overrides(data, ["train.dtype=\"float32\""])
+    with pytest.raises(ConfigError, match="^model.dense_impl"):
+        config_from_dict(data)
+
+
 def test_params_log_only_the_budget_fields_that_apply():
     from pipeline.config import resolved_params
 
