@@ -292,6 +292,9 @@ class RunConfig:
         if self.ray.parallel == "fsdp" and self.ray.fsdp_param_dtype == "bf16" and self.train.dtype != "bfloat16":
             raise ConfigError("ray.fsdp_param_dtype", "'bf16' computes with bf16 weights on the fp32 residual stream, "
                                                       "which needs train.dtype = 'bfloat16' (autocast)")
+        if self.model.dense_impl == "varlen" and (not self.ray.use_gpu or self.train.dtype != "bfloat16"):
+            raise ConfigError("model.dense_impl", "'varlen' is flash attention: it needs a GPU (ray.use_gpu = true) "
+                                                  "and bf16 activations (train.dtype = 'bfloat16')")
         if self.train.cuda_graphs:
             self._check_cuda_graphs()
         if self.model.image_tokens > self.seq_len:
