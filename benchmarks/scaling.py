@@ -49,7 +49,7 @@ EXPERIMENT = "scaling"
 # leave NVLink multicast off: on shared hosts a program using it can take the GPUs out of service
 NCCL_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 METRICS = ("train/tokens_per_s", "train/data_wait_frac", "train/data_wait_frac_max", "train/mfu",
-           "train/sparsity", "train/lm_loss")
+           "train/sparsity", "train/lm_loss", "train/peak_allocated_gib", "train/peak_reserved_gib")
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,9 @@ def summarize(history: dict[str, list[tuple[int, float]]], measure_from: int) ->
         out[name] = statistics.median(vals) if vals else None
     for key, name in (("train/data_wait_frac_max", "data_wait_max"), ("train/data_wait_frac", "data_wait_mean")):
         vals = after(key)
+        out[name] = max(vals) if vals else None
+    for key, name in (("train/peak_allocated_gib", "peak_allocated_gib"), ("train/peak_reserved_gib", "peak_reserved_gib")):
+        vals = [v for _, v in history.get(key, [])]  # the run's peak: every window, start-up included
         out[name] = max(vals) if vals else None
     loss = history.get("train/lm_loss", [])
     out["last_lm_loss"] = sorted(loss)[-1][1] if loss else None
@@ -266,8 +269,9 @@ def table(rows: list[dict]) -> str:
 
     graphs = any(r.get("graphs") for r in rows)
     lines = ["| context | GPUs | parallel | tokens/s | per GPU | scaling eff. | eff. from the windows' quartiles "
-             + ("| per GPU vs 1 GPU graphed " if graphs else "") + "| MFU | data wait (worst rank) | sparsity | status |",
-             "|---:|---:|---|---:|---:|---:|---|" + ("---:|" if graphs else "") + "---:|---:|---:|---|"]
+             + ("| per GPU vs 1 GPU graphed " if graphs else "")
+             + "| MFU | data wait (worst rank) | sparsity | peak GiB, allocated / reserved | status |",
+             "|---:|---:|---|---:|---:|---:|---|" + ("---:|" if graphs else "") + "---:|---:|---:|---:|---|"]
     for r in rows:
         lo_hi = r.get("efficiency_range")
         spread = f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}" if lo_hi else "-"
@@ -276,6 +280,7 @@ def table(rows: list[dict]) -> str:
                      f"| {f(r.get('tokens_per_s_per_gpu'), ',.0f')} | {f(r.get('efficiency'), '.1%')} | {spread} "
                      + (f"| {f(r.get('vs_graphed_1gpu'), '.1%')} " if graphs else "")
                      + f"| {f(r.get('mfu'), '.1%')} | {f(r.get('data_wait_max'), '.2%')} | {f(r.get('sparsity'), '.2f')} "
+                     f"| {f(r.get('peak_allocated_gib'), '.1f')} / {f(r.get('peak_reserved_gib'), '.1f')} "
                      f"| {r.get('status', 'no run')} (rc {r['exit_code']}) |")
     return "\n".join(lines)
 

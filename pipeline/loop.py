@@ -280,7 +280,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if rank == 0:
                     elapsed = time.perf_counter() - t_start
                     eta = elapsed / max(st.step - step_start, 1) * (cfg.train.max_steps - st.step)
-                    gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                    gib = metrics.get("train/peak_allocated_gib")  # (the worker that holds the most)
                     say(progress_line(st.step, cfg.train.max_steps, metrics, elapsed, eta, step_s, gib))
                 if checkpoint:
                     _log_plots(tracker, cfg, selection, st.step, st.start_step)
@@ -484,7 +484,11 @@ def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float |
     # every rank holds the same keys: same config, same steps, same modes
     mean_keys = sorted(win.totals()[0])
     count_keys = [f"dropped_{r}" for r in DROP_REASONS]
-    m = reduce_window(win, device, mean_keys, count_keys)
+    # the device's peak memory since the start (the caching allocator's, CUDA graphs' pools included
+    # in what it reserves): the largest over the workers
+    mem = ((torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30)
+           if device.type == "cuda" else None)
+    m = reduce_window(win, device, mean_keys, count_keys, mem)
     st.tokens_seen += int(m["tokens"])
     for r in DROP_REASONS:
         if m[f"dropped_{r}"]:
@@ -503,6 +507,9 @@ def _window_metrics(win: Window, device, lr: float, st: LoopState, peak: float |
     metrics.update({f"train/skipped_samples/{r}": float(n) for r, n in st.skipped_samples.items()})
     if peak:
         metrics["train/mfu"] = m["flops_per_s"] / (peak * 1e12 * world)
+    if "peak_allocated_gib" in m:
+        metrics["train/peak_allocated_gib"] = m["peak_allocated_gib"]
+        metrics["train/peak_reserved_gib"] = m["peak_reserved_gib"]
     return metrics
 
 

@@ -57,11 +57,13 @@ def all_reduce_sum(values: list, device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count_keys: list[str]) -> dict[str, float]:
+def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count_keys: list[str],
+                  memory_gib: tuple[float, float] | None = None) -> dict[str, float]:
     """Window -> global metrics: each mean over the values all workers added, counters summed,
     throughput over all workers, and the data wait of the worst-fed worker (one input-starved rank
     stalls every other rank at the next collective, so the mean over ranks would hide it). Every rank
-    must pass the same keys (they are collective)."""
+    must pass the same keys (they are collective), and memory_gib (this rank's peak allocated and
+    reserved device memory since its start) on every rank or on none: then the largest of each."""
     if device.type == "cuda":
         # the window ends when the GPU has run its steps: the host is ahead of it (by a whole window
         # when the steps are replayed CUDA graphs, whose launches take the host almost no time)
@@ -73,12 +75,17 @@ def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count
     rank = dist.get_rank() if world_size > 1 else 0
     waits = [0.0] * world_size
     waits[rank] = win.data_wait_s / max(elapsed, 1e-9)
+    # (the same one-slot-per-rank sum for the peak memory: allocated, then reserved)
+    mems = [0.0] * (2 * world_size) if memory_gib is not None else []
+    if memory_gib is not None:
+        mems[rank], mems[world_size + rank] = memory_gib
     sums, ns = win.totals()
     local = ([sums.get(k, 0.0) for k in mean_keys] + [ns.get(k, 0) for k in mean_keys]
-             + [win.counts.get(k, 0) for k in count_keys] + waits
+             + [win.counts.get(k, 0) for k in count_keys] + waits + mems
              + [float(win.tokens), win.flops, win.data_wait_s, 1.0])
     total = all_reduce_sum(local, device)
     per_rank_wait = total[2 * len(mean_keys) + len(count_keys):][:world_size]
+    per_rank_mem = total[2 * len(mean_keys) + len(count_keys) + world_size:][:len(mems)]
     n = len(mean_keys)
     out = {k: total[i] / total[n + i] for i, k in enumerate(mean_keys) if total[n + i] > 0}
     out.update({k: total[2 * n + i] for i, k in enumerate(count_keys)})
@@ -88,4 +95,7 @@ def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count
     out["flops_per_s"] = flops / max(elapsed, 1e-9)
     out["data_wait_frac"] = wait / max(elapsed * world, 1e-9)
     out["data_wait_frac_max"] = max(per_rank_wait)
+    if mems:
+        out["peak_allocated_gib"] = max(per_rank_mem[:world_size])
+        out["peak_reserved_gib"] = max(per_rank_mem[world_size:])
     return out

@@ -117,8 +117,11 @@ def test_scaling_summary_and_efficiency():
     history = {"train/tokens_per_s": [(5, 10.0), (10, 100.0), (15, 120.0), (20, 110.0)],
                "train/data_wait_frac_max": [(5, 0.5), (15, 0.01), (20, 0.03)],
                "train/data_wait_frac": [(5, 0.4), (15, 0.005), (20, 0.02)],
-               "train/lm_loss": [(20, 3.0), (5, 6.0)]}
+               "train/lm_loss": [(20, 3.0), (5, 6.0)],
+               "train/peak_reserved_gib": [(5, 30.0), (15, 29.0)]}
     s = summarize(history, measure_from=10)  # the start-up windows (steps 5 and 10) are left out
+    # the run's peak memory is every window's, start-up included; no allocated figure logged: none
+    assert s["peak_reserved_gib"] == 30.0 and s["peak_allocated_gib"] is None
     assert s["windows"] == 2 and s["tokens_per_s"] == 115.0
     assert s["data_wait_max"] == 0.03 and s["data_wait_mean"] == 0.02 and s["last_lm_loss"] == 3.0
     assert s["mfu"] is None
@@ -133,6 +136,8 @@ def test_scaling_summary_and_efficiency():
     assert "efficiency" not in rows[2]  # no one-GPU run at 32K to compare with
     assert "| 8,192 | 2 | ddp | 190 | 95 | 95.0% | - |" in table(rows)
     assert "no run (rc 1)" in table(rows)
+    rows[0].update(peak_allocated_gib=22.34, peak_reserved_gib=25.0)
+    assert "| 22.3 / 25.0 | " in table(rows) and "| - / - | no run (rc 1) |" in table(rows)
     # the windows' quartiles bound the efficiency: this run's low against the base's high, and back
     rows[0].update(tokens_per_s_q1=90.0, tokens_per_s_q3=110.0)
     rows[1].update(tokens_per_s_q1=176.0, tokens_per_s_q3=198.0)

@@ -20,7 +20,8 @@ def _worker(rank: int, world: int, store_path: str, out_path: str) -> None:
         win.add_step({"train/lm_loss": torch.tensor(4.0 + rank)}, torch.tensor(True))
         win.add_step({"train/lm_loss": torch.tensor(float("nan"))}, torch.tensor(False))  # a skipped step
         win.count("skipped", rank)
-        m = reduce_window(win, torch.device("cpu"), ["train/lm_loss"], ["skipped"])
+        m = reduce_window(win, torch.device("cpu"), ["train/lm_loss"], ["skipped"],
+                          memory_gib=[(10.0, 12.0), (11.0, 11.5)][rank])
         with open(f"{out_path}.{rank}", "w") as f:
             json.dump(m, f)
     finally:
@@ -37,6 +38,8 @@ def test_reduce_window_over_two_workers(tmp_path):
     assert m0["data_wait_frac"] == pytest.approx(0.275, rel=0.05)
     assert m0["data_wait_frac_max"] == pytest.approx(0.5, rel=0.05)
     assert m0["tokens_per_s"] == pytest.approx(1500, rel=0.05)
+    # the peak memory of the rank that holds the most, allocated and reserved (not one rank's pair)
+    assert (m0["peak_allocated_gib"], m0["peak_reserved_gib"]) == (11.0, 12.0)
 
 
 def test_reduce_window_one_process():
@@ -46,6 +49,7 @@ def test_reduce_window_one_process():
     assert m["data_wait_frac"] == pytest.approx(0.25, rel=0.05)
     assert m["data_wait_frac_max"] == m["data_wait_frac"]
     assert win.elapsed_s == pytest.approx(1.0, rel=0.05)  # what the progress line divides by its steps
+    assert "peak_allocated_gib" not in m  # no memory given (a CPU run): no memory metric
 
 
 @pytest.mark.gpu
