@@ -41,6 +41,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,11 +95,17 @@ def train_argv(args, layout: Layout, context: int, name: str, steps: int, extra:
 
 
 def run_training(args, argv: list[str], name: str) -> tuple[int, float]:
-    """One msa-train process; its output goes to <out>/<name>.log. Returns (exit code, seconds)."""
+    """One msa-train process; its output goes to <out>/<name>.log, each line stamped with the seconds
+    since the process started (where a run's time goes besides its steps: start-up, compilation,
+    wind-down). Returns (exit code, seconds)."""
     log = args.out / f"{name}.log"
     t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *argv], stdout=f, stderr=subprocess.STDOUT)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # (stamped as they come, not as a buffer fills)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env)
+        copier = threading.Thread(target=_stamp_lines, args=(proc.stdout, f, t0), daemon=True)
+        copier.start()
         try:
             rc = proc.wait(timeout=args.run_timeout_s or None)
         except subprocess.TimeoutExpired:
@@ -108,8 +115,16 @@ def run_training(args, argv: list[str], name: str) -> tuple[int, float]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = proc.wait()
-            f.write(f"\n[scaling] stopped after --run-timeout-s {args.run_timeout_s}\n")
+            copier.join(timeout=10)
+            f.write(f"\n[scaling] stopped after --run-timeout-s {args.run_timeout_s}\n".encode())
+        copier.join(timeout=10)
     return rc, time.time() - t0
+
+
+def _stamp_lines(src, dst, t0: float) -> None:
+    for line in iter(src.readline, b""):
+        dst.write(f"[{time.time() - t0:7.1f}s] ".encode() + line)
+        dst.flush()
 
 
 def mlflow_run(uri: str, name: str):
