@@ -134,6 +134,10 @@ class RayConfig:
     # ops autocast keeps in fp32 (norms, the MoE router, the patch encoder's position table, ...) then
     # read bf16-rounded weights
     fsdp_param_dtype: str = "fp32"
+    # FSDP2: consecutive transformer blocks per FSDP unit (one all-gather and one reduce-scatter per
+    # unit and step, and their hooks): 1 (each block its own unit, the least memory) or more, fewer
+    # and larger collectives and fewer per-unit hooks on the host, for steps bound by the host
+    fsdp_unit_blocks: int = 1
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -155,6 +159,9 @@ class RayConfig:
             raise ConfigError("ray.fsdp_prefetch", f"must be a whole number of blocks >= 0, got {self.fsdp_prefetch!r}")
         if self.fsdp_param_dtype not in ("fp32", "bf16"):
             raise ConfigError("ray.fsdp_param_dtype", f"must be 'fp32' or 'bf16', got {self.fsdp_param_dtype!r}")
+        if not (isinstance(self.fsdp_unit_blocks, int) and not isinstance(self.fsdp_unit_blocks, bool)
+                and self.fsdp_unit_blocks >= 1):
+            raise ConfigError("ray.fsdp_unit_blocks", f"must be a whole number of blocks >= 1, got {self.fsdp_unit_blocks!r}")
 
 
 @dataclass

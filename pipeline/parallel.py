@@ -48,24 +48,28 @@ def ddp_options(ray_cfg: RayConfig) -> dict:
 
 
 def shard(model: torch.nn.Module, ray_cfg: RayConfig) -> torch.nn.Module:
-    """FSDP2: each transformer block one unit, the rest the root; the config's resharding, prefetch
-    and gather dtype (`ray.fsdp_param_dtype`: bf16 is FSDP2's mixed precision, fp32 reductions)."""
+    """FSDP2: each run of `ray.fsdp_unit_blocks` transformer blocks one unit, the rest the root; the
+    config's resharding, prefetch (in units) and gather dtype (`ray.fsdp_param_dtype`: bf16 is
+    FSDP2's mixed precision, fp32 reductions)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # bf16: the weights only; a block's inputs keep their dtype (the fp32 residual stream and the
     # RoPE tables: FSDP2 would otherwise cast every floating input of a unit to param_dtype)
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
           if ray_cfg.fsdp_param_dtype == "bf16" else MixedPrecisionPolicy())
-    blocks = list(model.blocks)
-    for block in blocks:
-        fully_shard(block, reshard_after_forward=ray_cfg.fsdp_reshard_after_forward, mp_policy=mp)
+    blocks, per = list(model.blocks), ray_cfg.fsdp_unit_blocks
+    units = [blocks[i:i + per] for i in range(0, len(blocks), per)]
+    for unit in units:  # (a list: its blocks' weights gathered and reduced together)
+        fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=ray_cfg.fsdp_reshard_after_forward,
+                    mp_policy=mp)
     fully_shard(model, mp_policy=mp)  # the embeddings, the patch encoder and the head: the root unit
-    n = ray_cfg.fsdp_prefetch
-    for i, block in enumerate(blocks):
-        if n and i + 1 < len(blocks):
-            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + n])
+    # a unit's blocks share its FSDP state: its first block stands for it in the prefetch lists
+    heads, n = [unit[0] for unit in units], ray_cfg.fsdp_prefetch
+    for i, head in enumerate(heads):
+        if n and i + 1 < len(heads):
+            head.set_modules_to_forward_prefetch(heads[i + 1:i + 1 + n])
         if n and i > 0:
-            block.set_modules_to_backward_prefetch(blocks[max(0, i - n):i][::-1])
+            head.set_modules_to_backward_prefetch(heads[max(0, i - n):i][::-1])
     return model
 
 

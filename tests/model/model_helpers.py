@@ -6,6 +6,8 @@ Run: `pytest -q tests/model` (CPU; the Triton path runs in the interpreter, set 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import torch
 
@@ -105,3 +107,14 @@ def with_and_without_recompute(cfg: ModelConfig, batch: Batch, mode: str, wrap=N
         grads.append({n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
                       for n, p in model.named_parameters() if p.grad is not None})
     return losses, grads
+
+
+def leave_worker() -> None:
+    """End a spawned test worker once its results are written and its process group destroyed, without
+    the interpreter's teardown: there torch's gloo threads now and then abort the process ("terminate
+    called without an active exception", after all the work: about 1 run in 25 of the FSDP2 test here;
+    the race is described in pytorch/pytorch PR 179291), which would fail a test whose results are in.
+    Not reached when the worker raises: its error still fails the test."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,13 +1,18 @@
 """The logging window's reduction over workers: two real processes over gloo, no Ray."""
 import json
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.metrics import Window, reduce_window
+sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
+from model_helpers import leave_worker  # noqa: E402
+
+from pipeline.metrics import Window, reduce_window  # noqa: E402
 
 
 def _worker(rank: int, world: int, store_path: str, out_path: str) -> None:
@@ -26,6 +31,7 @@ def _worker(rank: int, world: int, store_path: str, out_path: str) -> None:
             json.dump(m, f)
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 def test_reduce_window_over_two_workers(tmp_path):

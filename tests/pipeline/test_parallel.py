@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
-from model_helpers import IMG_PATCH, build_batch, small_config  # noqa: E402
+from model_helpers import IMG_PATCH, build_batch, leave_worker, small_config  # noqa: E402
 
 from model.transformer import MultimodalTransformer  # noqa: E402
 from pipeline.config import RayConfig, TrainConfig  # noqa: E402
@@ -82,6 +82,7 @@ def _worker(rank: int, store_path: str, out_path: str, ray_cfg: RayConfig) -> No
                    f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 def _reference(cfg):
@@ -106,7 +107,8 @@ def _reference(cfg):
     RayConfig(parallel="fsdp"),
     RayConfig(parallel="fsdp", fsdp_reshard_after_forward=False, fsdp_prefetch=2),
     RayConfig(parallel="fsdp", fsdp_param_dtype="bf16"),
-], ids=["ddp", "fsdp", "fsdp-no-reshard-prefetch2", "fsdp-bf16"])
+    RayConfig(parallel="fsdp", fsdp_unit_blocks=2),
+], ids=["ddp", "fsdp", "fsdp-no-reshard-prefetch2", "fsdp-bf16", "fsdp-units-of-2-blocks"])
 def test_data_parallel_steps_match_one_process(tmp_path, ray_cfg):
     out = tmp_path / "params"
     mp.spawn(_worker, args=(str(tmp_path / "store"), str(out), ray_cfg), nprocs=2, join=True)
