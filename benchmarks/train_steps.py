@@ -92,13 +92,9 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
               device: torch.device = torch.device("cuda"), kl_sample: float = 0.25, warmup_kl_sample: float = 1 / 32,
               peak: float | None = None, profile: bool = False, msa_set: dict | None = None,
               cuda_graph: bool = False) -> dict:
-    from model import attention
-
     cuda = device.type == "cuda"
     mode = variant.split("-")[0]
     cfg = _build(preset, variant, T, overrides, kl_sample, warmup_kl_sample, msa_set)
-    # dense-flex, dense-varlen: the document-mask path, as if the row were packed
-    attention.DenseMask.force_document_mask = variant in DOCUMENT_MASK_IMPL
     model = MultimodalTransformer(cfg, img_patch_id=4).to(device)
     if mode != "dense":
         model.set_mode(mode)
@@ -107,6 +103,8 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
     # capturable: the step count and the bias corrections on the device, as a graph replay needs
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda, capturable=cuda_graph)
     batch = _batch(cfg, T, device)
+    if variant in DOCUMENT_MASK_IMPL:  # dense-flex, dense-varlen: the document-mask path, as if the row were packed
+        batch = dataclasses.replace(batch, document_mask=True)
     weights = model.loss_weights()
     step_flops = StepFlops(cfg)
     flops = step_flops(batch.segment_ids_BT.cpu(), mode)
@@ -177,7 +175,6 @@ def time_mode(preset: str, variant: str, T: int, iters: int, warmup: int, overri
         res["host"] = _host_phases(step)
         if mode == "sparse":
             res["profile"] = _profile(step)
-    attention.DenseMask.force_document_mask = False
     del model, opt, batch, out
     if cuda:
         torch.cuda.empty_cache()

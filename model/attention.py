@@ -108,12 +108,11 @@ class DocLayout:
 class DenseMask:
     """The document-causal mask in the form `dense_impl` needs, built lazily once per forward."""
 
-    force_document_mask = False  # benchmarks only: time the document-mask path on one-document rows
-
-    def __init__(self, layout: DocLayout, impl: str):
+    def __init__(self, layout: DocLayout, impl: str, document_mask: bool = False):
         self.layout, self.impl = layout, impl
-        # one document per row: the mask is plain causal (known on the host, no sync)
-        self.causal_only = layout.real_docs == layout.B and not self.force_document_mask
+        # one document per row: the mask is plain causal (known on the host, no sync); document_mask
+        # keeps the document-mask path anyway (model/batch.py: Batch.document_mask)
+        self.causal_only = layout.real_docs == layout.B and not document_mask
         self._mask = None
 
     def get(self):

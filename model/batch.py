@@ -31,6 +31,9 @@ class Batch:
     # captured once and replayed for every batch (pipeline/graphs.py); None: sized by the counts.
     doc_slots: int | None = None  # documents in the layout (>= n_docs; the rest empty)
     image_slots: int | None = None  # images through the patch encoder (>= n_images; the rest unused)
+    # the dense layers take the document-mask path even when every row is one document (the same
+    # result: benchmarks time that path, and a batch can share a captured step with packed ones)
+    document_mask: bool = False
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """The batch on `device`. With non_blocking, a CPU batch is copied from pinned memory (pinned

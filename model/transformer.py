@@ -206,7 +206,7 @@ class MultimodalTransformer(nn.Module):
         x_BTE = self.embed_inputs(batch)
         layout = DocLayout.from_segments(batch.segment_ids_BT, batch.n_docs, batch.doc_slots)
         ctx = AttnContext(
-            layout=layout, mask=DenseMask(layout, cfg.dense_impl),
+            layout=layout, mask=DenseMask(layout, cfg.dense_impl, batch.document_mask),
             rope=rope_cos_sin(batch.positions_BT, cfg.effective_rope_dim, cfg.rope_theta),
             mode=self._mode, compute_stats=compute_stats, index_loss=index_loss, budget_param=self.budget_param,
         )

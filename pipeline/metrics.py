@@ -69,24 +69,23 @@ def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count
         # when the steps are replayed CUDA graphs, whose launches take the host almost no time)
         torch.cuda.synchronize(device)
     elapsed = win.elapsed_s = time.perf_counter() - win.t0
-    # the worst-fed rank, carried through the same sum: each rank adds its wait fraction to one slot
-    # of a vector as long as the world; the max of the summed vector is the max over ranks
+    # maxima over ranks, carried through the same sum: each value a rank takes the max of (its wait
+    # fraction, and its peak memory when given) has a slot per rank; the max of the summed slots is
+    # the max over ranks
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world_size > 1 else 0
-    waits = [0.0] * world_size
-    waits[rank] = win.data_wait_s / max(elapsed, 1e-9)
-    # (the same one-slot-per-rank sum for the peak memory: allocated, then reserved)
-    mems = [0.0] * (2 * world_size) if memory_gib is not None else []
-    if memory_gib is not None:
-        mems[rank], mems[world_size + rank] = memory_gib
+    mine = [win.data_wait_s / max(elapsed, 1e-9), *(memory_gib or ())]
+    slots = [0.0] * (len(mine) * world_size)
+    for i, v in enumerate(mine):
+        slots[i * world_size + rank] = v
     sums, ns = win.totals()
     local = ([sums.get(k, 0.0) for k in mean_keys] + [ns.get(k, 0) for k in mean_keys]
-             + [win.counts.get(k, 0) for k in count_keys] + waits + mems
+             + [win.counts.get(k, 0) for k in count_keys] + slots
              + [float(win.tokens), win.flops, win.data_wait_s, 1.0])
     total = all_reduce_sum(local, device)
-    per_rank_wait = total[2 * len(mean_keys) + len(count_keys):][:world_size]
-    per_rank_mem = total[2 * len(mean_keys) + len(count_keys) + world_size:][:len(mems)]
     n = len(mean_keys)
+    summed = total[2 * n + len(count_keys):][:len(slots)]
+    maxima = [max(summed[i * world_size:(i + 1) * world_size]) for i in range(len(mine))]
     out = {k: total[i] / total[n + i] for i, k in enumerate(mean_keys) if total[n + i] > 0}
     out.update({k: total[2 * n + i] for i, k in enumerate(count_keys)})
     tokens, flops, wait, world = total[-4:]
@@ -94,8 +93,7 @@ def reduce_window(win: Window, device: torch.device, mean_keys: list[str], count
     out["tokens_per_s"] = tokens / max(elapsed, 1e-9)
     out["flops_per_s"] = flops / max(elapsed, 1e-9)
     out["data_wait_frac"] = wait / max(elapsed * world, 1e-9)
-    out["data_wait_frac_max"] = max(per_rank_wait)
-    if mems:
-        out["peak_allocated_gib"] = max(per_rank_mem[:world_size])
-        out["peak_reserved_gib"] = max(per_rank_mem[world_size:])
+    out["data_wait_frac_max"] = maxima[0]
+    if memory_gib is not None:
+        out["peak_allocated_gib"], out["peak_reserved_gib"] = maxima[1:]
     return out

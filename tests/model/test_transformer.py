@@ -227,6 +227,29 @@ def test_fixed_shapes_give_the_same_forward_and_gradients(backend, mode):
     assert grad_a["patch_encoder.proj.weight"].abs().sum() > 0
 
 
+def test_a_forced_document_mask_gives_the_causal_result():
+    """Batch.document_mask: rows of one document each through the document-mask path (what the
+    benchmark's dense-flex and dense-varlen variants time) train as the plain causal path."""
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = MultimodalTransformer(cfg, IMG_PATCH)
+    model.set_mode("dense")
+    counted = build_batch(cfg, [[128], [128]], 128, images_per_row=[1, 0]).with_counts(IMG_PATCH)
+    runs = []
+    for b in (counted, dataclasses.replace(counted, document_mask=True)):
+        seen = []
+        hook = model.blocks[0].attn.register_forward_pre_hook(lambda mod, args: seen.append(args[1].mask.causal_only))
+        model.zero_grad(set_to_none=True)
+        out = model(b)
+        hook.remove()
+        out.losses["lm"].backward()
+        runs.append((seen[0], out.losses["lm"].detach(), model.blocks[0].attn.q_proj.weight.grad.clone()))
+    (causal_a, loss_a, grad_a), (causal_b, loss_b, grad_b) = runs
+    assert causal_a and not causal_b  # the two paths were taken
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
+
+
 def test_fixed_shapes_with_every_image_slot_used_give_the_same_forward():
     """The captured step's placement of the patches is the same whether some image slots are unused
     or none is (every patch then has its token; no surplus goes to the spare row)."""
