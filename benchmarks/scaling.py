@@ -19,12 +19,14 @@ The kill test (`--kill`, on by default with more than one GPU): DDP on the most 
 stops after step `--kill-at` and this script kills it with SIGKILL by its pid; Ray Train restarts
 the worker group from the last checkpoint. Passes when the run ends FINISHED in MLflow as one run,
 every logged step once, and the data trace shows every step trained and no piece of a document twice.
+`--kill-cuda-graphs` runs it with `train.cuda_graphs` (the survivors then wait in a replayed all-reduce,
+which NCCL's watchdog does not watch, until Ray Train stops the group).
 
-`--cuda-graphs` adds a one-GPU run with `train.cuda_graphs` (the step captured and replayed; one GPU
-only) at each context: the scaling efficiency stays against the eager one-GPU run (what DDP and FSDP2
-run), and every row also gives its per-GPU rate against the graphed one (`vs_graphed_1gpu`): what
-several eager GPUs buy over one graphed GPU (the graphed run's speed-up over the eager one is
-`speedup_over_eager`). `--graphs-only` runs the graphed one-GPU run alone (no eager row, so no ratio).
+`--cuda-graphs` adds runs with `train.cuda_graphs` (the step captured and replayed) at each context:
+one GPU, and DDP on each GPU count above one. An eager row's scaling efficiency is against the eager
+one-GPU run, a graphed DDP row's against the graphed one (like for like), and every row also gives
+its per-GPU rate against the graphed GPU (`vs_graphed_1gpu`: what several GPUs buy over one graphed
+GPU; the graphed GPU's speed-up over the eager one is `speedup_over_eager`). `--graphs-only` runs the graphed one-GPU run alone (no eager row, so no ratio).
 
 NCCL: NVLink multicast (NVLS) stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1 are set where unset; the local Ray's workers inherit this environment).
@@ -57,11 +59,11 @@ METRICS = ("train/tokens_per_s", "train/data_wait_frac", "train/data_wait_frac_m
 class Layout:
     gpus: int
     parallel: str  # "ddp" | "fsdp"; one GPU runs plain (the DDP path with one worker)
-    graphs: bool = False  # train.cuda_graphs (one GPU)
+    graphs: bool = False  # train.cuda_graphs (one GPU, or DDP)
 
     @property
     def name(self) -> str:
-        return ("1gpu" + ("-graphs" if self.graphs else "")) if self.gpus == 1 else f"{self.parallel}{self.gpus}"
+        return ("1gpu" if self.gpus == 1 else f"{self.parallel}{self.gpus}") + ("-graphs" if self.graphs else "")
 
 
 def layouts(gpus: list[int], parallel: list[str], graphs: bool = False, graphs_only: bool = False) -> list[Layout]:
@@ -69,7 +71,9 @@ def layouts(gpus: list[int], parallel: list[str], graphs: bool = False, graphs_o
         return [Layout(1, "ddp", graphs=True)]
     out = [Layout(1, "ddp")] if 1 in gpus else []
     out += [Layout(1, "ddp", graphs=True)] if graphs else []
-    return out + [Layout(n, p) for n in sorted(set(gpus) - {1}) for p in parallel]
+    for n in sorted(set(gpus) - {1}):
+        out += [Layout(n, p) for p in parallel] + ([Layout(n, "ddp", graphs=True)] if graphs and "ddp" in parallel else [])
+    return out
 
 
 def train_argv(args, layout: Layout, context: int, name: str, steps: int, extra: list[str]) -> list[str]:
@@ -165,18 +169,19 @@ def summarize(history: dict[str, list[tuple[int, float]]], measure_from: int) ->
 
 
 def add_efficiency(rows: list[dict]) -> None:
-    """Per-GPU tokens/s and scaling efficiency against the (eager) one-GPU run at the same context;
-    with a graphed one-GPU run there too, every row's per-GPU rate against it."""
+    """Per-GPU tokens/s and scaling efficiency against the one-GPU run of the same kind at the same
+    context (eager rows against the eager GPU, graphed DDP against the graphed GPU); with a graphed
+    one-GPU run there too, every row's per-GPU rate against it."""
     single = {r["context"]: r for r in rows if r["gpus"] == 1 and not r.get("graphs") and r.get("tokens_per_s")}
-    graphed = {r["context"]: r for r in rows if r.get("graphs") and r.get("tokens_per_s")}
+    graphed = {r["context"]: r for r in rows if r["gpus"] == 1 and r.get("graphs") and r.get("tokens_per_s")}
     for r in rows:
         if r.get("tokens_per_s") is None:
             continue
         r["tokens_per_s_per_gpu"] = r["tokens_per_s"] / r["gpus"]
         if r["context"] in graphed:
             r["vs_graphed_1gpu"] = r["tokens_per_s_per_gpu"] / graphed[r["context"]]["tokens_per_s"]
-        base = single.get(r["context"])
-        if base and r.get("graphs"):  # not a scaling figure: what the graphs buy on one GPU
+        base = (graphed if r.get("graphs") and r["gpus"] > 1 else single).get(r["context"])
+        if base and r.get("graphs") and r["gpus"] == 1:  # not a scaling figure: what the graphs buy on one GPU
             r["speedup_over_eager"] = r["tokens_per_s"] / base["tokens_per_s"]
         elif base:
             r["efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s"]
@@ -203,14 +208,15 @@ def measure(args, layout: Layout, context: int) -> dict:
 def kill_test(args, gpus: int, context: int) -> dict:
     from pipeline.trace import Killer, exactly_once_problems
 
-    name = f"kill-ddp{gpus}-{context // 1024}k"
+    layout = Layout(gpus, "ddp", graphs=args.kill_cuda_graphs)
+    name = f"kill-{layout.name}-{context // 1024}k"
     steps, every = args.kill_steps, args.kill_checkpoint_every
     extra = [f"train.checkpoint_every={every}", f"debug.pause_at_step={args.kill_at}",
              "debug.pause_rank=1", "debug.trace_data=true", "ray.max_failures=1"]
     killer = Killer(args.out / "runs" / "ray", rank=1, step=args.kill_at)
     killer.start()
     try:
-        rc, secs = run_training(args, train_argv(args, Layout(gpus, "ddp"), context, name, steps, extra), name)
+        rc, secs = run_training(args, train_argv(args, layout, context, name, steps, extra), name)
     finally:
         killer.stop = True
     result = {"run": name, "gpus": gpus, "context": context, "steps": steps, "killed_after_step": args.kill_at,
@@ -319,10 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-steps", type=int, default=20)
     p.add_argument("--kill-at", type=int, default=15, help="worker 1 is killed after this step")
     p.add_argument("--kill-checkpoint-every", type=int, default=12)
+    p.add_argument("--kill-cuda-graphs", action="store_true",
+                   help="the kill test's run with train.cuda_graphs (the killed worker's peers wait in a replayed "
+                        "all-reduce)")
     p.add_argument("--run-timeout-s", type=float, default=0, help="stop a run after this long (0: no limit)")
     p.add_argument("--cpu", action="store_true", help="workers on CPUs (gloo), to check the script")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="also one GPU with train.cuda_graphs at each context (needs --gpus 1)")
+                   help="also train.cuda_graphs runs at each context: one GPU, and DDP on each GPU count "
+                        "(needs --gpus 1)")
     p.add_argument("--graphs-only", action="store_true",
                    help="only the graphed one-GPU run at each context (implies --cuda-graphs; no eager rows, "
                         "so no efficiency: for a call whose eager figures are measured elsewhere)")

@@ -74,8 +74,8 @@ class TrainConfig:
     eval_every: int = 0  # held-out evaluation (data.eval_shards) every this many steps, on rank 0; 0: off
     eval_documents: int = 200  # held-out documents per periodic evaluation
     seed: int = 0
-    # one GPU: each step replayed as a CUDA graph, one per batch layout (pipeline/graphs.py); for
-    # steps bound by the host's launches (8K-token rows of `small`). The graphs keep one step's
+    # one GPU or DDP: each step replayed as a CUDA graph, one per batch layout (pipeline/graphs.py);
+    # for steps bound by the host's launches (8K-token rows of `small`). The graphs keep one step's
     # activations reserved, and the steps that stay eager (statistics, a layout's first) need their
     # own: up to twice the eager loop's activation memory at such a step
     cuda_graphs: bool = False
@@ -308,14 +308,13 @@ class RunConfig:
             raise ConfigError("data.seq_len", f"one image takes {self.model.image_tokens} tokens, more than a row")
 
     def _check_cuda_graphs(self) -> None:
-        """What a captured step cannot be: it replays fixed work on one GPU's fixed memory."""
+        """What a captured step cannot be: it replays fixed work on each GPU's fixed memory."""
         why = []
         if not self.ray.use_gpu:
             why.append("it needs a GPU (ray.use_gpu = true)")
-        if self.ray.num_workers != 1:
-            why.append(f"it runs on one GPU (ray.num_workers = 1, not {self.ray.num_workers}): a step captured with "
-                       f"DDP's or FSDP2's collectives would need NCCL's error handling off, and with it the "
-                       f"recovery from a lost worker")
+        if self.ray.num_workers > 1 and self.ray.ddp_grad_dtype != "fp32":
+            why.append(f"DDP's bf16 all-reduce (ray.ddp_grad_dtype = {self.ray.ddp_grad_dtype!r}) runs as a "
+                       f"communication hook; only DDP's own fp32 all-reduce is captured")
         if self.ray.parallel != "ddp":
             why.append(f"FSDP2 (ray.parallel = {self.ray.parallel!r}) gathers and frees its parameters in hooks "
                        f"around every block")

@@ -1,4 +1,4 @@
-"""The training step replayed as CUDA graphs (`train.cuda_graphs`, one GPU).
+"""The training step replayed as CUDA graphs (`train.cuda_graphs`: one GPU, or DDP).
 
 At 8K tokens a step of the `small` preset is bound by the host: Python issues a few thousand small
 launches (norms, RoPE, routing, the MSA kernels' tables, AdamW) and the GPU waits for them. Captured
@@ -23,6 +23,15 @@ parameter the stream its first backward ran on, and a capture on another stream 
 the usual culprit) would have to wait on it, which a capture cannot. A capture that fails leaves the
 CUDA state unusable for the process (its allocator pool and RNG mid-capture), so it is an error that
 names the cause, not a silent fallback.
+
+Under DDP the step's gradient all-reduces are captured with it (NCCL collectives can be captured,
+and PyTorch keeps captured ones out of its NCCL watchdog). What that takes: DDP built on the graphs'
+stream (the loop wraps the model inside `streamed`), `DDP_HOST_STEPS` steps on the host before the
+first capture, and DDP's timing samples off (`quiet_ddp_timing`). Each rank captures and replays by
+its own batch's layout; the ranks' collectives still pair step by step, since every step (eager,
+captured and then replayed, or replayed) runs the same all-reduces in DDP's bucket order. A replayed
+all-reduce is not watched: when a worker dies, its peers wait in it until Ray Train stops the
+worker group, which then restarts from the last checkpoint as it does without graphs.
 """
 from __future__ import annotations
 
@@ -36,10 +45,22 @@ import torch
 from model.batch import Batch, pinned
 
 MAX_GRAPHS = 32  # layouts captured at most; later new ones run eagerly (said once)
+# DDP's reducer times its first 10 iterations (and every sample-rate-th one) with CUDA events that
+# the next forward reads back on the host, which a capture cannot hold: the 12th forward is the first
+# that reads nothing (the loop also sets the sample rate out of reach: `quiet_ddp_timing`)
+DDP_HOST_STEPS = 11
 
 
 class CaptureError(RuntimeError):
     pass
+
+
+def quiet_ddp_timing(model: torch.nn.Module) -> None:
+    """DDP samples an iteration's timing every 100 iterations with CUDA events that the next forward
+    reads back on the host; under graphs no sample may fall on a captured step, so none falls at all
+    (the first 10 iterations are sampled regardless: `DDP_HOST_STEPS`)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model._set_ddp_runtime_logging_sample_rate(2**31 - 1)
 
 
 class StepGraphs:
@@ -47,10 +68,12 @@ class StepGraphs:
     batch's layout key, else eagerly. The step must not synchronise with the host (pipeline/loop.py:
     train_step); its outputs are valid until the next `run`."""
 
-    def __init__(self, device: torch.device, say: Callable[[str], None] = print):
+    def __init__(self, device: torch.device, say: Callable[[str], None] = print, min_host_steps: int = 0):
+        """min_host_steps: steps the host runs (eager or captured) before the first capture; under
+        DDP, `DDP_HOST_STEPS`."""
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
-        self.device, self.say = device, say
+        self.device, self.say, self.min_host_steps = device, say, min_host_steps
         self.stream = torch.cuda.Stream(device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
@@ -86,10 +109,14 @@ class StepGraphs:
             graph.replay()
             self.counts["replayed"] += 1
             return out
-        if key in self.refused or key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
-            if key in self.seen and key not in self.refused:  # the second time, but no room left
-                self.refused[key] = f"{MAX_GRAPHS} layouts are captured already"
-                self.say(f"[train] CUDA graphs: layout {key} runs eagerly ({self.refused[key]})")
+        # captured the second time a key comes, once the host has run enough steps
+        host_steps = self.counts["eager"] + self.counts["captured"]
+        capture = key in self.seen and key not in self.refused and host_steps >= self.min_host_steps
+        if capture and len(self.graphs) >= MAX_GRAPHS:
+            self.refused[key] = f"{MAX_GRAPHS} layouts are captured already"
+            self.say(f"[train] CUDA graphs: layout {key} runs eagerly ({self.refused[key]})")
+            capture = False
+        if not capture:
             self.seen.add(key)
             self.counts["eager"] += 1
             return step(batch)

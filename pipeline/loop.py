@@ -148,7 +148,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if resume_from:
         saved, data_json, manifest = load_checkpoint(resume_from)  # verified: sizes, hashes
         check_shapes(manifest, raw.state_dict(), resume_from)
-    model = wrap(raw, cfg.ray, device)
+    graphs = None
+    if cfg.train.cuda_graphs:
+        from pipeline.graphs import DDP_HOST_STEPS, StepGraphs, quiet_ddp_timing
+
+        graphs = StepGraphs(device, say if rank == 0 else (lambda _: None),
+                            min_host_steps=DDP_HOST_STEPS if world > 1 else 0)
+    # under graphs, DDP is built on the graphs' stream, where it will run (pipeline/graphs.py)
+    with graphs.streamed() if graphs is not None else contextlib.nullcontext():
+        model = wrap(raw, cfg.ray, device)
+    if graphs is not None:
+        quiet_ddp_timing(model)
     ddp_set = (cfg.ray.ddp_bucket_mb, cfg.ray.ddp_grad_dtype)
     if rank == 0 and world > 1 and cfg.ray.parallel == "ddp" and ddp_set != (RayConfig.ddp_bucket_mb,
                                                                            RayConfig.ddp_grad_dtype):
@@ -172,11 +182,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # a captured step reads its learning rate from the device; otherwise plain floats (also what a
     # graphed run's checkpoint is restored to)
     prepare_for_graphs(optimizer, device if cfg.train.cuda_graphs else None)
-    graphs = None
-    if cfg.train.cuda_graphs:
-        from pipeline.graphs import StepGraphs
-
-        graphs = StepGraphs(device, say if rank == 0 else (lambda _: None))
     msa = cfg.model.msa
     if msa.budget_match_topk and raw.has_index_branch and st.budget_match is None:
         st.budget_match = BudgetMatch(msa.budget, getattr(msa, msa.budget_param_name))

@@ -145,9 +145,11 @@ def test_scaling_summary_and_efficiency():
     assert rows[1]["efficiency_range"] == pytest.approx([0.8, 1.1])
     assert "efficiency_range" not in rows[0]
     assert "| 95.0% | 80%-110% |" in table(rows)
-    # --cuda-graphs: a graphed one-GPU run beside the eager one; the efficiency stays against the
-    # eager run (what DDP runs), every row also against the graphed GPU
-    assert [lay.name for lay in layouts([1, 2], ["ddp"], graphs=True)] == ["1gpu", "1gpu-graphs", "ddp2"]
+    # --cuda-graphs: graphed runs beside the eager ones (one GPU, and DDP); an eager row's efficiency
+    # against the eager GPU, a graphed DDP row's against the graphed GPU, every row also against the latter
+    assert [lay.name for lay in layouts([1, 2], ["ddp", "fsdp"], graphs=True)] == [
+        "1gpu", "1gpu-graphs", "ddp2", "fsdp2", "ddp2-graphs"]
+    assert [lay.name for lay in layouts([1, 2], ["fsdp"], graphs=True)] == ["1gpu", "1gpu-graphs", "fsdp2"]
     assert [lay.name for lay in layouts([1, 2], ["ddp"], graphs=True, graphs_only=True)] == ["1gpu-graphs"]
     rows.insert(1, {"run": "1gpu-graphs-8k", "gpus": 1, "parallel": "-", "graphs": True, "context": 8192,
                     "tokens_per_s": 160.0, "exit_code": 0})
@@ -158,6 +160,12 @@ def test_scaling_summary_and_efficiency():
     assert "vs_graphed_1gpu" not in rows[3]  # no graphed run at 32K
     assert "| 8,192 | 1 | - (CUDA graphs) | 160 | 160 | - | - | 100.0% |" in table(rows)
     assert "| 8,192 | 2 | ddp | 190 | 95 | 95.0% | 80%-110% | 59.4% |" in table(rows)
+    rows.append({"run": "ddp2-graphs-8k", "gpus": 2, "parallel": "ddp", "graphs": True, "context": 8192,
+                 "tokens_per_s": 288.0, "tokens_per_s_q1": 280.0, "tokens_per_s_q3": 300.0, "exit_code": 0})
+    add_efficiency(rows)
+    assert rows[-1]["efficiency"] == pytest.approx(0.9) and rows[-1]["vs_graphed_1gpu"] == pytest.approx(0.9)
+    assert "speedup_over_eager" not in rows[-1]
+    assert "| 8,192 | 2 | ddp (CUDA graphs) | 288 | 144 | 90.0% |" in table(rows)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,9 @@
 """`train.cuda_graphs`: the training step captured once per batch layout and replayed
 (pipeline/graphs.py). On the GPU, steps replayed from graphs over batches of changing layouts
 (documents, images, attention modes, learning rates) train the weights as eager steps on the same
-batches do; on the CPU, what the configuration refuses and the learning rate the replays read.
+batches do, on one GPU and under DDP on two (each rank on its own layouts, so one rank replays while
+the other captures or runs eagerly); on the CPU, what the configuration refuses and the learning
+rate the replays read.
 
     pytest -q tests/pipeline/test_graphs.py
 """
@@ -14,15 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
 from model_helpers import IMG_PATCH, build_batch, small_config  # noqa: E402
 
 from model.transformer import MultimodalTransformer  # noqa: E402
-from pipeline.config import ConfigError, TrainConfig, apply_overrides, config_from_dict  # noqa: E402
-from pipeline.graphs import CaptureError, StepGraphs  # noqa: E402
+from pipeline.config import ConfigError, RayConfig, TrainConfig, apply_overrides, config_from_dict  # noqa: E402
+from pipeline.graphs import DDP_HOST_STEPS, CaptureError, StepGraphs, quiet_ddp_timing  # noqa: E402
 from pipeline.loop import LoopState, check_bad_steps, record_bad_step, train_step  # noqa: E402
 from pipeline.optim import build_optimizer, prepare_for_graphs, set_lr  # noqa: E402
+from pipeline.parallel import ddp_options  # noqa: E402
 
 
 _GRAPHED = ["data.seq_len=128", "model.moe.dispatch='grouped_mm'", "model.msa.backend='triton'",
@@ -37,8 +42,9 @@ def _run_config(*overrides: str):
 
 def test_the_config_takes_cuda_graphs_on_one_gpu_and_says_what_it_cannot_capture():
     assert _run_config().train.cuda_graphs
+    assert _run_config("ray.num_workers=2").ray.num_workers == 2  # DDP: its all-reduces captured too
     for overrides, why in [(["ray.use_gpu=false"], "needs a GPU"),
-                           (["ray.num_workers=2"], "runs on one GPU"),
+                           (["ray.num_workers=2", "ray.ddp_grad_dtype='bf16'"], "communication hook"),
                            (["ray.parallel='fsdp'"], "FSDP2"),
                            (["model.activation_checkpointing=true"], "activation_checkpointing"),
                            (["model.msa.budget='top_p'"], "adaptive budget"),
@@ -170,3 +176,77 @@ def test_replayed_steps_train_as_eager_steps():
         eager, graphed = w_e[n] - p.detach(), w_g[n] - p.detach()
         assert eager.norm() > 0, n  # every parameter trained (so the comparison is not of untouched weights)
         assert (graphed - eager).norm() / eager.norm() < 0.05, n
+
+
+def _ddp_worker(rank: int, store_path: str, out_path: str) -> None:
+    """One rank: the same 24 steps eagerly and then graphed, each under DDP (fp32 all-reduce, buckets
+    as the pipeline sets them); rank r takes layout (i + r) % 5 at step i, so the ranks' keys differ."""
+    dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
+    dist.init_process_group("nccl", store=dist.FileStore(store_path, 2), rank=rank, world_size=2, device_id=dev)
+    try:
+        T = 256
+        cfg = small_config(msa=dict(block_size=64, topk=2, backend="triton"),
+                           moe=dict(dispatch="grouped_mm", expert_hidden=64), max_seq_len=T, dense_impl="flex")
+        torch.manual_seed(0)
+        base = MultimodalTransformer(cfg, IMG_PATCH).to(dev)
+        plan = [("warmup", i) for i in range(6)] + [("sparse", i) for i in range(6, 24)]
+        host = [build_batch(cfg, docs, T, images_per_row=imgs, seed=i, n_slots=3).with_counts(IMG_PATCH)
+                for i, (docs, imgs) in enumerate(_LAYOUTS)]
+        out = {}
+        for graphed in (False, True):
+            graphs = StepGraphs(dev, say=lambda _: None, min_host_steps=DDP_HOST_STEPS)
+            streamed = graphs.streamed() if graphed else contextlib.nullcontext()
+            streamed.__enter__()  # DDP built on the stream it runs on, as the loop does
+            raw = copy.deepcopy(base)
+            model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[rank], **ddp_options(RayConfig()))
+            quiet_ddp_timing(model)
+            opt = build_optimizer(raw, TrainConfig(lr=1e-2))
+            prepare_for_graphs(opt, dev if graphed else None)
+            st, losses = LoopState(), []
+            for step_i, (mode, i) in enumerate(plan):
+                raw.set_mode(mode)
+                set_lr(opt, 1e-2 if step_i % 3 else 0.0)
+                stats = step_i == 17  # an eager statistics step between replays
+
+                def step(batch):
+                    return train_step(model, raw, batch, opt, torch.autocast("cuda", torch.bfloat16, cache_enabled=False),
+                                      stats, 1.0, raw.has_index_branch)
+
+                b = host[(i + rank) % len(_LAYOUTS)]
+                if graphed:
+                    res, _, _, ok = graphs.run(b, None if stats else (mode,), step)
+                else:
+                    res, _, _, ok = step(b.to(dev))
+                record_bad_step(st, ok)
+                losses.append(float(res.losses["lm"]))
+            streamed.__exit__(None, None, None)
+            check_bad_steps(st, 5)
+            out[graphed] = {"losses": losses, "counts": dict(graphs.counts), "refused": len(graphs.refused),
+                            "params": {n: p.detach().cpu().clone() for n, p in raw.named_parameters()}}
+        torch.save({"out": out, "init": {n: p.detach().cpu() for n, p in base.named_parameters()}},
+                   f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP under CUDA graphs needs two GPUs (NCCL)")
+def test_ddp_replayed_steps_train_as_eager_ddp_steps(tmp_path):
+    out = tmp_path / "ranks"
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    for r in ranks:
+        eager, graphed = r["out"][False], r["out"][True]
+        c = graphed["counts"]
+        # 11 host steps before the first capture; then layouts seen before are captured and replayed
+        assert graphed["refused"] == 0 and c["captured"] >= 2 and c["replayed"] >= 4, c
+        assert c["eager"] >= DDP_HOST_STEPS and sum(c.values()) == 24, c
+        torch.testing.assert_close(torch.tensor(graphed["losses"]), torch.tensor(eager["losses"]), rtol=2e-3, atol=1e-3)
+        for n, p0 in r["init"].items():
+            upd_e, upd_g = eager["params"][n] - p0, graphed["params"][n] - p0
+            assert upd_e.norm() > 0, n
+            assert (upd_g - upd_e).norm() / upd_e.norm() < 0.05, n  # as on one GPU (above)
+    # the all-reduce ran in every replay: both ranks hold the same weights, bit for bit
+    for n in ranks[0]["init"]:
+        assert torch.equal(ranks[0]["out"][True]["params"][n], ranks[1]["out"][True]["params"][n]), n
