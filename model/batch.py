@@ -56,16 +56,21 @@ class Batch:
                        n_images=int(self.n_images_B.clamp(0, self.images_BNCHW.shape[1]).sum()),  # as the forward's slots
                        n_patch_tokens=int((self.tokens_BT == img_patch_id).sum()))
 
-    def fixed_shapes(self) -> "Batch":
+    def fixed_shapes(self, doc_slots: int | None = None) -> "Batch":
         """This batch (with its counts) laid out in shapes that depend on B, T and the image slots
-        alone, except for the documents, rounded up to a power of two: every image slot goes through
-        the patch encoder (an unused one's output is dropped) and the layout has `doc_slots`
-        documents, the last ones empty. The forward's results are the same (model/transformer.py,
-        model/attention.py: DocLayout.from_segments)."""
+        alone, except for the documents, rounded up to a power of two (or to `doc_slots`, at least
+        that): every image slot goes through the patch encoder (an unused one's output is dropped)
+        and the layout has `doc_slots` documents, the last ones empty. The forward's results are
+        the same (model/transformer.py, model/attention.py: DocLayout.from_segments)."""
         if self.n_docs is None or self.n_images is None:
             raise ValueError("fixed_shapes needs the host-side counts (with_counts)")
+        slots = doc_slots_for(self.n_docs)
+        if doc_slots is not None:
+            if doc_slots < slots:
+                raise ValueError(f"doc_slots={doc_slots}: this batch needs {slots} (its {self.n_docs} documents)")
+            slots = doc_slots
         B, N = self.images_BNCHW.shape[:2]
-        return replace(self, doc_slots=doc_slots_for(self.n_docs), image_slots=B * N)
+        return replace(self, doc_slots=slots, image_slots=B * N)
 
     @classmethod
     def from_dict(cls, d: dict, img_patch_id: int | None = None) -> "Batch":

@@ -27,11 +27,15 @@ names the cause, not a silent fallback.
 Under DDP the step's gradient all-reduces are captured with it (NCCL collectives can be captured,
 and PyTorch keeps captured ones out of its NCCL watchdog). What that takes: DDP built on the graphs'
 stream (the loop wraps the model inside `streamed`), `DDP_HOST_STEPS` steps on the host before the
-first capture, and DDP's timing samples off (`quiet_ddp_timing`). Each rank captures and replays by
-its own batch's layout; the ranks' collectives still pair step by step, since every step (eager,
-captured and then replayed, or replayed) runs the same all-reduces in DDP's bucket order. A replayed
-all-reduce is not watched: when a worker dies, its peers wait in it until Ray Train stops the
-worker group, which then restarts from the last checkpoint as it does without graphs.
+first capture, and DDP's timing samples off (`quiet_ddp_timing`). The ranks decide together, every
+step, whether it replays, is captured or runs eagerly: NCCL pairs a captured collective with captured
+ones (it may set up their buffers across ranks at capture), not with eager ones. So the layout key is
+global: each rank's batch is padded to the document slots of the rank that needs the most, and the
+key holds every rank's causal-or-not; the ranks swap these few ints on the host over a gloo group
+(`host_gather`) each step, and meet before a capture. The graphs are dropped before the process
+group is destroyed (`release`). A replayed all-reduce is not watched by NCCL's watchdog: when a
+worker dies, its peers wait in it until Ray Train stops the worker group, which then restarts from
+the last checkpoint as it does without graphs.
 """
 from __future__ import annotations
 
@@ -55,6 +59,19 @@ class CaptureError(RuntimeError):
     pass
 
 
+def host_gather(group) -> Callable[[list[int]], list[list[int]]]:
+    """StepGraphs' `gather` over a gloo process group: a few ints from every rank, on the host (no
+    GPU work and no wait on it; the ints are the same count on every rank at a given call)."""
+    import torch.distributed as dist
+
+    def gather(values: list[int]) -> list[list[int]]:
+        mine = torch.tensor(values, dtype=torch.int64)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        return [t.tolist() for t in every]
+    return gather
+
+
 def quiet_ddp_timing(model: torch.nn.Module) -> None:
     """DDP samples an iteration's timing every 100 iterations with CUDA events that the next forward
     reads back on the host; under graphs no sample may fall on a captured step, so none falls at all
@@ -68,12 +85,14 @@ class StepGraphs:
     batch's layout key, else eagerly. The step must not synchronise with the host (pipeline/loop.py:
     train_step); its outputs are valid until the next `run`."""
 
-    def __init__(self, device: torch.device, say: Callable[[str], None] = print, min_host_steps: int = 0):
+    def __init__(self, device: torch.device, say: Callable[[str], None] = print, min_host_steps: int = 0,
+                 gather: Callable[[list[int]], list[list[int]]] | None = None):
         """min_host_steps: steps the host runs (eager or captured) before the first capture; under
-        DDP, `DDP_HOST_STEPS`."""
+        DDP, `DDP_HOST_STEPS`. gather: under DDP, every rank's list of ints to every rank (on the
+        host: `host_gather`), so that the ranks take each step's decision together."""
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
-        self.device, self.say, self.min_host_steps = device, say, min_host_steps
+        self.device, self.say, self.min_host_steps, self.gather = device, say, min_host_steps, gather
         self.stream = torch.cuda.Stream(device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
@@ -102,8 +121,18 @@ class StepGraphs:
         if key is None:
             self.counts["eager"] += 1
             return step(host.to(self.device, non_blocking=True))
-        batch = self._stage(host.fixed_shapes())
-        key = (*key, batch.doc_slots, batch.n_docs == batch.tokens_BT.shape[0])
+        fixed = host.fixed_shapes()
+        one_doc = fixed.n_docs == fixed.tokens_BT.shape[0]  # plain causal attention in the dense layers
+        if self.gather is None:
+            key = (*key, fixed.doc_slots, one_doc)
+        else:
+            # the same key on every rank: the document slots of the rank that needs the most, and
+            # every rank's causal-or-not (a rank's own graph follows its own batch; what must agree
+            # is whether this step replays, is captured or runs eagerly)
+            ranks = self.gather([fixed.doc_slots, int(one_doc)])
+            fixed = host.fixed_shapes(doc_slots=max(r[0] for r in ranks))
+            key = (*key, fixed.doc_slots, tuple(bool(r[1]) for r in ranks))
+        batch = self._stage(fixed)
         if key in self.graphs:
             graph, out = self.graphs[key]
             graph.replay()
@@ -142,6 +171,8 @@ class StepGraphs:
     def _capture(self, key: tuple, batch: Batch, step: Callable[[Batch], Any]) -> Any:
         if torch.cuda.current_stream(self.device) != self.stream:
             raise CaptureError("CUDA graphs: the steps must run on the graphs' stream (StepGraphs.streamed)")
+        if self.gather is not None:
+            self.gather([0])  # every rank at its capture before any begins (NCCL sets up captured collectives together)
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: Ray Data's threads pin host memory for the next batches meanwhile
@@ -156,6 +187,13 @@ class StepGraphs:
         self.counts["captured"] += 1
         graph.replay()  # the capture recorded the step; this runs it
         return out
+
+    def release(self) -> None:
+        """Drop the graphs (and what they hold) once the GPU has run them: a process group with
+        captured collectives cannot be destroyed while their graphs live (NCCL >= 2.26 waits)."""
+        torch.cuda.synchronize(self.device)
+        self.graphs.clear()
+        self.static = None
 
     def summary(self) -> str:
         c = self.counts

@@ -150,10 +150,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         check_shapes(manifest, raw.state_dict(), resume_from)
     graphs = None
     if cfg.train.cuda_graphs:
-        from pipeline.graphs import DDP_HOST_STEPS, StepGraphs, quiet_ddp_timing
+        from pipeline.graphs import DDP_HOST_STEPS, StepGraphs, host_gather, quiet_ddp_timing
 
+        # several workers: the ranks agree on each step's layout over a gloo group, on the host
         graphs = StepGraphs(device, say if rank == 0 else (lambda _: None),
-                            min_host_steps=DDP_HOST_STEPS if world > 1 else 0)
+                            min_host_steps=DDP_HOST_STEPS if world > 1 else 0,
+                            gather=host_gather(torch.distributed.new_group(backend="gloo")) if world > 1 else None)
     # under graphs, DDP is built on the graphs' stream, where it will run (pipeline/graphs.py)
     with graphs.streamed() if graphs is not None else contextlib.nullcontext():
         model = wrap(raw, cfg.ray, device)
@@ -293,8 +295,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report({k.replace("/", "_"): v for k, v in metrics.items()} | {"step": st.step})
                 win = Window()
     _profile_at(profiler, st.step, tracker, world)  # a window that ends with the run
-    if graphs is not None and rank == 0:
-        say(f"[train] {graphs.summary()}")
+    if graphs is not None:
+        if rank == 0:
+            say(f"[train] {graphs.summary()}")
+        graphs.release()  # before Ray Train destroys the process group (pipeline/graphs.py)
     if sysmon is not None:
         sysmon.finish()
 

@@ -209,21 +209,27 @@ def test_fixed_shapes_give_the_same_forward_and_gradients(backend, mode):
     layout = DocLayout.from_segments(fixed.segment_ids_BT, fixed.n_docs, fixed.doc_slots)
     assert layout.cu_seqlens.tolist()[:6] == DocLayout.from_segments(counted.segment_ids_BT).cu_seqlens.tolist()
     assert layout.cu_seqlens.tolist()[6:] == [256] * 3 and not layout.seq_valid_S[5:].any()
+    # and padded further, to the slots another rank's batch needs (CUDA graphs under DDP)
+    wider = counted.fixed_shapes(doc_slots=16)
+    assert wider.doc_slots == 16
+    with pytest.raises(ValueError, match="doc_slots=4: this batch needs 8"):
+        counted.fixed_shapes(doc_slots=4)
     runs = []
-    for b in (counted, fixed):
+    for b in (counted, fixed, wider):
         torch.manual_seed(1)  # the sampled KL draws the same tokens
         model.zero_grad(set_to_none=True)
         out = model(b, compute_stats=mode != "dense")
         sum(out.losses.values()).backward()
         runs.append(({k: v.detach() for k, v in {**out.losses, **out.stats}.items()},
                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (val_a, grad_a), (val_b, grad_b) = runs
-    assert val_a.keys() == val_b.keys() and grad_a.keys() == grad_b.keys()
-    # fp32 to its last bits but for the order of sums (the encoder's convolution sees more images)
-    for k in val_a:
-        torch.testing.assert_close(val_b[k], val_a[k], rtol=1e-5, atol=1e-7, msg=k)
-    for n in grad_a:
-        torch.testing.assert_close(grad_b[n], grad_a[n], rtol=1e-5, atol=1e-7, msg=n)
+    (val_a, grad_a), *padded = runs
+    for val_b, grad_b in padded:
+        assert val_a.keys() == val_b.keys() and grad_a.keys() == grad_b.keys()
+        # fp32 to its last bits but for the order of sums (the encoder's convolution sees more images)
+        for k in val_a:
+            torch.testing.assert_close(val_b[k], val_a[k], rtol=1e-5, atol=1e-7, msg=k)
+        for n in grad_a:
+            torch.testing.assert_close(grad_b[n], grad_a[n], rtol=1e-5, atol=1e-7, msg=n)
     assert grad_a["patch_encoder.proj.weight"].abs().sum() > 0
 
 

@@ -24,7 +24,7 @@ from model_helpers import IMG_PATCH, build_batch, small_config  # noqa: E402
 
 from model.transformer import MultimodalTransformer  # noqa: E402
 from pipeline.config import ConfigError, RayConfig, TrainConfig, apply_overrides, config_from_dict  # noqa: E402
-from pipeline.graphs import DDP_HOST_STEPS, CaptureError, StepGraphs, quiet_ddp_timing  # noqa: E402
+from pipeline.graphs import DDP_HOST_STEPS, CaptureError, StepGraphs, host_gather, quiet_ddp_timing  # noqa: E402
 from pipeline.loop import LoopState, check_bad_steps, record_bad_step, train_step  # noqa: E402
 from pipeline.optim import build_optimizer, prepare_for_graphs, set_lr  # noqa: E402
 from pipeline.parallel import ddp_options  # noqa: E402
@@ -178,12 +178,29 @@ def test_replayed_steps_train_as_eager_steps():
         assert (graphed - eager).norm() / eager.norm() < 0.05, n
 
 
+def _gather_worker(rank: int, store_path: str, out_path: str) -> None:
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        gather = host_gather(dist.new_group(backend="gloo"))
+        torch.save([gather([2 + 6 * rank, rank]), gather([7])], f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_ranks_swap_their_layouts_on_the_host(tmp_path):
+    """What the ranks agree on each step under DDP: every rank's few ints, on every rank, in rank order."""
+    mp.spawn(_gather_worker, args=(str(tmp_path / "store"), str(tmp_path / "got")), nprocs=2, join=True)
+    for r in range(2):
+        assert torch.load(f"{tmp_path / 'got'}.{r}") == [[[2, 0], [8, 1]], [[7], [7]]]
+
+
 def _ddp_worker(rank: int, store_path: str, out_path: str) -> None:
     """One rank: the same 24 steps eagerly and then graphed, each under DDP (fp32 all-reduce, buckets
     as the pipeline sets them); rank r takes layout (i + r) % 5 at step i, so the ranks' keys differ."""
     dev = torch.device("cuda", rank)
     torch.cuda.set_device(dev)
     dist.init_process_group("nccl", store=dist.FileStore(store_path, 2), rank=rank, world_size=2, device_id=dev)
+    gloo = dist.new_group(backend="gloo")  # the ranks' layouts agreed on the host, as the loop does
     try:
         T = 256
         cfg = small_config(msa=dict(block_size=64, topk=2, backend="triton"),
@@ -195,7 +212,7 @@ def _ddp_worker(rank: int, store_path: str, out_path: str) -> None:
                 for i, (docs, imgs) in enumerate(_LAYOUTS)]
         out = {}
         for graphed in (False, True):
-            graphs = StepGraphs(dev, say=lambda _: None, min_host_steps=DDP_HOST_STEPS)
+            graphs = StepGraphs(dev, say=lambda _: None, min_host_steps=DDP_HOST_STEPS, gather=host_gather(gloo))
             streamed = graphs.streamed() if graphed else contextlib.nullcontext()
             streamed.__enter__()  # DDP built on the stream it runs on, as the loop does
             raw = copy.deepcopy(base)
@@ -223,7 +240,9 @@ def _ddp_worker(rank: int, store_path: str, out_path: str) -> None:
             streamed.__exit__(None, None, None)
             check_bad_steps(st, 5)
             out[graphed] = {"losses": losses, "counts": dict(graphs.counts), "refused": len(graphs.refused),
+                            "keys": [list(map(str, k)) for k in graphs.graphs],
                             "params": {n: p.detach().cpu().clone() for n, p in raw.named_parameters()}}
+            graphs.release()  # before the process group goes (NCCL waits for graphs holding its collectives)
         torch.save({"out": out, "init": {n: p.detach().cpu() for n, p in base.named_parameters()}},
                    f"{out_path}.{rank}")
     finally:
@@ -236,6 +255,8 @@ def test_ddp_replayed_steps_train_as_eager_ddp_steps(tmp_path):
     out = tmp_path / "ranks"
     mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    # the ranks took every decision together: the same global keys captured on both
+    assert ranks[0]["out"][True]["keys"] == ranks[1]["out"][True]["keys"]
     for r in ranks:
         eager, graphed = r["out"][False], r["out"][True]
         c = graphed["counts"]
