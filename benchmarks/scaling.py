@@ -19,8 +19,10 @@ The kill test (`--kill`, on by default with more than one GPU): DDP on the most 
 stops after step `--kill-at` and this script kills it with SIGKILL by its pid; Ray Train restarts
 the worker group from the last checkpoint. Passes when the run ends FINISHED in MLflow as one run,
 every logged step once, and the data trace shows every step trained and no piece of a document twice.
-`--kill-cuda-graphs` runs it with `train.cuda_graphs` (the survivors then wait in a replayed all-reduce,
-which NCCL's watchdog does not watch, until Ray Train stops the group).
+`--kill-cuda-graphs` runs it with `train.cuda_graphs`, longer (44 steps, a checkpoint every 24,
+worker 1 killed after step 32, not a logging step), so that both attempts replay captured steps: the
+survivor then fails at the next step's exchange of layouts (pipeline/graphs.py) instead of waiting in
+an all-reduce.
 
 `--cuda-graphs` adds runs with `train.cuda_graphs` (the step captured and replayed) at each context:
 one GPU, and DDP on each GPU count above one. An eager row's scaling efficiency is against the eager
@@ -322,9 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the kill test on the most GPUs (default: on when more than one)")
     p.add_argument("--kill-only", action="store_true", help="only the kill test")
     p.add_argument("--kill-context", type=int, default=0, help="its context (default: the first of --contexts)")
-    p.add_argument("--kill-steps", type=int, default=20)
-    p.add_argument("--kill-at", type=int, default=15, help="worker 1 is killed after this step")
-    p.add_argument("--kill-checkpoint-every", type=int, default=12)
+    # (defaults: 20, 15, 12; with --kill-cuda-graphs 44, 32, 24, so that both attempts replay graphs:
+    # a process captures after 11 steps under DDP)
+    p.add_argument("--kill-steps", type=int, default=None)
+    p.add_argument("--kill-at", type=int, default=None, help="worker 1 is killed after this step")
+    p.add_argument("--kill-checkpoint-every", type=int, default=None)
     p.add_argument("--kill-cuda-graphs", action="store_true",
                    help="the kill test's run with train.cuda_graphs (the killed worker's peers wait in a replayed "
                         "all-reduce)")
@@ -346,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.cuda_graphs = args.cuda_graphs or args.graphs_only
+    for name, plain, graphed in (("kill_steps", 20, 44), ("kill_at", 15, 32), ("kill_checkpoint_every", 12, 24)):
+        if getattr(args, name) is None:
+            setattr(args, name, graphed if args.kill_cuda_graphs else plain)
     if args.cuda_graphs and (args.cpu or 1 not in args.gpus):
         raise SystemExit("--cuda-graphs runs one GPU with train.cuda_graphs: it needs a GPU and --gpus 1")
     args.out = args.out.resolve()

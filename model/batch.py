@@ -32,7 +32,7 @@ class Batch:
     doc_slots: int | None = None  # documents in the layout (>= n_docs; the rest empty)
     image_slots: int | None = None  # images through the patch encoder (>= n_images; the rest unused)
     # the dense layers take the document-mask path even when every row is one document (the same
-    # result: benchmarks time that path, and a batch can share a captured step with packed ones)
+    # result: benchmarks time that path; under DDP with CUDA graphs the ranks' steps share one layout)
     document_mask: bool = False
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
@@ -56,7 +56,7 @@ class Batch:
                        n_images=int(self.n_images_B.clamp(0, self.images_BNCHW.shape[1]).sum()),  # as the forward's slots
                        n_patch_tokens=int((self.tokens_BT == img_patch_id).sum()))
 
-    def fixed_shapes(self, doc_slots: int | None = None) -> "Batch":
+    def fixed_shapes(self, doc_slots: int | None = None, document_mask: bool = False) -> "Batch":
         """This batch (with its counts) laid out in shapes that depend on B, T and the image slots
         alone, except for the documents, rounded up to a power of two (or to `doc_slots`, at least
         that): every image slot goes through the patch encoder (an unused one's output is dropped)
@@ -70,7 +70,7 @@ class Batch:
                 raise ValueError(f"doc_slots={doc_slots}: this batch needs {slots} (its {self.n_docs} documents)")
             slots = doc_slots
         B, N = self.images_BNCHW.shape[:2]
-        return replace(self, doc_slots=slots, image_slots=B * N)
+        return replace(self, doc_slots=slots, image_slots=B * N, document_mask=document_mask)
 
     @classmethod
     def from_dict(cls, d: dict, img_patch_id: int | None = None) -> "Batch":

@@ -31,11 +31,13 @@ first capture, and DDP's timing samples off (`quiet_ddp_timing`). The ranks deci
 step, whether it replays, is captured or runs eagerly: NCCL pairs a captured collective with captured
 ones (it may set up their buffers across ranks at capture), not with eager ones. So the layout key is
 global: each rank's batch is padded to the document slots of the rank that needs the most, and the
-key holds every rank's causal-or-not; the ranks swap these few ints on the host over a gloo group
-(`host_gather`) each step, and meet before a capture. The graphs are dropped before the process
-group is destroyed (`release`). A replayed all-reduce is not watched by NCCL's watchdog: when a
-worker dies, its peers wait in it until Ray Train stops the worker group, which then restarts from
-the last checkpoint as it does without graphs.
+dense layers take plain causal attention only when every rank's rows are one document each; the
+ranks swap these few ints on the host over a gloo group (`host_gather`) each step, and meet before a
+capture. The graphs are dropped before the process group is destroyed (`release`; NCCL >= 2.26
+waits for graphs that hold its collectives). A captured all-reduce is not watched by NCCL's
+watchdog. When a worker dies, its peers fail at the next step's exchange of layouts (gloo sees the
+peer gone), or, if it died inside a step, wait in the replayed all-reduce until Ray Train stops the
+worker group; either way the group restarts from the last checkpoint as it does without graphs.
 """
 from __future__ import annotations
 
@@ -104,12 +106,17 @@ class StepGraphs:
     @contextlib.contextmanager
     def streamed(self):
         """Run the training (every step, and what reads or writes the weights between them) on the
-        graphs' stream, ordered after what the default stream did before and before what it does after."""
+        graphs' stream, ordered after what the default stream did before and before what it does after.
+        An error inside drops the graphs without waiting for them (`release`): the process group may
+        be destroyed next."""
         outer = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(outer)
         try:
             with torch.cuda.stream(self.stream):
                 yield
+        except BaseException:
+            self.release(wait=False)
+            raise
         finally:
             outer.wait_stream(self.stream)
 
@@ -126,12 +133,14 @@ class StepGraphs:
         if self.gather is None:
             key = (*key, fixed.doc_slots, one_doc)
         else:
-            # the same key on every rank: the document slots of the rank that needs the most, and
-            # every rank's causal-or-not (a rank's own graph follows its own batch; what must agree
-            # is whether this step replays, is captured or runs eagerly)
+            # the same key on every rank (what must agree is whether this step replays, is captured
+            # or runs eagerly): the document slots of the rank that needs the most, and plain causal
+            # attention only where every rank's rows are one document each (else the document mask
+            # on every rank: the same result), so a mode has as many keys as on one GPU
             ranks = self.gather([fixed.doc_slots, int(one_doc)])
-            fixed = host.fixed_shapes(doc_slots=max(r[0] for r in ranks))
-            key = (*key, fixed.doc_slots, tuple(bool(r[1]) for r in ranks))
+            every_one_doc = all(r[1] for r in ranks)
+            fixed = host.fixed_shapes(doc_slots=max(r[0] for r in ranks), document_mask=not every_one_doc)
+            key = (*key, fixed.doc_slots, every_one_doc)
         batch = self._stage(fixed)
         if key in self.graphs:
             graph, out = self.graphs[key]
@@ -188,10 +197,12 @@ class StepGraphs:
         graph.replay()  # the capture recorded the step; this runs it
         return out
 
-    def release(self) -> None:
-        """Drop the graphs (and what they hold) once the GPU has run them: a process group with
-        captured collectives cannot be destroyed while their graphs live (NCCL >= 2.26 waits)."""
-        torch.cuda.synchronize(self.device)
+    def release(self, wait: bool = True) -> None:
+        """Drop the graphs (and what they hold): a process group with captured collectives cannot be
+        destroyed while their graphs live (NCCL >= 2.26 waits). wait: once the GPU has run them (not
+        on an error path, where a replay may never end; a graph still running is freed when done)."""
+        if wait:
+            torch.cuda.synchronize(self.device)
         self.graphs.clear()
         self.static = None
 

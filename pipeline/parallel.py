@@ -44,7 +44,9 @@ def ddp_options(ray_cfg: RayConfig) -> dict:
     """DDP's settings from the config (what `prepare_model` passes to DistributedDataParallel)."""
     # the gradients are views into DDP's buckets: no copy of every gradient into its bucket and back
     # at each step (3 GB each way for the `small` preset's fp32 gradients)
-    return {"bucket_cap_mb": ray_cfg.ddp_bucket_mb, "gradient_as_bucket_view": True}
+    # and no broadcast of the buffers at every forward: the model's are constants (the patch
+    # encoder's normalisation), equal on every rank from the start
+    return {"bucket_cap_mb": ray_cfg.ddp_bucket_mb, "gradient_as_bucket_view": True, "broadcast_buffers": False}
 
 
 def shard(model: torch.nn.Module, ray_cfg: RayConfig) -> torch.nn.Module:
