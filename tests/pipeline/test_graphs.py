@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
-from model_helpers import IMG_PATCH, build_batch, small_config  # noqa: E402
+from model_helpers import IMG_PATCH, build_batch, leave_worker, small_config  # noqa: E402
 
 from model.transformer import MultimodalTransformer  # noqa: E402
 from pipeline.config import ConfigError, RayConfig, TrainConfig, apply_overrides, config_from_dict  # noqa: E402
@@ -186,6 +186,7 @@ def _gather_worker(rank: int, store_path: str, out_path: str) -> None:
         torch.save([gather([2 + 6 * rank, rank]), gather([7])], f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 def test_the_ranks_swap_their_layouts_on_the_host(tmp_path):
@@ -255,6 +256,7 @@ def _ddp_worker(rank: int, store_path: str, out_path: str) -> None:
         for g in alive:  # (a failure: live graphs would keep the process group from being destroyed)
             g.release(wait=False)
         dist.destroy_process_group()
+    leave_worker()
 
 
 @pytest.mark.gpu
