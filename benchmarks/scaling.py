@@ -28,7 +28,9 @@ an all-reduce.
 one GPU, and DDP on each GPU count above one. An eager row's scaling efficiency is against the eager
 one-GPU run, a graphed DDP row's against the graphed one (like for like), and every row also gives
 its per-GPU rate against the graphed GPU (`vs_graphed_1gpu`: what several GPUs buy over one graphed
-GPU; the graphed GPU's speed-up over the eager one is `speedup_over_eager`). `--graphs-only` runs the graphed one-GPU run alone (no eager row, so no ratio).
+GPU; the graphed GPU's speed-up over the eager one is `speedup_over_eager`). `--graphs-only` runs
+the graphed runs alone (one GPU, and DDP on the larger counts: their efficiency against the graphed
+GPU), for a call whose eager figures are measured elsewhere.
 
 NCCL: NVLink multicast (NVLS) stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1 are set where unset; the local Ray's workers inherit this environment).
@@ -70,7 +72,8 @@ class Layout:
 
 def layouts(gpus: list[int], parallel: list[str], graphs: bool = False, graphs_only: bool = False) -> list[Layout]:
     if graphs_only:
-        return [Layout(1, "ddp", graphs=True)]
+        more = [Layout(n, "ddp", graphs=True) for n in sorted(set(gpus) - {1})] if "ddp" in parallel else []
+        return [Layout(1, "ddp", graphs=True)] + more
     out = [Layout(1, "ddp")] if 1 in gpus else []
     out += [Layout(1, "ddp", graphs=True)] if graphs else []
     for n in sorted(set(gpus) - {1}):
@@ -338,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train.cuda_graphs runs at each context: one GPU, and DDP on each GPU count "
                         "(needs --gpus 1)")
     p.add_argument("--graphs-only", action="store_true",
-                   help="only the graphed one-GPU run at each context (implies --cuda-graphs; no eager rows, "
-                        "so no efficiency: for a call whose eager figures are measured elsewhere)")
+                   help="only the graphed runs at each context (implies --cuda-graphs): one GPU, and DDP on the "
+                        "larger counts against it; no eager rows (for a call whose eager figures are measured "
+                        "elsewhere)")
     p.add_argument("--tracking-uri", default="", help="default: a SQLite file in --out")
     p.add_argument("--out", type=Path, default=Path("runs/scaling"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

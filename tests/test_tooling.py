@@ -150,7 +150,8 @@ def test_scaling_summary_and_efficiency():
     assert [lay.name for lay in layouts([1, 2], ["ddp", "fsdp"], graphs=True)] == [
         "1gpu", "1gpu-graphs", "ddp2", "fsdp2", "ddp2-graphs"]
     assert [lay.name for lay in layouts([1, 2], ["fsdp"], graphs=True)] == ["1gpu", "1gpu-graphs", "fsdp2"]
-    assert [lay.name for lay in layouts([1, 2], ["ddp"], graphs=True, graphs_only=True)] == ["1gpu-graphs"]
+    assert [lay.name for lay in layouts([1, 2], ["ddp"], graphs=True, graphs_only=True)] == ["1gpu-graphs", "ddp2-graphs"]
+    assert [lay.name for lay in layouts([1, 2], ["fsdp"], graphs=True, graphs_only=True)] == ["1gpu-graphs"]
     rows.insert(1, {"run": "1gpu-graphs-8k", "gpus": 1, "parallel": "-", "graphs": True, "context": 8192,
                     "tokens_per_s": 160.0, "exit_code": 0})
     add_efficiency(rows)
