@@ -241,7 +241,16 @@ def _ddp_worker(rank: int, store_path: str, out_path: str) -> None:
                 if graphed:
                     res, _, _, ok = graphs.run(b, None if stats else (mode,), step)
                 else:
-                    res, _, _, ok = step(b.to(dev))
+                    # the eager reference takes the decision the graphed ranks agree on (the most
+                    # document slots; the document mask unless both ranks' rows are one document
+                    # each), worked out here from the two ranks' layouts: the same arithmetic, so the
+                    # comparison is of the graphs alone (the document mask equals plain causal
+                    # attention only up to bf16 rounding, which 28 steps at lr 1e-2 amplify)
+                    both = [host[(i + 3 * r) % len(_LAYOUTS)].fixed_shapes() for r in range(2)]
+                    one_doc = all(f.n_docs == f.tokens_BT.shape[0] for f in both)
+                    agreed = b if stats else b.fixed_shapes(doc_slots=max(f.doc_slots for f in both),
+                                                            document_mask=not one_doc)
+                    res, _, _, ok = step(agreed.to(dev))
                 record_bad_step(st, ok)
                 losses.append(float(res.losses["lm"]))
             streamed.__exit__(None, None, None)
