@@ -12,8 +12,11 @@ of the config with one row of `context` tokens per GPU per step (weak scaling: t
 with the GPUs), native MSA with a dense warm-up of `--warmup-steps` steps, then sparse. The figures
 come back from the MLflow store: tokens/s is the median over the logging windows after step
 `--measure-from` (the earlier ones hold start-up and compilation), per GPU and against one GPU at the
-same context (scaling efficiency); data wait is `train/data_wait_frac_max`, the worst-fed worker's
-share of a window spent waiting for its batch, at its largest over the measured windows.
+same context (scaling efficiency). tokens/s counts the rows' real tokens, so a window's figure also
+moves with how much of its rows is padding; the step time (a window's time per step, the median over
+the same windows) does not, and the efficiency by step time is the one-GPU step's time over the
+N-GPU step's. Data wait is `train/data_wait_frac_max`, the worst-fed worker's share of a window spent
+waiting for its batch, at its largest over the measured windows.
 
 The kill test (`--kill`, on by default with more than one GPU): DDP on the most GPUs, worker 1
 stops after step `--kill-at` and this script kills it with SIGKILL by its pid; Ray Train restarts
@@ -55,7 +58,7 @@ from pathlib import Path
 EXPERIMENT = "scaling"
 # leave NVLink multicast off: on shared hosts a program using it can take the GPUs out of service
 NCCL_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-METRICS = ("train/tokens_per_s", "train/data_wait_frac", "train/data_wait_frac_max", "train/mfu",
+METRICS = ("train/tokens_per_s", "train/tokens_seen", "train/data_wait_frac", "train/data_wait_frac_max", "train/mfu",
            "train/sparsity", "train/lm_loss", "train/peak_allocated_gib", "train/peak_reserved_gib")
 
 
@@ -159,6 +162,17 @@ def summarize(history: dict[str, list[tuple[int, float]]], measure_from: int) ->
     if len(tps) >= 2:
         q1, _, q3 = statistics.quantiles(tps, n=4, method="inclusive")
         out.update(tokens_per_s_q1=q1, tokens_per_s_q3=q3)
+    # each window's step time: its tokens (the difference of train/tokens_seen, every worker's) over its
+    # tokens/s, per step. tokens/s counts the rows' real tokens, and how much of a row is padding
+    # varies from window to window (a 32K row of long documents: about a quarter); a step computes
+    # every position of its rows, so its time does not depend on that
+    seen = dict(history.get("train/tokens_seen", []))
+    tps_at, logged = dict(history.get("train/tokens_per_s", [])), sorted(seen)
+    step_ms = [[cur, 1e3 * (seen[cur] - seen[prev]) / tps_at[cur] / (cur - prev)]
+               for prev, cur in zip(logged, logged[1:])
+               if cur > measure_from and prev >= measure_from and tps_at.get(cur)]
+    if step_ms:
+        out.update(step_ms=statistics.median(v for _, v in step_ms), window_step_ms=step_ms)
     for key, name in (("train/mfu", "mfu"), ("train/sparsity", "sparsity")):
         vals = after(key)
         out[name] = statistics.median(vals) if vals else None
@@ -190,6 +204,10 @@ def add_efficiency(rows: list[dict]) -> None:
             r["speedup_over_eager"] = r["tokens_per_s"] / base["tokens_per_s"]
         elif base:
             r["efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s"]
+            if r.get("step_ms") and base.get("step_ms"):
+                # weak scaling (each GPU its own rows of the same length): the one-GPU step's time over
+                # this one's, whatever share of the rows the padding took in either run's windows
+                r["efficiency_by_step"] = base["step_ms"] / r["step_ms"]
             if r is not base and "tokens_per_s_q1" in r and "tokens_per_s_q1" in base:
                 # how far the windows' spread leaves the figure: this run's quartiles against the base's
                 r["efficiency_range"] = [r["tokens_per_s_q1"] / r["gpus"] / base["tokens_per_s_q3"],
@@ -296,8 +314,9 @@ def table(rows: list[dict]) -> str:
     graphs = any(r.get("graphs") for r in rows)
     lines = ["| context | GPUs | parallel | tokens/s | per GPU | scaling eff. | eff. from the windows' quartiles "
              + ("| per GPU vs 1 GPU graphed " if graphs else "")
-             + "| MFU | data wait (worst rank) | sparsity | peak GiB, allocated / reserved | status |",
-             "|---:|---:|---|---:|---:|---:|---|" + ("---:|" if graphs else "") + "---:|---:|---:|---:|---|"]
+             + "| step ms | eff. by step time | MFU | data wait (worst rank) | sparsity | peak GiB, allocated / reserved "
+               "| status |",
+             "|---:|---:|---|---:|---:|---:|---|" + ("---:|" if graphs else "") + "---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lo_hi = r.get("efficiency_range")
         spread = f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}" if lo_hi else "-"
@@ -305,7 +324,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['context']:,} | {r['gpus']} | {parallel} | {f(r.get('tokens_per_s'), ',.0f')} "
                      f"| {f(r.get('tokens_per_s_per_gpu'), ',.0f')} | {f(r.get('efficiency'), '.1%')} | {spread} "
                      + (f"| {f(r.get('vs_graphed_1gpu'), '.1%')} " if graphs else "")
-                     + f"| {f(r.get('mfu'), '.1%')} | {f(r.get('data_wait_max'), '.2%')} | {f(r.get('sparsity'), '.2f')} "
+                     + f"| {f(r.get('step_ms'), ',.1f')} | {f(r.get('efficiency_by_step'), '.1%')} "
+                     f"| {f(r.get('mfu'), '.1%')} | {f(r.get('data_wait_max'), '.2%')} | {f(r.get('sparsity'), '.2f')} "
                      f"| {f(r.get('peak_allocated_gib'), '.1f')} / {f(r.get('peak_reserved_gib'), '.1f')} "
                      f"| {r.get('status', 'no run')} (rc {r['exit_code']}) |")
     return "\n".join(lines)

@@ -127,6 +127,13 @@ def test_scaling_summary_and_efficiency():
     assert s["mfu"] is None
     assert s["window_tokens_per_s"] == [[15, 120.0], [20, 110.0]]
     assert (s["tokens_per_s_q1"], s["tokens_per_s_q3"]) == (112.5, 117.5)
+    assert "step_ms" not in s  # no train/tokens_seen logged: no step time
+    # a window's step time from its tokens and its tokens/s: the window (10, 15] trained 600 tokens at
+    # 120 tokens/s in 5 steps (1 s a step), (15, 20] 440 at 110 (0.8 s); the start-up ones left out
+    history["train/tokens_seen"] = [(5, 50.0), (10, 550.0), (15, 1150.0), (20, 1590.0)]
+    s = summarize(history, measure_from=10)
+    assert s["window_step_ms"] == [[15, pytest.approx(1000.0)], [20, pytest.approx(800.0)]]
+    assert s["step_ms"] == pytest.approx(900.0)
     rows = [{"run": "1gpu-8k", "gpus": 1, "parallel": "-", "context": 8192, "tokens_per_s": 100.0, "exit_code": 0},
             {"run": "ddp2-8k", "gpus": 2, "parallel": "ddp", "context": 8192, "tokens_per_s": 190.0, "exit_code": 0},
             {"run": "ddp2-32k", "gpus": 2, "parallel": "ddp", "context": 32768, "tokens_per_s": 50.0, "exit_code": 0},
@@ -135,6 +142,12 @@ def test_scaling_summary_and_efficiency():
     assert rows[1]["tokens_per_s_per_gpu"] == 95.0 and rows[1]["efficiency"] == pytest.approx(0.95)
     assert "efficiency" not in rows[2]  # no one-GPU run at 32K to compare with
     assert "| 8,192 | 2 | ddp | 190 | 95 | 95.0% | - |" in table(rows)
+    assert "efficiency_by_step" not in rows[1]  # no step times
+    # by step time: the one-GPU step over the 2-GPU step, whatever the tokens/s say
+    rows[0]["step_ms"], rows[1]["step_ms"] = 180.0, 200.0
+    add_efficiency(rows)
+    assert rows[1]["efficiency_by_step"] == pytest.approx(0.9) and rows[0]["efficiency_by_step"] == 1.0
+    assert "| 200.0 | 90.0% |" in table(rows)
     assert "no run (rc 1)" in table(rows)
     rows[0].update(peak_allocated_gib=22.34, peak_reserved_gib=25.0)
     assert "| 22.3 / 25.0 | " in table(rows) and "| - / - | no run (rc 1) |" in table(rows)
