@@ -38,6 +38,7 @@ from benchmarks.msa_kernels import agreement
 from model.attention import DocLayout
 from model.msa import MSAAttention, _flat
 from model.stats import recalls
+from pipeline.tracking import git_commit
 
 
 class Capture:
@@ -193,7 +194,7 @@ def _run(p: argparse.ArgumentParser, args) -> int:
     res = measure(model, _batches(args, cfg, model.img_patch_id), device)
     res.update(source=str(args.checkpoint or f"preset {args.preset}, untrained"), step=step, seq_len=args.seq_len,
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               torch=torch.__version__, commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                block_size=cfg.msa.block_size, topk=cfg.msa.topk, seconds=round(time.perf_counter() - t0, 1))
     print(f"{res['source']} (step {step}), {res['batches']} batches of {args.seq_len} tokens, {res['device']}")
     print(table(res))

@@ -93,6 +93,9 @@ def test_select_precision_runs_on_cpu(tmp_path, demo_shards):
 
     assert sorted(int(x) for x in res["layers"]) == get_preset("tiny").msa_layers
     assert res["batches"] == 2 and res["tokens"] == 2 * res["seq_len"]
+    from pipeline.tracking import git_commit
+
+    assert res["commit"] == git_commit()  # the code that measured, recorded with its figures
     for row in [*res["layers"].values(), res["mean"]]:
         assert all(0 <= v <= 1 for v in row.values())
         # on the CPU the default path is the reference on fp32 inputs: the exact selection itself
