@@ -35,6 +35,10 @@ GPU; the graphed GPU's speed-up over the eager one is `speedup_over_eager`). `--
 the graphed runs alone (one GPU, and DDP on the larger counts: their efficiency against the graphed
 GPU), for a call whose eager figures are measured elsewhere.
 
+`--variant "NAME KEY=VALUE ..."` (repeatable) runs the layouts on more than one GPU once per variant,
+each with its settings on top of `--set`, against the same one-GPU base: several settings of FSDP2 or
+DDP in one call, e.g. `--parallel fsdp --variant defaults --variant "bf16 ray.fsdp_param_dtype='bf16'"`.
+
 NCCL: NVLink multicast (NVLS) stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1 are set where unset; the local Ray's workers inherit this environment).
 Writes scaling.json (every run's figures and the environment) and scaling.md (the table) to --out.
@@ -52,7 +56,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 EXPERIMENT = "scaling"
@@ -67,21 +71,42 @@ class Layout:
     gpus: int
     parallel: str  # "ddp" | "fsdp"; one GPU runs plain (the DDP path with one worker)
     graphs: bool = False  # train.cuda_graphs (one GPU, or DDP)
+    variant: str = ""  # a --variant's name: its settings on top of --set (runs on more than one GPU)
+    overrides: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        return ("1gpu" if self.gpus == 1 else f"{self.parallel}{self.gpus}") + ("-graphs" if self.graphs else "")
+        return (("1gpu" if self.gpus == 1 else f"{self.parallel}{self.gpus}") + ("-graphs" if self.graphs else "")
+                + (f"-{self.variant}" if self.variant else ""))
 
 
-def layouts(gpus: list[int], parallel: list[str], graphs: bool = False, graphs_only: bool = False) -> list[Layout]:
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """--variant "NAME KEY=VALUE ...": a name (letters, digits, - and _) and the settings it adds (none:
+    the layout as --set leaves it)."""
+    name, *sets = text.split() or [""]
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not all("=" in s for s in sets):
+        raise ValueError(f"--variant {text!r}: expected a name (letters, digits, - and _) and KEY=VALUE settings, "
+                         f"e.g. \"bf16 ray.fsdp_param_dtype='bf16'\"")
+    return name, tuple(sets)
+
+
+def layouts(gpus: list[int], parallel: list[str], graphs: bool = False, graphs_only: bool = False,
+            variants: list[tuple[str, tuple[str, ...]]] = ()) -> list[Layout]:
+    """The runs at one context: the one-GPU base(s) first, then every layout on more GPUs, once per
+    variant where there are variants (the base is the same for all of them: one run less per variant
+    than a call of this script per variant)."""
     if graphs_only:
+        out = [Layout(1, "ddp", graphs=True)]
         more = [Layout(n, "ddp", graphs=True) for n in sorted(set(gpus) - {1})] if "ddp" in parallel else []
-        return [Layout(1, "ddp", graphs=True)] + more
-    out = [Layout(1, "ddp")] if 1 in gpus else []
-    out += [Layout(1, "ddp", graphs=True)] if graphs else []
-    for n in sorted(set(gpus) - {1}):
-        out += [Layout(n, p) for p in parallel] + ([Layout(n, "ddp", graphs=True)] if graphs and "ddp" in parallel else [])
-    return out
+    else:
+        out = [Layout(1, "ddp")] if 1 in gpus else []
+        out += [Layout(1, "ddp", graphs=True)] if graphs else []
+        more = []
+        for n in sorted(set(gpus) - {1}):
+            more += [Layout(n, p) for p in parallel] + ([Layout(n, "ddp", graphs=True)] if graphs and "ddp" in parallel else [])
+    if variants:
+        more = [replace(lay, variant=name, overrides=sets) for lay in more for name, sets in variants]
+    return out + more
 
 
 def train_argv(args, layout: Layout, context: int, name: str, steps: int, extra: list[str]) -> list[str]:
@@ -101,7 +126,7 @@ def train_argv(args, layout: Layout, context: int, name: str, steps: int, extra:
     argv = ["--config", str(args.config), "--tracking-uri", args.tracking_uri]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v}"]
-    for s in list(args.overrides) + extra:
+    for s in list(args.overrides) + list(layout.overrides) + extra:
         argv += ["--set", s]
     return argv
 
@@ -219,6 +244,8 @@ def measure(args, layout: Layout, context: int) -> dict:
     rc, secs = run_training(args, train_argv(args, layout, context, name, args.steps, []), name)
     row = {"run": name, "gpus": layout.gpus, "parallel": layout.parallel if layout.gpus > 1 else "-",
            "graphs": layout.graphs, "context": context, "steps": args.steps, "exit_code": rc, "wall_s": round(secs, 1)}
+    if layout.variant:
+        row.update(variant=layout.variant, overrides=list(layout.overrides))
     client, runs = mlflow_run(args.tracking_uri, name)
     if runs:
         run = runs[0]
@@ -320,7 +347,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lo_hi = r.get("efficiency_range")
         spread = f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}" if lo_hi else "-"
-        parallel = r["parallel"] + (" (CUDA graphs)" if r.get("graphs") else "")
+        parallel = (r["parallel"] + (" (CUDA graphs)" if r.get("graphs") else "")
+                    + (f" [{r['variant']}]" if r.get("variant") else ""))
         lines.append(f"| {r['context']:,} | {r['gpus']} | {parallel} | {f(r.get('tokens_per_s'), ',.0f')} "
                      f"| {f(r.get('tokens_per_s_per_gpu'), ',.0f')} | {f(r.get('efficiency'), '.1%')} | {spread} "
                      + (f"| {f(r.get('vs_graphed_1gpu'), '.1%')} " if graphs else "")
@@ -364,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the graphed runs at each context (implies --cuda-graphs): one GPU, and DDP on the "
                         "larger counts against it; no eager rows (for a call whose eager figures are measured "
                         "elsewhere)")
+    p.add_argument("--variant", dest="variants", action="append", default=[], metavar='"NAME KEY=VALUE ..."',
+                   help="run the layouts on more than one GPU with these settings, against the same one-GPU base "
+                        "(repeatable: the layouts run once per variant; a variant without settings, e.g. "
+                        "--variant defaults, keeps the plain row)")
     p.add_argument("--tracking-uri", default="", help="default: a SQLite file in --out")
     p.add_argument("--out", type=Path, default=Path("runs/scaling"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -374,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.cuda_graphs = args.cuda_graphs or args.graphs_only
+    try:
+        variants = [parse_variant(v) for v in args.variants]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if len({name for name, _ in variants}) < len(variants):
+        raise SystemExit("--variant: two variants of the same name")
     for name, plain, graphed in (("kill_steps", 20, 44), ("kill_at", 15, 32), ("kill_checkpoint_every", 12, 24)):
         if getattr(args, name) is None:
             setattr(args, name, graphed if args.kill_cuda_graphs else plain)
@@ -402,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.kill_only:
         for context in args.contexts:
-            for layout in layouts(args.gpus, args.parallel, args.cuda_graphs, args.graphs_only):
+            for layout in layouts(args.gpus, args.parallel, args.cuda_graphs, args.graphs_only, variants):
                 print(f"[scaling] {layout.name} at {context:,} tokens ...", flush=True)
                 results["runs"].append(measure(args, layout, context))
                 print(save().splitlines()[-1], flush=True)

@@ -112,6 +112,63 @@ def test_prep_throughput_runs(tmp_path):
     assert "| demo corpus" in proc.stdout
 
 
+def test_scaling_variants():
+    """--variant: the layouts on more GPUs once per variant, their settings after --set's (the later
+    --set wins in msa-train), against the one one-GPU base; bad specs refused with the reason."""
+    from argparse import Namespace
+
+    from benchmarks.scaling import Layout, layouts, parse_variant, table, train_argv
+
+    variants = [parse_variant("defaults"), parse_variant("bf16 ray.fsdp_param_dtype='bf16' ray.fsdp_unit_blocks=3")]
+    assert variants == [("defaults", ()), ("bf16", ("ray.fsdp_param_dtype='bf16'", "ray.fsdp_unit_blocks=3"))]
+    lays = layouts([1, 2], ["fsdp"], variants=variants)
+    assert [lay.name for lay in lays] == ["1gpu", "fsdp2-defaults", "fsdp2-bf16"]
+    assert [lay.name for lay in layouts([1, 2], ["ddp"], graphs=True, graphs_only=True, variants=variants[1:])] == [
+        "1gpu-graphs", "ddp2-graphs-bf16"]
+    args = Namespace(out=Path("/tmp/s"), cpu=True, log_every=5, warmup_steps=2, config=Path("c.toml"),
+                     tracking_uri="sqlite:///x.db", overrides=["ray.fsdp_unit_blocks=1", "data.shards=['d']"])
+    argv = train_argv(args, lays[2], 8192, lays[2].name, 20, ["debug.trace_data=true"])
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert sets[-4:] == ["data.shards=['d']", "ray.fsdp_param_dtype='bf16'", "ray.fsdp_unit_blocks=3",
+                         "debug.trace_data=true"]
+    assert sets.index("ray.fsdp_unit_blocks=1") < sets.index("ray.fsdp_unit_blocks=3")
+    assert "ray.fsdp_param_dtype='bf16'" not in train_argv(args, lays[0], 8192, "1gpu", 20, [])
+    row = {"run": "fsdp2-bf16-8k", "gpus": 2, "parallel": "fsdp", "context": 8192, "exit_code": 0,
+           "variant": "bf16", "tokens_per_s": 10.0}
+    assert "| 8,192 | 2 | fsdp [bf16] | 10 |" in table([row])
+    for bad in ("", "a/b x=1", "bf16 ray.fsdp_param_dtype"):
+        with pytest.raises(ValueError, match="expected a name"):
+            parse_variant(bad)
+    assert Layout(2, "fsdp").name == "fsdp2"
+
+
+@pytest.mark.slow
+def test_scaling_runs_on_cpu_workers(tmp_path, demo_shards):
+    """benchmarks.scaling end to end on two gloo workers: real `msa-train` runs on a local Ray, read
+    back from their MLflow store (tokens/s, step times, efficiencies), a variant's setting reaching
+    its run; what a GPU host runs, on the CPU."""
+    out = tmp_path / "scaling"
+    proc = _run_module("benchmarks.scaling", "--cpu", "--config", "configs/tiny.toml", "--gpus", "1", "2",
+                       "--parallel", "ddp", "--no-kill", "--contexts", "1024", "--steps", "6", "--measure-from", "2",
+                       "--log-every", "2", "--variant", "defaults", "--variant", "b50 ray.ddp_bucket_mb=50",
+                       "--out", str(out), "--set", f"data.shards=['{demo_shards}']", "--set", "data.eval_shards=''")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    res = json.loads((out / "scaling.json").read_text())
+    runs = {r["run"]: r for r in res["runs"]}
+    assert list(runs) == ["1gpu-1k", "ddp2-defaults-1k", "ddp2-b50-1k"]
+    for r in runs.values():
+        assert r["status"] == "FINISHED" and r["windows"] == 2, r  # the windows ending at steps 4 and 6
+        assert [s for s, _ in r["window_step_ms"]] == [4, 6] and r["step_ms"] > 0 and r["tokens_per_s"] > 0
+    for name in ("ddp2-defaults-1k", "ddp2-b50-1k"):
+        r = runs[name]
+        assert r["efficiency"] == pytest.approx(r["tokens_per_s"] / 2 / runs["1gpu-1k"]["tokens_per_s"])
+        assert r["efficiency_by_step"] == pytest.approx(runs["1gpu-1k"]["step_ms"] / r["step_ms"])
+    assert runs["ddp2-b50-1k"]["overrides"] == ["ray.ddp_bucket_mb=50"] and "variant" not in runs["1gpu-1k"]
+    assert "buckets of 50 MiB" in (out / "ddp2-b50-1k.log").read_text()
+    assert "buckets of" not in (out / "ddp2-defaults-1k.log").read_text()
+    assert "| 1,024 | 2 | ddp [b50] |" in (out / "scaling.md").read_text()
+
+
 def test_scaling_summary_and_efficiency():
     from benchmarks.scaling import Layout, add_efficiency, layouts, summarize, table
 
