@@ -143,18 +143,20 @@ def run_training(args, argv: list[str], name: str) -> tuple[int, float]:
                                 stderr=subprocess.STDOUT, env=env)
         copier = threading.Thread(target=_stamp_lines, args=(proc.stdout, f, t0), daemon=True)
         copier.start()
+        stopped = False
         try:
             rc = proc.wait(timeout=args.run_timeout_s or None)
         except subprocess.TimeoutExpired:
+            stopped = True
             proc.send_signal(signal.SIGINT)  # msa-train marks the MLflow run KILLED on an interrupt
             try:
                 rc = proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = proc.wait()
-            copier.join(timeout=10)
+        copier.join(timeout=10)  # the run's last lines in, then ours
+        if stopped:
             f.write(f"\n[scaling] stopped after --run-timeout-s {args.run_timeout_s}\n".encode())
-        copier.join(timeout=10)
     return rc, time.time() - t0
 
 
@@ -381,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-at", type=int, default=None, help="worker 1 is killed after this step")
     p.add_argument("--kill-checkpoint-every", type=int, default=None)
     p.add_argument("--kill-cuda-graphs", action="store_true",
-                   help="the kill test's run with train.cuda_graphs (the killed worker's peers wait in a replayed "
-                        "all-reduce)")
+                   help="the kill test's run with train.cuda_graphs (longer, so that both attempts replay "
+                        "captured steps)")
     p.add_argument("--run-timeout-s", type=float, default=0, help="stop a run after this long (0: no limit)")
     p.add_argument("--cpu", action="store_true", help="workers on CPUs (gloo), to check the script")
     p.add_argument("--cuda-graphs", action="store_true",

@@ -29,6 +29,8 @@ identical, tested in tests/model/test_attention.py):
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -172,12 +174,19 @@ def _causal_sdpa(q_BHTD, k_BHTD, v_BHTD):
         return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=True, enable_gqa=True)
 
 
-_VARLEN_KWARGS = None
+@functools.cache
+def _varlen_kwargs(varlen_attn) -> dict:
+    """Causal (and GQA) in the form this torch's varlen_attn takes: torch 2.10 has is_causal, later
+    releases a (left, right) window, (-1, 0) meaning causal."""
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
 
 
 def _varlen_flash(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, layout: DocLayout) -> torch.Tensor:
     """Document-causal GQA attention as flash attention over the packed documents; o [B, T, Hq, D]."""
-    global _VARLEN_KWARGS
     if q_BTHD.device.type != "cuda" or q_BTHD.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"model.dense_impl = 'varlen' runs flash attention, which needs CUDA tensors in bf16 or "
                          f"fp16 (train.dtype); got {q_BTHD.dtype} on {q_BTHD.device.type}. Use 'sdpa' on the CPU "
@@ -187,18 +196,10 @@ def _varlen_flash(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tens
     except ImportError as e:
         raise ValueError(f"model.dense_impl = 'varlen' needs torch.nn.attention.varlen (torch >= 2.10); this is "
                          f"torch {torch.__version__}") from e
-    if _VARLEN_KWARGS is None:
-        import inspect
-
-        params = inspect.signature(varlen_attn).parameters
-        # causal: torch 2.10 takes is_causal, later releases a (left, right) window, (-1, 0) meaning causal
-        _VARLEN_KWARGS = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-        if "enable_gqa" in params:
-            _VARLEN_KWARGS["enable_gqa"] = True
     B, T, Hq, D = q_BTHD.shape
     cu = layout.cu_seqlens  # documents never span rows, so no document is longer than T
     q_NHD, k_NHD, v_NHD = (x.reshape(B * T, x.shape[2], D) for x in (q_BTHD, k_BTHD, v_BTHD))
-    o_NHD = varlen_attn(q_NHD, k_NHD, v_NHD, cu, cu, T, T, **_VARLEN_KWARGS)
+    o_NHD = varlen_attn(q_NHD, k_NHD, v_NHD, cu, cu, T, T, **_varlen_kwargs(varlen_attn))
     return o_NHD.view(B, T, Hq, D)
 
 

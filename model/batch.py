@@ -61,7 +61,8 @@ class Batch:
         alone, except for the documents, rounded up to a power of two (or to `doc_slots`, at least
         that): every image slot goes through the patch encoder (an unused one's output is dropped)
         and the layout has `doc_slots` documents, the last ones empty. The forward's results are
-        the same (model/transformer.py, model/attention.py: DocLayout.from_segments)."""
+        the same (model/transformer.py, model/attention.py: DocLayout.from_segments). document_mask:
+        the dense layers' document-mask path even where every row is one document (the same result)."""
         if self.n_docs is None or self.n_images is None:
             raise ValueError("fixed_shapes needs the host-side counts (with_counts)")
         slots = doc_slots_for(self.n_docs)
