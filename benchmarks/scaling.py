@@ -38,6 +38,8 @@ GPU), for a call whose eager figures are measured elsewhere.
 `--variant "NAME KEY=VALUE ..."` (repeatable) runs the layouts on more than one GPU once per variant,
 each with its settings on top of `--set`, against the same one-GPU base: several settings of FSDP2 or
 DDP in one call, e.g. `--parallel fsdp --variant defaults --variant "bf16 ray.fsdp_param_dtype='bf16'"`.
+A variant of FSDP2's settings alone (`ray.fsdp_*`) skips the DDP runs and one of DDP's alone
+(`ray.ddp_*`) the FSDP2 runs; a run that no variant concerns runs once as `--set` leaves it.
 
 NCCL: NVLink multicast (NVLS) stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1 are set where unset; the local Ray's workers inherit this environment).
@@ -105,8 +107,24 @@ def layouts(gpus: list[int], parallel: list[str], graphs: bool = False, graphs_o
         for n in sorted(set(gpus) - {1}):
             more += [Layout(n, p) for p in parallel] + ([Layout(n, "ddp", graphs=True)] if graphs and "ddp" in parallel else [])
     if variants:
-        more = [replace(lay, variant=name, overrides=sets) for lay in more for name, sets in variants]
+        runs = []
+        for lay in more:
+            mine = [(name, sets) for name, sets in variants if concerns(sets, lay)]
+            runs += [replace(lay, variant=name, overrides=sets) for name, sets in mine] or [lay]
+        more = runs
     return out + more
+
+
+def concerns(sets: tuple[str, ...], layout: Layout) -> bool:
+    """Whether a variant's settings concern a layout: settings of FSDP2 alone (`ray.fsdp_*`) not a
+    DDP run, settings of DDP alone (`ray.ddp_*`) not an FSDP2 run, anything else every run (no
+    settings included). So `--parallel ddp fsdp --variant defaults --variant "tuned ray.fsdp_..."`
+    runs DDP once and FSDP2 twice."""
+    keys = [s.split("=", 1)[0].strip() for s in sets]
+    for parallel in ("ddp", "fsdp"):
+        if keys and all(k.startswith(f"ray.{parallel}_") for k in keys):
+            return layout.parallel == parallel
+    return True
 
 
 def train_argv(args, layout: Layout, context: int, name: str, steps: int, extra: list[str]) -> list[str]:

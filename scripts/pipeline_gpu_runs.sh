@@ -20,7 +20,8 @@
 #   bash scripts/pipeline_gpu_runs.sh select   # 1 GPU: `small` trained at 32K, then what FP8 index scores
 #                                              # change in its selection (benchmarks.select_precision)
 #   bash scripts/pipeline_gpu_runs.sh scaling  # every GPU of the host: benchmarks.scaling (1 GPU, DDP and
-#                                              # FSDP2 on all GPUs, at CONTEXTS), then the kill test
+#                                              # FSDP2 on all GPUs (FSDP2 with its defaults and with its
+#                                              # measured settings), at CONTEXTS), then the kill test
 # Needs the project installed (`pip install -e .`), or SITE_ARCHIVE (scripts/README.md).
 # Knobs: OUT (default runs/gpu/pipeline: the log, steps.json, mlflow.db), RUN_LIMIT_S (stop each
 # msa-train run after this many seconds; 0, the default, means no limit), PYTHON.
@@ -42,9 +43,15 @@ if [ "$what" = scaling ]; then
     --image-tokens 258 --vocab-size 8192 --workers "${PREP_WORKERS:-16}" --quiet 2>&1 | tee -a "$log"
   ngpu=$(nvidia-smi -L | wc -l)
   gpus="1 $ngpu"; [ "$ngpu" -lt 2 ] && gpus=1  # a dry run on one GPU: the one-GPU rows, no kill test
+  # FSDP2 twice, with its defaults and with the settings that met the target on 2 x H200
+  # (docs/perf/scaling_h200.md); DDP once. A --variant in SCALING_ARGS replaces these two.
+  variants=(--variant defaults --variant "tuned ray.fsdp_param_dtype='bf16' ray.fsdp_reshard_after_forward=false \
+ray.fsdp_unit_blocks=4 ray.fsdp_prefetch=2")
+  [[ "${SCALING_ARGS:-}" == *--variant* ]] && variants=()
   # SCALING_ARGS: e.g. "--contexts 8192" or "--kill-only" to split the work over calls
+  # shellcheck disable=SC2086  # word splitting of the knobs is wanted
   $PY -m benchmarks.scaling --gpus $gpus --contexts ${CONTEXTS:-8192 32768} --out "$OUT/scaling" \
-    --set "data.shards=['$data']" --set "data.eval_shards=''" ${SCALING_ARGS:-} 2>&1 | tee -a "$log"
+    --set "data.shards=['$data']" --set "data.eval_shards=''" "${variants[@]}" ${SCALING_ARGS:-} 2>&1 | tee -a "$log"
   echo "=== done ===" | tee -a "$log"
   exit 0
 fi

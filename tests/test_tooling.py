@@ -123,8 +123,17 @@ def test_scaling_variants():
     assert variants == [("defaults", ()), ("bf16", ("ray.fsdp_param_dtype='bf16'", "ray.fsdp_unit_blocks=3"))]
     lays = layouts([1, 2], ["fsdp"], variants=variants)
     assert [lay.name for lay in lays] == ["1gpu", "fsdp2-defaults", "fsdp2-bf16"]
+    # a variant of FSDP2's settings alone leaves DDP's runs as they are (once, without its name); one
+    # of DDP's alone the FSDP2 runs; settings of both kinds, or none, concern every run
     assert [lay.name for lay in layouts([1, 2], ["ddp"], graphs=True, graphs_only=True, variants=variants[1:])] == [
-        "1gpu-graphs", "ddp2-graphs-bf16"]
+        "1gpu-graphs", "ddp2-graphs"]
+    assert [lay.name for lay in layouts([1, 2], ["ddp", "fsdp"], variants=variants)] == [
+        "1gpu", "ddp2-defaults", "fsdp2-defaults", "fsdp2-bf16"]
+    both = [parse_variant("b16 ray.ddp_grad_dtype='bf16'"), parse_variant("mix ray.ddp_bucket_mb=50 train.lr=1e-3")]
+    assert [(lay.name, lay.overrides) for lay in layouts([1, 4], ["ddp", "fsdp"], graphs=True, variants=both)] == [
+        ("1gpu", ()), ("1gpu-graphs", ()), ("ddp4-b16", ("ray.ddp_grad_dtype='bf16'",)),
+        ("ddp4-mix", ("ray.ddp_bucket_mb=50", "train.lr=1e-3")), ("fsdp4-mix", ("ray.ddp_bucket_mb=50", "train.lr=1e-3")),
+        ("ddp4-graphs-b16", ("ray.ddp_grad_dtype='bf16'",)), ("ddp4-graphs-mix", ("ray.ddp_bucket_mb=50", "train.lr=1e-3"))]
     args = Namespace(out=Path("/tmp/s"), cpu=True, log_every=5, warmup_steps=2, config=Path("c.toml"),
                      tracking_uri="sqlite:///x.db", overrides=["ray.fsdp_unit_blocks=1", "data.shards=['d']"])
     argv = train_argv(args, lays[2], 8192, lays[2].name, 20, ["debug.trace_data=true"])
