@@ -95,8 +95,8 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
 def layouts(gpus: list[int], parallel: list[str], graphs: bool = False, graphs_only: bool = False,
             variants: list[tuple[str, tuple[str, ...]]] = ()) -> list[Layout]:
     """The runs at one context: the one-GPU base(s) first, then every layout on more GPUs, once per
-    variant where there are variants (the base is the same for all of them: one run less per variant
-    than a call of this script per variant)."""
+    variant that concerns it where there are variants (`concerns`; the base is the same for all of
+    them: one run less per variant than a call of this script per variant)."""
     if graphs_only:
         out = [Layout(1, "ddp", graphs=True)]
         more = [Layout(n, "ddp", graphs=True) for n in sorted(set(gpus) - {1})] if "ddp" in parallel else []
