@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", dest="variants", action="append", default=[], metavar='"NAME KEY=VALUE ..."',
                    help="run the layouts on more than one GPU with these settings, against the same one-GPU base "
                         "(repeatable: the layouts run once per variant; a variant without settings, e.g. "
-                        "--variant defaults, keeps the plain row)")
+                        "--variant defaults, keeps the plain row; one of ray.fsdp_* or ray.ddp_* settings alone "
+                        "runs with that parallelism only)")
     p.add_argument("--tracking-uri", default="", help="default: a SQLite file in --out")
     p.add_argument("--out", type=Path, default=Path("runs/scaling"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -432,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
     if len({name for name, _ in variants}) < len(variants):
         raise SystemExit("--variant: two variants of the same name")
+    planned = [] if args.kill_only else layouts(args.gpus, args.parallel, args.cuda_graphs, args.graphs_only, variants)
+    if any(lay.gpus > 1 for lay in planned):  # (one GPU alone, a dry run: no variant runs)
+        unused = [name for name, _ in variants if name not in {lay.variant for lay in planned}]
+        if unused:
+            raise SystemExit(f"--variant {', '.join(unused)}: its settings concern none of the runs (--parallel "
+                             f"{' '.join(args.parallel)}{', --graphs-only' if args.graphs_only else ''})")
     for name, plain, graphed in (("kill_steps", 20, 44), ("kill_at", 15, 32), ("kill_checkpoint_every", 12, 24)):
         if getattr(args, name) is None:
             setattr(args, name, graphed if args.kill_cuda_graphs else plain)
@@ -460,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.kill_only:
         for context in args.contexts:
-            for layout in layouts(args.gpus, args.parallel, args.cuda_graphs, args.graphs_only, variants):
+            for layout in planned:
                 print(f"[scaling] {layout.name} at {context:,} tokens ...", flush=True)
                 results["runs"].append(measure(args, layout, context))
                 print(save().splitlines()[-1], flush=True)

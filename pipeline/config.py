@@ -123,9 +123,9 @@ class RayConfig:
     # backward (least memory); false keeps them from the forward to the backward (one all-gather per
     # block and step instead of two, a block's full weights held per block until its backward)
     fsdp_reshard_after_forward: bool = True
-    # FSDP2: blocks whose weights are gathered ahead of the one computing, in the forward and the
-    # backward (explicit prefetch, so the gather overlaps compute even when the host issues the
-    # kernels just in time); 0 leaves it to FSDP2's implicit prefetch
+    # FSDP2: units (of `fsdp_unit_blocks` blocks) whose weights are gathered ahead of the one
+    # computing, in the forward and the backward (explicit prefetch, so the gather overlaps compute
+    # even when the host issues the kernels just in time); 0 leaves it to FSDP2's implicit prefetch
     fsdp_prefetch: int = 1
     # FSDP2: the dtype each block's weights are gathered and computed in. "fp32": the weights as they
     # are, cast by autocast op by op (what DDP does); "bf16": FSDP2's mixed precision, gathered in bf16
@@ -154,13 +154,11 @@ class RayConfig:
             raise ConfigError("ray.ddp_grad_dtype", f"must be 'fp32' or 'bf16', got {self.ddp_grad_dtype!r}")
         if not isinstance(self.fsdp_reshard_after_forward, bool):
             raise ConfigError("ray.fsdp_reshard_after_forward", f"must be true or false, got {self.fsdp_reshard_after_forward!r}")
-        if not (isinstance(self.fsdp_prefetch, int) and not isinstance(self.fsdp_prefetch, bool)
-                and self.fsdp_prefetch >= 0):
-            raise ConfigError("ray.fsdp_prefetch", f"must be a whole number of blocks >= 0, got {self.fsdp_prefetch!r}")
+        if not _whole(self.fsdp_prefetch, 0):
+            raise ConfigError("ray.fsdp_prefetch", f"must be a whole number of units >= 0, got {self.fsdp_prefetch!r}")
         if self.fsdp_param_dtype not in ("fp32", "bf16"):
             raise ConfigError("ray.fsdp_param_dtype", f"must be 'fp32' or 'bf16', got {self.fsdp_param_dtype!r}")
-        if not (isinstance(self.fsdp_unit_blocks, int) and not isinstance(self.fsdp_unit_blocks, bool)
-                and self.fsdp_unit_blocks >= 1):
+        if not _whole(self.fsdp_unit_blocks, 1):
             raise ConfigError("ray.fsdp_unit_blocks", f"must be a whole number of blocks >= 1, got {self.fsdp_unit_blocks!r}")
 
 
@@ -338,6 +336,11 @@ class RunConfig:
 
 # ---------------------------------------------------------------------------------------------------
 # generic loading
+
+
+def _whole(value: Any, least: int) -> bool:
+    """A whole number (not a bool) >= least: for fields a config built in code can set to anything."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _convert(value: Any, typ: Any, where: str) -> Any:

@@ -44,10 +44,10 @@ if [ "$what" = scaling ]; then
   ngpu=$(nvidia-smi -L | wc -l)
   gpus="1 $ngpu"; [ "$ngpu" -lt 2 ] && gpus=1  # a dry run on one GPU: the one-GPU rows, no kill test
   # FSDP2 twice, with its defaults and with the settings that met the target on 2 x H200
-  # (docs/perf/scaling_h200.md); DDP once. A --variant in SCALING_ARGS replaces these two.
+  # (docs/perf/scaling_h200.md); DDP once. A --variant or --parallel in SCALING_ARGS drops these two.
   variants=(--variant defaults --variant "tuned ray.fsdp_param_dtype='bf16' ray.fsdp_reshard_after_forward=false \
 ray.fsdp_unit_blocks=4 ray.fsdp_prefetch=2")
-  [[ "${SCALING_ARGS:-}" == *--variant* ]] && variants=()
+  [[ "${SCALING_ARGS:-}" == *--variant* || "${SCALING_ARGS:-}" == *--parallel* ]] && variants=()
   # SCALING_ARGS: e.g. "--contexts 8192" or "--kill-only" to split the work over calls
   # shellcheck disable=SC2086  # word splitting of the knobs is wanted
   $PY -m benchmarks.scaling --gpus $gpus --contexts ${CONTEXTS:-8192 32768} --out "$OUT/scaling" \

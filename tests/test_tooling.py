@@ -149,6 +149,10 @@ def test_scaling_variants():
         with pytest.raises(ValueError, match="expected a name"):
             parse_variant(bad)
     assert Layout(2, "fsdp").name == "fsdp2"
+    # a variant that no run would take is an error before any run, not a silent drop
+    from benchmarks.scaling import main
+    with pytest.raises(SystemExit, match=r"--variant bf16: its settings concern none of the runs \(--parallel ddp\)"):
+        main(["--cpu", "--gpus", "1", "2", "--parallel", "ddp", "--variant", "bf16 ray.fsdp_param_dtype='bf16'"])
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_budget_fields_are_checked_for_their_budget(override, field):
     (["ray.ddp_grad_dtype=\"fp16\""], "'fp32' or 'bf16'"),
     (["ray.ddp_bucket_mb=0"], "positive number of MiB"),
     (["ray.fsdp_param_dtype=\"fp16\""], "'fp32' or 'bf16'"),
-    (["ray.fsdp_prefetch=-1"], "whole number of blocks"),
+    (["ray.fsdp_prefetch=-1"], "whole number of units >= 0"),
     (["ray.fsdp_unit_blocks=0"], "whole number of blocks >= 1"),
 ])
 def test_ddp_settings_are_checked(override, words):
